@@ -1,0 +1,24 @@
+"""Test setup: two fake CPU devices (so pmap and BatchNorm synchronisation are real) and a compile cache."""
+
+import os
+import pathlib
+import sys
+
+# Must happen before jax is imported anywhere.
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
+).strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `configs` is imported as a package by the tests.
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update('jax_platforms', 'cpu')
+# Persistent compilation cache: a second run of the suite skips most compiles.
+jax.config.update(
+    'jax_compilation_cache_dir',
+    os.environ.get('UNETPP_JAX_CACHE', str(pathlib.Path.home() / '.cache' / 'unetpp_jax' / 'jax')),
+)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -1,0 +1,180 @@
+"""U-Net++ structure: shapes, parameter counts, pruning equivalence and cost, options."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unetpp_jax import models
+
+PAPER_FILTERS = (32, 64, 128, 256, 512)
+SMALL_FILTERS = (4, 8, 16, 32)
+
+
+def expected_param_count(filters, in_channels=3, num_classes=1, norm='batch', upsample='transpose'):
+  """Counts U-Net++ parameters from its definition, independently of the module code."""
+  levels = len(filters) - 1
+  bias = norm == 'none'
+  total = 0
+
+  def conv_block(c_in, f):
+    per_conv_extra = f if bias else 2 * f  # conv bias, or BatchNorm scale + offset
+    return 9 * c_in * f + per_conv_extra + 9 * f * f + per_conv_extra
+
+  for i in range(levels + 1):
+    total += conv_block(in_channels if i == 0 else filters[i - 1], filters[i])  # X(i, 0)
+  for j in range(1, levels + 1):
+    for i in range(levels + 1 - j):
+      up_channels = filters[i] if upsample == 'transpose' else filters[i + 1]
+      if upsample == 'transpose':
+        total += 4 * filters[i + 1] * filters[i] + filters[i]
+      total += conv_block(j * filters[i] + up_channels, filters[i])  # X(i, j)
+  total += levels * (filters[0] * num_classes + num_classes)  # 1x1 heads
+  return total
+
+
+def count(tree):
+  return sum(np.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('height,width', [(96, 96), (256, 320)])
+def test_paper_model_shapes_and_parameter_count(height, width):
+  model = models.UNetPlusPlus(filters=PAPER_FILTERS)
+  x = jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  logits = jax.eval_shape(model.apply, variables, x)
+  assert len(logits) == 4
+  for head in logits:
+    assert head.shape == (2, height, width, 1) and head.dtype == jnp.float32
+  assert count(variables['params']) == expected_param_count(PAPER_FILTERS)
+  # Parameter count does not depend on image size; about 9.0M for the paper's filters.
+  assert 8.5e6 < count(variables['params']) < 9.5e6
+  params = variables['params']
+  assert params['X0_4']['Conv_0']['kernel'].shape == (3, 3, 4 * 32 + 32, 32)
+  assert params['up1_3']['kernel'].shape == (2, 2, 64, 32)
+  assert params['head4']['kernel'].shape == (1, 1, 32, 1)
+  assert set(variables['batch_stats']) == {k for k in params if k.startswith('X')}
+
+
+@pytest.mark.parametrize(
+    'kwargs',
+    [
+        dict(norm='none'),
+        dict(upsample='bilinear'),
+        dict(num_classes=3),
+        dict(in_channels=1),
+        dict(in_channels=4, norm='none', upsample='bilinear', num_classes=2),
+    ],
+)
+def test_options_parameter_count(kwargs):
+  in_channels = kwargs.pop('in_channels', 3)
+  model = models.UNetPlusPlus(filters=SMALL_FILTERS, **kwargs)
+  x = jax.ShapeDtypeStruct((1, 32, 48, in_channels), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert count(variables['params']) == expected_param_count(SMALL_FILTERS, in_channels, **kwargs)
+  logits = jax.eval_shape(model.apply, variables, x)
+  assert [l.shape for l in logits] == [(1, 32, 48, kwargs.get('num_classes', 1))] * 3
+  assert ('batch_stats' in variables) == (kwargs.get('norm', 'batch') == 'batch')
+
+
+def _randomized_variables(model, x):
+  """Initial variables with non-trivial BatchNorm statistics, so pruning could not match by luck."""
+  variables = model.init(jax.random.key(0), x)
+  leaves, treedef = jax.tree.flatten(variables['batch_stats'])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  stats = [l + 0.5 * jax.random.uniform(k, l.shape) for l, k in zip(leaves, keys)]
+  return {'params': variables['params'], 'batch_stats': jax.tree.unflatten(treedef, stats)}
+
+
+@pytest.mark.parametrize('upsample', ['transpose', 'bilinear'])
+def test_pruned_heads_equal_full_model_heads(upsample):
+  model = models.UNetPlusPlus(filters=SMALL_FILTERS, upsample=upsample)
+  x = jax.random.uniform(jax.random.key(2), (2, 32, 40, 3))
+  variables = _randomized_variables(model, x)
+  full = model.apply(variables, x)
+  for k in range(1, 4):
+    pruned = model.apply(variables, x, prune_level=k)
+    assert len(pruned) == k
+    for j in range(k):
+      np.testing.assert_allclose(pruned[j], full[j], rtol=1e-5, atol=1e-5)
+  # The heads really differ from each other, so the comparison above is not vacuous.
+  assert not np.allclose(full[0], full[2], atol=1e-3)
+
+
+def test_pruned_parameters_are_a_subset_of_full():
+  model = models.UNetPlusPlus(filters=SMALL_FILTERS)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  full = flax.traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0), x))
+  for k in (1, 2):
+    init = lambda rng, x: model.init(rng, x, prune_level=k)  # pylint: disable=cell-var-from-loop
+    pruned = flax.traverse_util.flatten_dict(jax.eval_shape(init, jax.random.key(0), x))
+    assert set(pruned) < set(full)
+    assert all(pruned[p].shape == full[p].shape for p in pruned)
+  assert 'X3_0' not in {p[1] for p in pruned}  # level 2 never reaches the deepest encoder node
+
+
+def test_pruned_inference_runs_fewer_flops():
+  model = models.UNetPlusPlus(filters=PAPER_FILTERS)
+  x = jnp.zeros((1, 96, 96, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+  def flops(k):
+    fn = jax.jit(lambda v, x: model.apply(v, x, prune_level=k)[-1])
+    cost = fn.lower(variables, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost['flops']
+
+  costs = [flops(k) for k in (1, 2, 3, 4)]
+  assert all(a < b for a, b in zip(costs, costs[1:])), costs
+  assert costs[0] < 0.2 * costs[3]
+
+
+def test_image_size_must_be_multiple_of_2_pow_levels():
+  model = models.UNetPlusPlus(filters=SMALL_FILTERS)
+  with pytest.raises(ValueError, match='multiple of 8'):
+    jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 36, 32, 3), jnp.float32))
+  with pytest.raises(ValueError, match='prune_level must be in 1..3'):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), prune_level=4)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
+  x = jax.random.uniform(jax.random.key(3), (2, 32, 32, 3))
+  f32 = models.UNetPlusPlus(filters=SMALL_FILTERS)
+  bf16 = models.UNetPlusPlus(filters=SMALL_FILTERS, dtype=jnp.bfloat16)
+  variables = f32.init(jax.random.key(0), x)
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(variables))
+  out32 = models.foreground_probability(f32.apply(variables, x)[-1])
+  out16 = models.foreground_probability(bf16.apply(variables, x)[-1])
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(out16, out32, atol=0.05)
+
+
+def test_train_mode_uses_dropout_and_updates_batch_stats():
+  model = models.UNetPlusPlus(filters=SMALL_FILTERS, dropout_rate=0.5)
+  x = jax.random.uniform(jax.random.key(4), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  run = lambda seed: model.apply(
+      variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(seed)}
+  )
+  (a, stats), (b, _) = run(0), run(1)
+  assert not np.allclose(a[-1], b[-1])
+  assert not np.allclose(
+      stats['batch_stats']['X0_0']['BatchNorm_0']['mean'],
+      variables['batch_stats']['X0_0']['BatchNorm_0']['mean'],
+  )
+  np.testing.assert_array_equal(model.apply(variables, x)[-1], model.apply(variables, x)[-1])
+
+
+def test_predict_modes():
+  model = models.UNetPlusPlus(filters=SMALL_FILTERS)
+  x = jax.random.uniform(jax.random.key(5), (2, 32, 32, 3))
+  variables = _randomized_variables(model, x)
+  logits = model.apply(variables, x)
+  probs = [jax.nn.sigmoid(l[..., 0]) for l in logits]
+  fast = models.predict(model, variables, x, mode='fast', heads=(1, 2, 3), head=2)
+  np.testing.assert_allclose(fast, probs[1], atol=1e-5)
+  accurate = models.predict(model, variables, x, mode='accurate', heads=(2, 3), head=3)
+  np.testing.assert_allclose(accurate, (probs[1] + probs[2]) / 2, atol=1e-5)
+  with pytest.raises(ValueError, match='accurate'):
+    models.predict(model, variables, x, mode='best', heads=(3,), head=3)

@@ -1,0 +1,103 @@
+"""Per-head BCE + soft Dice losses and their deep-supervision combination.
+
+Every per-image quantity is averaged over the images of the batch with example weights, so the loss of
+a global batch split over N devices (then averaged with pmean) equals the loss of the whole batch on
+one device.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+DICE_SMOOTH = 1.0  # As in the original UNet++ Keras code; keeps empty images finite.
+
+
+def semantic_target(label: jax.Array, num_classes: int) -> jax.Array:
+  """Class map [B, H, W] from an instance map: 0 background, 1 nucleus, 2 boundary (3 classes).
+
+  With three classes, a nucleus pixel whose 4-neighbour belongs to another instance or to the
+  background is 'boundary': the class that separates touching nuclei.
+  """
+  foreground = (label > 0).astype(jnp.int32)
+  if num_classes <= 2:
+    return foreground
+  padded = jnp.pad(label, ((0, 0), (1, 1), (1, 1)), mode='edge')
+  neighbours = [padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]
+  edge = jnp.any(jnp.stack([n != label for n in neighbours]), axis=0)
+  return jnp.where(edge & (label > 0), 2, foreground)
+
+
+def _weighted_mean(per_image: jax.Array, weight: jax.Array) -> jax.Array:
+  return jnp.sum(per_image * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def head_loss(
+    logits: jax.Array,
+    target: jax.Array,
+    weight: jax.Array,
+    *,
+    bce_weight: float,
+    dice_weight: float,
+) -> jax.Array:
+  """bce_weight * cross-entropy + dice_weight * (1 - soft Dice) for one head.
+
+  Args:
+    logits: [B, H, W, C]; C = 1 (sigmoid) or the number of classes (softmax).
+    target: [B, H, W] integer classes.
+    weight: [B] example weights (0 for padding).
+    bce_weight: Weight of the pixel-mean cross-entropy.
+    dice_weight: Weight of the soft Dice loss, computed per image (over the foreground classes
+      when softmax) and averaged over images.
+  """
+  if logits.shape[-1] == 1:
+    logits = logits[..., 0]
+    ce = optax.sigmoid_binary_cross_entropy(logits, target.astype(logits.dtype))
+    probs = jax.nn.sigmoid(logits)[..., None]
+    onehot = target[..., None].astype(logits.dtype)
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+    # Dice over the foreground classes only: background Dice is near 1 and would dilute it.
+    probs = jax.nn.softmax(logits, axis=-1)[..., 1:]
+    onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)[..., 1:]
+  intersection = jnp.sum(probs * onehot, axis=(1, 2))
+  total = jnp.sum(probs, axis=(1, 2)) + jnp.sum(onehot, axis=(1, 2))
+  dice = jnp.mean((2 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH), axis=-1)
+  per_image = bce_weight * jnp.mean(ce, axis=(1, 2)) + dice_weight * (1.0 - dice)
+  return _weighted_mean(per_image, weight)
+
+
+def deep_supervision_loss(
+    logits: Sequence[jax.Array],
+    label: jax.Array,
+    weight: jax.Array,
+    *,
+    heads: Sequence[int],
+    head_weights: Sequence[float],
+    bce_weight: float,
+    dice_weight: float,
+) -> tuple[jax.Array, jax.Array]:
+  """Weighted sum of the supervised heads' losses.
+
+  Args:
+    logits: Logits of heads 1..k (the model's output).
+    label: [B, H, W] instance map.
+    weight: [B] example weights.
+    heads: Supervised heads (1-based).
+    head_weights: One weight per supervised head; empty = equal weights summing to 1.
+    bce_weight: See `head_loss`.
+    dice_weight: See `head_loss`.
+
+  Returns:
+    (total loss, per-head losses [k] of every returned head, supervised or not).
+  """
+  target = semantic_target(label, logits[0].shape[-1])
+  per_head = jnp.stack([
+      head_loss(l, target, weight, bce_weight=bce_weight, dice_weight=dice_weight) for l in logits
+  ])
+  if not head_weights:
+    head_weights = [1.0 / len(heads)] * len(heads)
+  total = sum(w * per_head[h - 1] for h, w in zip(heads, head_weights))
+  return total, per_head
+

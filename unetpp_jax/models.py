@@ -1,0 +1,180 @@
+"""U-Net++ (Zhou et al., 2018/2019) in Flax linen: nested dense skips, one head per decoder level.
+
+Node X(i, j) sits at resolution level i (0 = full resolution) and decoder column j. X(i, 0) is the
+encoder; for j >= 1, X(i, j) = ConvBlock(concat(X(i, 0), ..., X(i, j-1), Up(X(i+1, j-1)))). Head j is
+a 1x1 convolution on X(0, j), j = 1..L. With `prune_level=k` only the nodes with i + j <= k are built,
+which is exactly the sub-network that head k depends on (UNet++ L^k in the paper). Every module has an
+explicit name, so a pruned model reads the very same parameters as the full one.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def standardize(images: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Per-image zero mean, unit variance: DSB2018 mixes dark fluorescence and bright brightfield."""
+  mean = jnp.mean(images, axis=(-3, -2, -1), keepdims=True)
+  std = jnp.std(images, axis=(-3, -2, -1), keepdims=True)
+  return (images - mean) / (std + eps)
+
+
+class ConvBlock(nn.Module):
+  """Two 3x3 convolutions, each followed by optional BatchNorm, ReLU and optional dropout."""
+
+  features: int
+  norm: str = 'batch'
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for _ in range(2):
+      # A bias before BatchNorm is redundant: BN's own offset absorbs it.
+      x = nn.Conv(self.features, (3, 3), use_bias=self.norm == 'none', dtype=self.dtype)(x)
+      if self.norm == 'batch':
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            axis_name=self.bn_axis_name if train else None,
+            dtype=self.dtype,
+        )(x)
+      x = nn.relu(x)
+      if self.dropout_rate > 0:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return x
+
+
+class UNetPlusPlus(nn.Module):
+  """U-Net++ returning one logits map per decoder level.
+
+  Attributes:
+    filters: Channels per resolution level; L = len(filters) - 1 decoder levels / heads.
+    num_classes: 1 = binary (sigmoid); >1 = softmax over classes.
+    norm: 'batch' or 'none'.
+    dropout_rate: Dropout after every convolution (0 = none).
+    upsample: 'transpose' (learned 2x2 stride-2 conv) or 'bilinear'.
+    dtype: Compute dtype; parameters stay float32 and logits are returned as float32.
+    bn_axis_name: pmap axis over which BatchNorm statistics are averaged during training.
+  """
+
+  filters: Sequence[int] = (32, 64, 128, 256, 512)
+  num_classes: int = 1
+  norm: str = 'batch'
+  dropout_rate: float = 0.0
+  upsample: str = 'transpose'
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @property
+  def levels(self) -> int:
+    return len(self.filters) - 1
+
+  @nn.compact
+  def __call__(
+      self, images: jax.Array, *, train: bool = False, prune_level: int | None = None
+  ) -> tuple[jax.Array, ...]:
+    """Maps images [B, H, W, C] in [0, 1] to logits of heads 1..k, each [B, H, W, num_classes].
+
+    Args:
+      images: Input batch; H and W must be multiples of 2**k.
+      train: Training mode (batch statistics, dropout).
+      prune_level: k in 1..L: compute only the nodes X(i, j) with i + j <= k and return heads
+        1..k. None means k = L (the full network).
+    """
+    k = self.levels if prune_level is None else prune_level
+    if not 1 <= k <= self.levels:
+      raise ValueError(f'prune_level must be in 1..{self.levels}, got {prune_level}.')
+    factor = 2**k
+    if images.shape[-3] % factor or images.shape[-2] % factor:
+      raise ValueError(
+          f'Image size {images.shape[-3]}x{images.shape[-2]} must be a multiple of {factor} '
+          f'(2**prune_level) for the U-Net++ with {self.levels} levels.'
+      )
+
+    def block(i: int, j: int) -> ConvBlock:
+      return ConvBlock(
+          self.filters[i], self.norm, self.dropout_rate, self.dtype, self.bn_axis_name,
+          name=f'X{i}_{j}',
+      )
+
+    x = standardize(images.astype(jnp.float32)).astype(self.dtype)
+    nodes = {(0, 0): block(0, 0)(x, train)}
+    for i in range(1, k + 1):
+      pooled = nn.max_pool(nodes[i - 1, 0], (2, 2), strides=(2, 2))
+      nodes[i, 0] = block(i, 0)(pooled, train)
+    for j in range(1, k + 1):
+      for i in range(k + 1 - j):
+        up = self._upsample(nodes[i + 1, j - 1], self.filters[i], name=f'up{i + 1}_{j - 1}')
+        skips = [nodes[i, m] for m in range(j)]
+        nodes[i, j] = block(i, j)(jnp.concatenate([*skips, up], axis=-1), train)
+    return tuple(
+        nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name=f'head{j}')(nodes[0, j]).astype(
+            jnp.float32
+        )
+        for j in range(1, k + 1)
+    )
+
+  def _upsample(self, x: jax.Array, features: int, name: str) -> jax.Array:
+    if self.upsample == 'transpose':
+      return nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=self.dtype, name=name)(x)
+    b, h, w, c = x.shape
+    return jax.image.resize(x, (b, 2 * h, 2 * w, c), method='bilinear')
+
+
+def create_model(model_config: Any, bn_axis_name: str | None = None) -> UNetPlusPlus:
+  """Builds the model described by `config.model`."""
+  return UNetPlusPlus(
+      filters=tuple(model_config.filters),
+      num_classes=model_config.num_classes,
+      norm=model_config.norm,
+      dropout_rate=model_config.dropout_rate,
+      upsample=model_config.upsample,
+      dtype=jnp.dtype(model_config.dtype),
+      bn_axis_name=bn_axis_name,
+  )
+
+
+def foreground_probability(logits: jax.Array) -> jax.Array:
+  """Probability that a pixel is nucleus: sigmoid for one class, 1 - p(background) for softmax."""
+  if logits.shape[-1] == 1:
+    return jax.nn.sigmoid(logits[..., 0])
+  return 1.0 - jax.nn.softmax(logits, axis=-1)[..., 0]
+
+
+def accurate_probability(logits: Sequence[jax.Array], heads: Sequence[int]) -> jax.Array:
+  """The 'accurate' prediction: mean foreground probability of `heads` (1-based)."""
+  return jnp.mean(jnp.stack([foreground_probability(logits[h - 1]) for h in heads]), axis=0)
+
+
+def predict(
+    model: UNetPlusPlus,
+    variables: Any,
+    images: jax.Array,
+    *,
+    mode: str,
+    heads: Sequence[int],
+    head: int,
+) -> jax.Array:
+  """Foreground probabilities [B, H, W] in one of the two prediction modes.
+
+  Args:
+    model: The U-Net++.
+    variables: Its variables ({'params', 'batch_stats'}).
+    images: [B, H, W, C] in [0, 1].
+    mode: 'accurate' averages the probabilities of `heads` (the supervised heads); 'fast' runs the
+      network pruned to `head` and uses that head alone.
+    heads: Heads averaged in 'accurate' mode.
+    head: Head used in 'fast' mode.
+  """
+  if mode == 'fast':
+    logits = model.apply(variables, images, prune_level=head)
+    return foreground_probability(logits[head - 1])
+  if mode == 'accurate':
+    logits = model.apply(variables, images, prune_level=max(heads))
+    return accurate_probability(logits, heads)
+  raise ValueError(f"Prediction mode must be 'accurate' or 'fast', got {mode!r}.")
