@@ -1,0 +1,103 @@
+"""Checks a config before anything is built or compiled, with messages that say what to change."""
+
+from typing import Any
+
+import jax
+
+_CHOICES = {
+    'data.train_preprocess': ('resize', 'crop'),
+    'model.name': ('unetpp',),
+    'model.norm': ('batch', 'none'),
+    'model.upsample': ('transpose', 'bilinear'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'optimizer.name': ('adam', 'adamw', 'sgd'),
+    'optimizer.schedule': ('constant', 'cosine'),
+    'predict.mode': ('accurate', 'fast'),
+}
+
+
+def _get(config: Any, dotted: str) -> Any:
+  value = config
+  for key in dotted.split('.'):
+    value = value[key]
+  return value
+
+
+def validate(config: Any) -> None:
+  """Raises ValueError listing every problem found in `config`."""
+  errors = []
+
+  def check(ok: bool, message: str) -> None:
+    if not ok:
+      errors.append(message)
+
+  for field, choices in _CHOICES.items():
+    value = _get(config, field)
+    check(value in choices, f'config.{field}={value!r} must be one of {choices}.')
+
+  source = config.data.source
+  check(
+      source == 'tfds' or (source.startswith('npz:') and len(source) > 4),
+      f"config.data.source={source!r} must be 'tfds' or 'npz:PATH'.",
+  )
+  check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')
+  check(config.data.jitter >= 0, 'config.data.jitter must be >= 0.')
+
+  filters = tuple(config.model.filters)
+  check(
+      len(filters) >= 2 and all(isinstance(f, int) and f > 0 for f in filters),
+      f'config.model.filters={filters} must list at least 2 positive channel counts.',
+  )
+  levels = max(len(filters) - 1, 1)
+  size = config.data.image_size
+  check(
+      size > 0 and size % 2**levels == 0,
+      f'config.data.image_size={size} must be a positive multiple of 2**L = {2**levels} '
+      f'(L = {levels} levels for filters {filters}).',
+  )
+  check(
+      config.model.num_classes in (1, 2, 3),
+      f'config.model.num_classes={config.model.num_classes} must be 1 (sigmoid), 2 (softmax '
+      'background/nucleus) or 3 (background/nucleus/boundary).',
+  )
+  check(0 <= config.model.dropout_rate < 1, 'config.model.dropout_rate must be in [0, 1).')
+
+  heads = tuple(config.loss.deep_supervision_heads)
+  check(
+      len(heads) > 0 and len(set(heads)) == len(heads) and all(1 <= h <= levels for h in heads),
+      f'config.loss.deep_supervision_heads={heads} must be distinct heads in 1..{levels}.',
+  )
+  weights = tuple(config.loss.head_weights)
+  check(
+      not weights or (len(weights) == len(heads) and all(w >= 0 for w in weights)),
+      f'config.loss.head_weights={weights} must be empty or one non-negative weight per '
+      f'supervised head {heads}.',
+  )
+  check(
+      config.loss.bce_weight >= 0 and config.loss.dice_weight >= 0,
+      'config.loss.bce_weight and dice_weight must be >= 0.',
+  )
+  check(
+      1 <= config.predict.head <= levels,
+      f'config.predict.head={config.predict.head} must be in 1..{levels}.',
+  )
+
+  opt = config.optimizer
+  check(opt.learning_rate > 0, f'config.optimizer.learning_rate={opt.learning_rate} must be > 0.')
+  check(opt.warmup_steps >= 0, 'config.optimizer.warmup_steps must be >= 0.')
+  check(opt.weight_decay >= 0, 'config.optimizer.weight_decay must be >= 0.')
+  check(opt.grad_clip_norm >= 0, 'config.optimizer.grad_clip_norm must be >= 0 (0 = off).')
+
+  devices = jax.device_count()
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    check(
+        value > 0 and value % devices == 0,
+        f'config.{field}={value} must be a positive multiple of the device count ({devices}).',
+    )
+  check(config.num_train_steps > 0, 'config.num_train_steps must be > 0.')
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    check(config[field] > 0, f'config.{field} must be > 0.')
+
+  if errors:
+    raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
