@@ -1,0 +1,31 @@
+"""Nuclei datasets as TFDS builders: 'dsb2018' (real) and 'synthetic_nuclei' (offline).
+
+Importing this package registers both builders with TFDS.
+"""
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from unetpp_jax.datasets import dsb2018
+from unetpp_jax.datasets import synthetic_nuclei
+from unetpp_jax.datasets.dsb2018 import Dsb2018
+from unetpp_jax.datasets.synthetic_nuclei import SyntheticNuclei
+
+__all__ = ['Dsb2018', 'SyntheticNuclei', 'dsb2018', 'load_builder', 'synthetic_nuclei']
+
+
+def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the builder `config.data.dataset`, prepared (generated once per data_dir).
+
+  Args:
+    config: uses config.data.dataset, config.data.tfds_data_dir ('' = TFDS default) and
+      config.data.manual_dir ('' = `dsb2018.default_manual_dir()`).
+  """
+  builder = tfds.builder(config.data.dataset, data_dir=config.data.tfds_data_dir or None)
+  manual_dir = config.data.manual_dir or dsb2018.default_manual_dir()
+  # try_download_gcs=False: these datasets are not on TFDS's bucket, and asking it could hang
+  # on a machine without internet.
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=str(manual_dir), try_download_gcs=False))
+  return builder

@@ -1,0 +1,205 @@
+"""Reader for the Kaggle Data Science Bowl 2018 layout (numpy + Pillow only, no TensorFlow).
+
+The stage1_train release (BBBC038) holds one folder per image:
+
+  [stage1_train/]<id>/images/<id>.png   the image (RGBA, grayscale, ... -> uint8 RGB)
+  [stage1_train/]<id>/masks/*.png       one binary mask per nucleus (nonzero = foreground)
+
+either zipped or unpacked, with or without one top-level folder. Stray files (.DS_Store,
+Thumbs.db, __MACOSX/, ...) are ignored. The masks of an image are combined into one uint16
+instance map: 0 = background, k = the k-th mask in sorted filename order; where masks overlap the
+later mask wins. An image without a masks folder (or with an empty one) gets an all-zero map.
+"""
+
+import collections
+from collections.abc import Callable, Iterator
+import concurrent.futures
+import dataclasses
+import io
+import itertools
+import os
+import pathlib
+from typing import Any
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+DOWNLOAD_URL = 'https://data.broadinstitute.org/bbbc/BBBC038/stage1_train.zip'
+
+# OS litter that may sit anywhere in a zip or folder.
+_IGNORED_NAMES = frozenset({'.DS_Store', 'Thumbs.db', 'desktop.ini', '__MACOSX'})
+# 16-bit grayscale modes: scaled to 8 bits rather than clipped by Image.convert('RGB').
+_16BIT_MODES = frozenset({'I;16', 'I;16B', 'I;16L', 'I'})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """Files of one example, as names that `read` understands."""
+  id: str
+  image: str
+  masks: tuple[str, ...]
+
+
+class _Source:
+  """A zip file or a folder: lists relative file names and reads their bytes."""
+
+  def __init__(self, path: str | os.PathLike[str]):
+    self.path = pathlib.Path(path)
+    if self.path.is_dir():
+      self._zip = None
+      self.names = [
+          os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, '/')
+          for root, _, files in os.walk(self.path) for f in files
+      ]
+    elif self.path.is_file():
+      try:
+        self._zip = zipfile.ZipFile(self.path)
+      except zipfile.BadZipFile as e:
+        raise ValueError(f'{self.path} is neither a folder nor a valid zip file.') from e
+      self.names = [n for n in self._zip.namelist() if not n.endswith('/')]
+    else:
+      raise FileNotFoundError(f'{self.path} does not exist.')
+
+  def display_name(self, name: str) -> str:
+    """How error messages refer to a file: 'zip_path:member' or the file's path."""
+    return f'{self.path}:{name}' if self._zip else str(self.path / name)
+
+  def read(self, name: str) -> bytes:
+    # ZipFile serialises reads of the shared file handle internally, so threads may share it.
+    return self._zip.read(name) if self._zip else (self.path / name).read_bytes()
+
+  def close(self) -> None:
+    if self._zip:
+      self._zip.close()
+
+  def __enter__(self) -> '_Source':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _find_entries(source: _Source) -> list[_Entry]:
+  """Groups the files of `source` into examples, sorted by id."""
+  images, masks = {}, {}
+  for name in source.names:
+    parts = name.split('/')
+    if any(p in _IGNORED_NAMES or p.startswith('._') for p in parts):
+      continue
+    # parts = [prefix..., id, 'images' | 'masks', file]; prefix is the optional top-level folder.
+    if len(parts) < 3 or not parts[-1].lower().endswith('.png'):
+      continue
+    example_dir = '/'.join(parts[:-2])
+    if parts[-2] == 'images' and parts[-1] == parts[-3] + '.png':
+      images[example_dir] = name
+    elif parts[-2] == 'masks':
+      masks.setdefault(example_dir, []).append(name)
+  if not images:
+    raise ValueError(
+        f'No images found in {source.path}: expected [stage1_train/]<id>/images/<id>.png with '
+        'masks in [stage1_train/]<id>/masks/*.png.')
+  entries = [
+      _Entry(id=d.rsplit('/', 1)[-1], image=name, masks=tuple(sorted(masks.get(d, ()))))
+      for d, name in images.items()
+  ]
+  ids = [e.id for e in entries]
+  if len(set(ids)) != len(ids):
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    raise ValueError(f'Image ids occur in more than one folder of {source.path}: {duplicates[:5]}')
+  return sorted(entries, key=lambda e: e.id)
+
+
+def _open_png(source: _Source, name: str) -> Image.Image:
+  """Fully decodes one PNG; any decoding problem becomes a ValueError naming the file."""
+  try:
+    image = Image.open(io.BytesIO(source.read(name)))
+    image.load()
+  except Exception as e:  # Pillow raises OSError, SyntaxError, ... for broken files.
+    raise ValueError(f'Cannot decode {source.display_name(name)}: {e}') from e
+  return image
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+  """uint8 [H, W, 3]: alpha is dropped, grayscale replicated, 16-bit scaled to 8-bit."""
+  if image.mode in _16BIT_MODES:
+    gray = np.asarray(image).astype(np.float32) / 257.0
+    gray = np.clip(np.round(gray), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  return np.asarray(image.convert('RGB'))
+
+
+def _read_example(source: _Source, entry: _Entry) -> dict[str, Any]:
+  """Decodes the image and combines its masks into one uint16 instance map."""
+  image = _to_rgb(_open_png(source, entry.image))
+  height, width = image.shape[:2]
+  if len(entry.masks) > np.iinfo(np.uint16).max:
+    raise ValueError(f'{source.display_name(entry.image)} has more masks than fit in uint16.')
+  label = np.zeros((height, width), np.uint16)
+  for k, mask_name in enumerate(entry.masks, start=1):
+    mask = _open_png(source, mask_name)
+    if mask.size != (width, height):
+      raise ValueError(
+          f'Mask {source.display_name(mask_name)} is {mask.size[0]}x{mask.size[1]} (WxH) but its '
+          f'image is {width}x{height}.')
+    if mask.mode not in ('1', 'L') and mask.mode not in _16BIT_MODES:
+      # Drops alpha (often opaque everywhere); then any nonzero channel is foreground.
+      mask = mask.convert('RGB')
+    # Only touch the mask's bounding box: nuclei are small and images up to 1040x1388.
+    bbox = mask.getbbox()
+    if bbox is None:
+      continue
+    x0, y0, x1, y1 = bbox
+    inside = np.asarray(mask.crop(bbox))
+    inside = inside.any(axis=-1) if inside.ndim == 3 else inside != 0
+    label[y0:y1, x0:x1][inside] = k  # Later masks win where they overlap.
+  return {'id': entry.id, 'image': image, 'label': label}
+
+
+def list_ids(path: str | os.PathLike[str]) -> list[str]:
+  """Sorted image ids of the release at `path` (a .zip or a folder)."""
+  with _Source(path) as source:
+    return [e.id for e in _find_entries(source)]
+
+
+def iter_examples(
+    path: str | os.PathLike[str],
+    num_threads: int | None = None,
+    map_fn: Callable[[dict[str, Any]], Any] | None = None,
+) -> Iterator[Any]:
+  """Yields the examples of a Kaggle-layout release, sorted by id.
+
+  Args:
+    path: a .zip (like stage1_train.zip) or a folder with the layout described in the module
+      docstring.
+    num_threads: decoding threads (Pillow releases the GIL while decoding); None = CPU count,
+      capped at 8.
+    map_fn: optional function applied to each example inside the decoding threads (e.g. to
+      PNG-encode it); its results are yielded instead.
+
+  Yields:
+    {'id': str, 'image': uint8 [H, W, 3], 'label': uint16 [H, W]}, or map_fn of it.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: no images found, a PNG cannot be decoded, or a mask's size differs from its
+      image's; the message names the file ('zip_path:member' inside a zip).
+  """
+  num_threads = num_threads or min(8, os.cpu_count() or 1)
+  with _Source(path) as source:
+    entries = _find_entries(source)
+
+    def read(entry: _Entry) -> Any:
+      example = _read_example(source, entry)
+      return map_fn(example) if map_fn else example
+
+    remaining = iter(entries)
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      # Bounded look-ahead keeps memory flat however many images there are.
+      pending = collections.deque(
+          pool.submit(read, e) for e in itertools.islice(remaining, 2 * num_threads))
+      while pending:
+        example = pending.popleft().result()
+        for entry in itertools.islice(remaining, 1):
+          pending.append(pool.submit(read, entry))
+        yield example
