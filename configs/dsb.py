@@ -33,7 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_preprocess = 'resize'
   config.data.augment = True  # Random flips and rot90, applied to image and label together.
   config.data.jitter = 0.1  # Strength of photometric jitter (brightness, contrast, gamma); 0 = off.
-  config.data.shuffle_buffer = 1024  # Examples in the shuffle buffer.
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'unetpp'  # Architecture; 'unetpp' (U-Net++ with nested dense skips).

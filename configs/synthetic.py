@@ -14,7 +14,6 @@ def get_config():
   config = dsb.get_config()
   config.data.dataset = 'synthetic_nuclei'
   config.data.image_size = 64
-  config.data.shuffle_buffer = 256
   config.model.filters = (8, 16, 32, 64)  # L = 3.
   config.loss.deep_supervision_heads = (1, 2, 3)
   config.predict.head = 3

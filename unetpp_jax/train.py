@@ -191,6 +191,8 @@ def train_and_evaluate(
   """
   config_validation.validate(config)
   workdir = epath.Path(workdir)
+  if not workdir.is_absolute():  # Orbax needs absolute paths (gs:// paths already are).
+    workdir = workdir.absolute()
   is_chief = jax.process_index() == 0
   if is_chief:
     workdir.mkdir(parents=True, exist_ok=True)

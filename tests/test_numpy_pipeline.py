@@ -1,0 +1,204 @@
+"""Tests of the .npz format, export_npz and the numpy-only pipeline's own logic."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import synthetic
+from unetpp_jax import numpy_pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+S = 16
+
+
+def _fake_data(n_train=10, n_val=5, seed=0):
+  """Examples whose red channel is (7 * label) % 256, in an NpzData matching `_config`."""
+  rng = np.random.default_rng(seed)
+  def examples(n, prefix):
+    labels = rng.integers(0, 40, (n, S, S)).astype(np.uint16)
+    images = rng.integers(0, 256, (n, S, S, 3)).astype(np.uint8)
+    images[..., 0] = (7 * labels.astype(np.int64)) % 256
+    return numpy_pipeline.Examples(np.array([f'{prefix}{i}' for i in range(n)]), images, labels)
+  return numpy_pipeline.NpzData(examples(n_train, 'train'), examples(n_val, 'val'), S,
+                                'synthetic_nuclei', 0.2)
+
+
+def _config(path, **data_overrides):
+  config = synthetic.get_config()
+  config.data.source = f'npz:{path}'
+  config.data.image_size = S
+  config.batch_size = 4
+  config.eval_batch_size = 4
+  for key, value in data_overrides.items():
+    config.data[key] = value
+  return config
+
+
+@pytest.fixture
+def npz(tmp_path):
+  path = str(tmp_path / 'fake.npz')
+  numpy_pipeline.save_npz(path, _fake_data())
+  return path
+
+
+def test_save_load_round_trip(npz):
+  data, loaded = _fake_data(), numpy_pipeline.load_npz(npz)
+  assert (loaded.image_size, loaded.dataset, loaded.val_fraction) == (S, 'synthetic_nuclei', 0.2)
+  for split in ('train', 'val'):
+    want, got = getattr(data, split), getattr(loaded, split)
+    for field in ('ids', 'images', 'labels'):
+      np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+      assert getattr(got, field).dtype.kind == getattr(want, field).dtype.kind
+
+
+def test_train_batches_keep_image_and_label_aligned(npz):
+  inp = numpy_pipeline.create_input(_config(npz, jitter=0.0))
+  assert (inp.num_train, inp.num_eval) == (10, 5)
+  for batch in [next(inp.train_iter) for _ in range(8)]:
+    assert batch['image'].dtype == np.float32 and batch['image'].shape == (2, 2, S, S, 3)
+    assert batch['label'].dtype == np.int32 and batch['label'].shape == (2, 2, S, S)
+    red = np.round(batch['image'][..., 0] * 255).astype(np.int64)
+    np.testing.assert_array_equal(red, (7 * batch['label']) % 256)
+
+
+def test_jitter_stays_in_range_and_changes_images(npz):
+  plain = next(numpy_pipeline.create_input(_config(npz, jitter=0.0)).train_iter)
+  jittered = next(numpy_pipeline.create_input(_config(npz, jitter=0.5)).train_iter)
+  np.testing.assert_array_equal(plain['label'], jittered['label'])  # Same order and geometry.
+  assert 0 <= jittered['image'].min() and jittered['image'].max() <= 1
+  assert np.abs(jittered['image'] - plain['image']).mean() > 0.01
+
+
+def test_schedule_epochs_are_permutations_of_the_shard():
+  config = _config('unused')
+  layouts = [numpy_pipeline.Layout.create(config, p, 2) for p in range(2)]
+  schedules = [numpy_pipeline.TrainSchedule(7, 0, 4, layout, True, 0.1) for layout in layouts]
+  steps = [[s.step(k) for k in range(14)] for s in schedules]  # 14 x 2 = 28 = 4 epochs of 7.
+  for process_steps in steps:
+    order = np.concatenate([indices for indices, _ in process_steps]).reshape(4, 7)
+    for epoch in order:
+      assert sorted(epoch) == list(range(7))
+    assert len({tuple(epoch) for epoch in order}) > 1  # Reshuffled every epoch.
+  # Every slot of the global stream has its own augmentation.
+  brightness = [np.concatenate([params['brightness'] for _, params in process_steps])
+                for process_steps in steps]
+  assert len(set(np.concatenate(brightness).tolist())) == 56
+
+
+def test_augment_params_switches_are_independent():
+  positions = np.arange(50)
+  both = numpy_pipeline.augment_params(0, positions, augment=True, jitter=0.2)
+  geometric = numpy_pipeline.augment_params(0, positions, augment=True, jitter=0.0)
+  photometric = numpy_pipeline.augment_params(0, positions, augment=False, jitter=0.2)
+  for key in ('flip_lr', 'flip_ud', 'rot90'):
+    np.testing.assert_array_equal(both[key], geometric[key])
+    assert not photometric[key].any()
+  for key in ('brightness', 'contrast', 'gamma'):
+    np.testing.assert_array_equal(both[key], photometric[key])
+  assert (geometric['brightness'] == 0).all() and (geometric['contrast'] == 1).all()
+  assert set(both['rot90'].tolist()) == {0, 1, 2, 3}
+  assert (np.abs(both['brightness']) <= 0.2).all() and (np.abs(both['contrast'] - 1) <= 0.2).all()
+
+
+def test_layout_validates_batch_sizes():
+  config = _config('unused')
+  config.batch_size = 6  # 2 processes x 2 local devices = 4 devices.
+  with pytest.raises(ValueError, match=r'batch_size=6 .* 4\)'):
+    numpy_pipeline.Layout.create(config, 0, 2)
+  config.batch_size, config.eval_batch_size = 8, 2
+  with pytest.raises(ValueError, match='eval_batch_size=2'):
+    numpy_pipeline.Layout.create(config, 0, 2)
+  config.eval_batch_size = 8
+  with pytest.raises(ValueError, match='process_index 2'):
+    numpy_pipeline.Layout.create(config, 2, 2)
+  layout = numpy_pipeline.Layout.create(config, 1, 2)
+  assert (layout.per_process_batch, layout.per_device_batch, layout.per_process_eval_batch) == (
+      4, 2, 4)
+
+
+def test_missing_or_invalid_npz_errors_name_the_path(tmp_path, npz):
+  missing = str(tmp_path / 'missing.npz')
+  with pytest.raises(FileNotFoundError, match=re.escape(missing) + '.*unetpp_jax.export_npz'):
+    numpy_pipeline.create_input(_config(missing))
+
+  garbage = tmp_path / 'garbage.npz'
+  garbage.write_bytes(b'not a zip file')
+  with pytest.raises(ValueError, match=re.escape(str(garbage)) + '.*unetpp_jax.export_npz'):
+    numpy_pipeline.create_input(_config(garbage))
+
+  incomplete = str(tmp_path / 'incomplete.npz')
+  with np.load(npz) as f:
+    np.savez(incomplete, **{k: f[k] for k in f.files if k != 'val_label'})
+  with pytest.raises(ValueError, match=re.escape(incomplete) + '.*val_label'):
+    numpy_pipeline.create_input(_config(incomplete))
+
+  with pytest.raises(ValueError, match=r'image_size: file 16, config 32.*Re-export'):
+    numpy_pipeline.create_input(_config(npz, image_size=32))
+  with pytest.raises(ValueError, match="only 'resize'"):
+    numpy_pipeline.create_input(_config(npz, train_preprocess='crop'))
+  with pytest.raises(ValueError, match="needs 'npz:PATH'"):
+    numpy_pipeline.create_input(_config(npz, source='tfds'))
+
+
+def test_save_npz_is_atomic(npz, monkeypatch):
+  before = pathlib.Path(npz).read_bytes()
+
+  def fail(file, **arrays):
+    file.write(b'partial')
+    raise OSError('disk full')
+  monkeypatch.setattr(np, 'savez_compressed', fail)
+  with pytest.raises(OSError, match='disk full'):
+    numpy_pipeline.save_npz(npz, _fake_data(seed=1))
+  assert pathlib.Path(npz).read_bytes() == before
+  assert os.listdir(os.path.dirname(npz)) == ['fake.npz']  # No temporary file left behind.
+
+
+def test_runs_without_tensorflow(npz):
+  code = f"""
+import sys
+sys.modules['tensorflow'] = None  # Any import of it now fails.
+sys.modules['tensorflow_datasets'] = None
+sys.path.insert(0, {str(REPO)!r})
+from configs import synthetic
+from unetpp_jax import numpy_pipeline
+config = synthetic.get_config()
+config.data.source, config.data.image_size = 'npz:{npz}', {S}
+batch = next(numpy_pipeline.create_input(config).train_iter)
+evals = list(numpy_pipeline.create_input(config).eval_batches)
+print(batch['image'].shape, sum(b['weight'].sum() for b in evals))
+"""
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split('\n')[-2] == f'(2, 4, {S}, {S}, 3) 5.0'
+
+
+def test_export_npz_cli_round_trip(tmp_path):
+  output = tmp_path / 'out' / 'synthetic32.npz'
+  result = subprocess.run(
+      [sys.executable, '-m', 'unetpp_jax.export_npz', '--config=configs/synthetic.py',
+       f'--config.data.tfds_data_dir={tmp_path / "tfds"}', '--config.data.image_size=32',
+       '--config.data.val_fraction=0.25', f'--output={output}'],
+      capture_output=True, text=True, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr
+  assert os.listdir(output.parent) == [output.name]
+  with np.load(output) as f:
+    assert set(f.files) == {'train_image', 'train_label', 'train_id', 'val_image', 'val_label',
+                            'val_id', 'image_size', 'dataset', 'val_fraction'}
+  data = numpy_pipeline.load_npz(str(output))
+  assert (data.image_size, data.dataset, data.val_fraction) == (32, 'synthetic_nuclei', 0.25)
+  assert data.train.images.shape == (180, 32, 32, 3) and data.val.labels.shape == (60, 32, 32)
+  assert data.train.images.dtype == np.uint8 and data.val.labels.dtype == np.uint16
+  ids = np.concatenate([data.train.ids, data.val.ids])
+  assert len(set(ids)) == 240 and all(i.startswith('synthetic_0_') for i in ids)
+  assert data.train.labels.max() > 0 and data.train.images.std() > 10
+
+  config = _config(output, image_size=32, val_fraction=0.25)
+  config.data.dataset = 'synthetic_nuclei'
+  batch = next(numpy_pipeline.create_input(config).train_iter)
+  assert batch['image'].shape == (2, 2, 32, 32, 3)

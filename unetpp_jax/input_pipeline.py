@@ -1,0 +1,242 @@
+"""tf.data input pipeline over a TFDS builder ('dsb2018' or 'synthetic_nuclei').
+
+Each process reads its own contiguous shard of the training and validation splits, keeping the
+encoded examples (PNG bytes: tens of MB for DSB2018) in memory; validation, and training in
+'resize' mode, are decoded and preprocessed once and then served from memory. Which example and
+which augmentation every step uses comes from `numpy_pipeline.TrainSchedule`, a pure function of
+(config.seed, step), so this pipeline and the numpy one share the same order and augmentation
+parameters, and resuming at a step starts the stream there without decoding anything skipped.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from unetpp_jax import datasets
+from unetpp_jax import numpy_pipeline
+
+PREPROCESS_MODES = ('resize', 'crop')
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedExamples:
+  """Examples as TFDS stores them: ids str [N], PNG images and PNG-16 labels (bytes [N])."""
+  ids: np.ndarray
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+def split_ranges(builder: tfds.core.DatasetBuilder, val_fraction: float
+                 ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """[lo, hi) example ranges of 'train' used for training and for validation.
+
+  Validation is the last `val_fraction` of TFDS's deterministic order: the split strings
+  'train[:p%]' / 'train[p%:]' with p = round(100 * (1 - val_fraction)).
+  """
+  p = round(100 * (1 - val_fraction))
+  num_train = builder.info.splits[f'train[:{p}%]'].num_examples
+  return (0, num_train), (num_train, builder.info.splits['train'].num_examples)
+
+
+def read_encoded(builder: tfds.core.DatasetBuilder, lo: int, hi: int) -> EncodedExamples:
+  """Examples [lo, hi) of 'train', in TFDS's deterministic order, without decoding them."""
+  rows = []
+  if hi > lo:
+    ds = builder.as_dataset(
+        split=f'train[{lo}:{hi}]', shuffle_files=False,
+        decoders={'image': tfds.decode.SkipDecoding(), 'label': tfds.decode.SkipDecoding()})
+    rows = list(ds.as_numpy_iterator())
+  # Object arrays: a fixed-width bytes array would pad every PNG to the largest one.
+  images, labels = (np.array([row[key] for row in rows], dtype=object)
+                    for key in ('image', 'label'))
+  return EncodedExamples(np.array([row['id'].decode() for row in rows], dtype=str), images, labels)
+
+
+def _decode(image_png: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """uint8 [H, W, 3] image and uint16 [H, W, 1] label."""
+  image = tf.io.decode_image(image_png, channels=3, expand_animations=False)
+  return image, tf.io.decode_png(label_png, channels=1, dtype=tf.uint16)
+
+
+def _resize(image: tf.Tensor, label: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """Image bilinear with antialiasing (back to uint8), label nearest-neighbour."""
+  image = tf.image.resize(image, [size, size], 'bilinear', antialias=True)
+  image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  return image, tf.image.resize(label, [size, size], 'nearest')
+
+
+def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: tf.Tensor, fx: tf.Tensor
+          ) -> tuple[tf.Tensor, tf.Tensor]:
+  """size x size window at relative offsets fy, fx in [0, 1] (images smaller than size are
+  zero-padded at the bottom/right first; the label pads with background)."""
+  shape = tf.shape(image)
+  height, width = tf.maximum(shape[0], size), tf.maximum(shape[1], size)
+
+  def offset(f, extent):
+    return tf.minimum(tf.cast(f * tf.cast(extent - size + 1, tf.float32), tf.int32), extent - size)
+
+  def crop(t):
+    padded = tf.image.pad_to_bounding_box(t, 0, 0, height, width)
+    return tf.image.crop_to_bounding_box(padded, offset(fy, height), offset(fx, width), size, size)
+  return crop(image), crop(label)
+
+
+def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], jitter: float
+            ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Batched TensorFlow twin of `numpy_pipeline.augment`.
+
+  Args:
+    images: float32 [N, S, S, 3] in [0, 1].
+    labels: [N, S, S, 1].
+    params: `numpy_pipeline.augment_params` of the N examples ([N] each).
+    jitter: photometric jitter strength (0 = off).
+
+  Returns:
+    The augmented images and labels.
+  """
+  def per_example(name):  # [N] -> [N, 1, 1, 1], to broadcast over pixels.
+    return tf.reshape(params[name], [-1, 1, 1, 1])
+
+  # The geometry as one gather of pixels (much faster than flips and rotations in tf.data).
+  code = (tf.cast(params['flip_lr'], tf.int32) + 2 * tf.cast(params['flip_ud'], tf.int32)
+          + 4 * params['rot90'])
+  sources = tf.gather(tf.constant(numpy_pipeline.geometric_tables(images.shape[1])), code)
+
+  def geometric(x):
+    flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
+    return tf.reshape(tf.gather(flat, sources, batch_dims=1), tf.shape(x))
+  images, labels = geometric(images), geometric(labels)
+  if jitter:  # Static: with jitter off the image stays bit-exact.
+    images = tf.clip_by_value(images + per_example('brightness'), 0, 1)
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    images = tf.clip_by_value((images - mean) * per_example('contrast') + mean, 0, 1)
+    images = tf.pow(images, per_example('gamma'))
+  return images, labels
+
+
+def preprocess(examples: EncodedExamples, mode: str, size: int) -> numpy_pipeline.Examples:
+  """Decodes and resizes (mode 'resize') or centre-crops ('crop') every example, in memory."""
+  def fn(image_png, label_png):
+    image, label = _decode(image_png, label_png)
+    if mode == 'resize':
+      image, label = _resize(image, label, size)
+    else:
+      image, label = _crop(image, label, size, 0.5, 0.5)
+    return tf.ensure_shape(image, [size, size, 3]), tf.ensure_shape(label[..., 0], [size, size])
+
+  images = np.zeros((0, size, size, 3), np.uint8)
+  labels = np.zeros((0, size, size), np.uint16)
+  if len(examples):
+    ds = tf.data.Dataset.from_tensor_slices((examples.images, examples.labels))
+    batches = list(ds.map(fn, tf.data.AUTOTUNE, deterministic=True).batch(256)
+                   .as_numpy_iterator())
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+  return numpy_pipeline.Examples(examples.ids, images, labels)
+
+
+def train_dataset(
+    examples: EncodedExamples | numpy_pipeline.Examples,
+    schedule: numpy_pipeline.TrainSchedule,
+    *,
+    size: int,
+    start_step: int = 0,
+) -> tf.data.Dataset:
+  """Training batches from global step `start_step` on (infinite).
+
+  Args:
+    examples: this process's training shard: preprocessed (served as they are: 'resize' mode) or
+      encoded (decoded and randomly cropped at native resolution every time: 'crop' mode).
+    schedule: order and augmentation parameters of every step.
+    size: image size S.
+    start_step: global step of the first batch.
+
+  Returns:
+    A dataset of {'image': float32 [D, B, S, S, 3], 'label': int32 [D, B, S, S]}.
+  """
+  b, d = schedule.layout.per_process_batch, schedule.layout.local_devices
+  _, params = schedule.step(0)  # Only for the dtypes.
+  signature = (tf.TensorSpec([b], tf.int64),
+               {k: tf.TensorSpec([b], tf.as_dtype(v.dtype)) for k, v in params.items()})
+  ds = tf.data.Dataset.from_generator(lambda: schedule.iterate_from(start_step),
+                                      output_signature=signature)
+  images, labels = tf.constant(examples.images), tf.constant(examples.labels)
+  if isinstance(examples, numpy_pipeline.Examples):
+    ds = ds.map(lambda index, params: (tf.gather(images, index),
+                                       tf.gather(labels, index)[..., None], params))
+  else:
+    def decode_and_crop(index, params):
+      image, label = _decode(tf.gather(images, index), tf.gather(labels, index))
+      return (*_crop(image, label, size, params['crop_y'], params['crop_x']), params)
+    ds = ds.unbatch().map(decode_and_crop, tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(b, drop_remainder=True)
+
+  def augment_batch(image, label, params):
+    image, label = augment(tf.cast(image, tf.float32) / 255, label, params, schedule.jitter)
+    return {'image': tf.reshape(image, [d, b // d, size, size, 3]),
+            'label': tf.reshape(tf.cast(label, tf.int32), [d, b // d, size, size])}
+  ds = ds.map(augment_batch, tf.data.AUTOTUNE, deterministic=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def create_input_from_examples(
+    config: Any,
+    train: EncodedExamples,
+    val: EncodedExamples,
+    *,
+    num_train: int,
+    num_eval: int,
+    layout: numpy_pipeline.Layout,
+    start_step: int = 0,
+) -> numpy_pipeline.Input:
+  """Input over this process's shards `train` and `val` of splits of num_train / num_eval."""
+  mode, size = config.data.train_preprocess, config.data.image_size
+  if mode not in PREPROCESS_MODES:
+    raise ValueError(f'config.data.train_preprocess={mode!r} is not one of {PREPROCESS_MODES}.')
+  schedule = numpy_pipeline.TrainSchedule(len(train), config.seed, config.batch_size, layout,
+                                          config.data.augment, config.data.jitter)
+  source = preprocess(train, mode, size) if mode == 'resize' else train
+  return numpy_pipeline.Input(
+      train_iter=train_dataset(source, schedule, size=size, start_step=start_step)
+      .as_numpy_iterator(),
+      eval_batches=numpy_pipeline.EvalBatches(preprocess(val, mode, size), layout,
+                                              layout.num_eval_batches(num_eval)),
+      num_train=num_train,
+      num_eval=num_eval)
+
+
+def create_input(
+    config: Any,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> numpy_pipeline.Input:
+  """Input for config.data.source = 'tfds' (see numpy_pipeline.Input for the contract).
+
+  Args:
+    config: the experiment config (configs/dsb.py).
+    start_step: global step of the first training batch.
+    process_index: this process (default jax.process_index(); tests simulate others).
+    process_count: number of processes (default jax.process_count()).
+  """
+  if config.data.source != 'tfds':
+    raise ValueError(f"config.data.source={config.data.source!r}: input_pipeline reads 'tfds'; "
+                     "'npz:PATH' is read by numpy_pipeline.")
+  layout = numpy_pipeline.Layout.create(config, process_index, process_count)
+  builder = datasets.load_builder(config)
+  ranges = split_ranges(builder, config.data.val_fraction)
+  # This process's shard of each split: [lo + a, lo + b) with [a, b) = layout.shard(size).
+  train, val = (read_encoded(builder, *(lo + i for i in layout.shard(hi - lo)))
+                for lo, hi in ranges)
+  return create_input_from_examples(
+      config, train, val, num_train=ranges[0][1] - ranges[0][0],
+      num_eval=ranges[1][1] - ranges[1][0], layout=layout, start_step=start_step)
