@@ -3,7 +3,9 @@
 Importing this package registers both builders with TFDS.
 """
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
 from unetpp_jax.datasets import dsb2018
@@ -19,13 +21,23 @@ def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
   Args:
     config: uses config.data.dataset, config.data.tfds_data_dir ('' = TFDS default) and
-      config.data.manual_dir ('' = `dsb2018.default_manual_dir()`).
+      config.data.manual_dir ('' = `dsb2018.default_manual_dir()`) and, for 'dsb2018',
+      config.data.on_bad_example (applies when the data is prepared, see `dsb2018`).
   """
-  builder = tfds.builder(config.data.dataset, data_dir=config.data.tfds_data_dir or None)
+  kwargs = {'data_dir': config.data.tfds_data_dir or None}
+  if config.data.dataset == 'dsb2018':
+    kwargs['on_bad_example'] = config.data.on_bad_example
+  builder = tfds.builder(config.data.dataset, **kwargs)
   manual_dir = config.data.manual_dir or dsb2018.default_manual_dir()
   # try_download_gcs=False: these datasets are not on TFDS's bucket, and asking it could hang
   # on a machine without internet.
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=str(manual_dir), try_download_gcs=False))
+  download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
+  # Several hosts preparing one shared data_dir (e.g. on GCS) at once would race: process 0
+  # prepares first; the others then find it prepared (or prepare their own local copy).
+  if jax.process_index() == 0:
+    builder.download_and_prepare(download_config=download_config)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'prepared {config.data.dataset}')
+    builder = tfds.builder(config.data.dataset, **kwargs)
+    builder.download_and_prepare(download_config=download_config)
   return builder

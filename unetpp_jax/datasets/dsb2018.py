@@ -2,6 +2,11 @@
 
 670 microscopy images (fluorescence and brightfield, 256x256 up to 1040x1388) with 29,461
 hand-drawn nucleus masks, combined into one uint16 instance map per image (see `kaggle`).
+
+Bad examples (see `kaggle`) raise or are skipped according to the builder's `on_bad_example`
+('error' or 'skip'; config.data.on_bad_example through `datasets.load_builder`). The policy applies
+when the dataset is prepared: TFDS caches the prepared data in its data_dir and later runs reuse it
+whatever their policy (a failed preparation leaves nothing behind, so rerunning with 'skip' works).
 """
 
 import io
@@ -68,6 +73,14 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
   builder downloads it from that URL.
   """
 
+  def __init__(self, *, on_bad_example: str = 'error', **kwargs: Any):
+    """See tfds.core.DatasetBuilder; on_bad_example is 'error' or 'skip' (see the module doc)."""
+    super().__init__(**kwargs)
+    if on_bad_example not in kaggle.ON_BAD_EXAMPLE:
+      raise ValueError(f'on_bad_example={on_bad_example!r} must be one of {kaggle.ON_BAD_EXAMPLE}.')
+    self._on_bad_example = on_bad_example
+    self._original_state['on_bad_example'] = on_bad_example  # Restored when unpickled.
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
@@ -100,7 +113,8 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, release: pathlib.Path):
     # PNG-encoding in the reader's threads (TFDS would encode numpy arrays one at a time).
-    for example in kaggle.iter_examples(release, map_fn=_encode_pngs):
+    for example in kaggle.iter_examples(
+        release, map_fn=_encode_pngs, on_bad_example=self._on_bad_example):
       yield example['id'], example
 
 

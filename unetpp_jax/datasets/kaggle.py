@@ -9,6 +9,15 @@ either zipped or unpacked, with or without one top-level folder. Stray files (.D
 Thumbs.db, __MACOSX/, ...) are ignored. The masks of an image are combined into one uint16
 instance map: 0 = background, k = the k-th mask in sorted filename order; where masks overlap the
 later mask wins. An image without a masks folder (or with an empty one) gets an all-zero map.
+
+Odd but valid files are handled: RGBA (alpha dropped), grayscale (replicated to RGB), 16-bit
+images (scaled to 8 bits: grayscale round(v / 257); for colour Pillow keeps the high byte), masks
+with any nonzero value (all foreground, e.g. 1, 128 or 255; RGB(A) masks: any nonzero colour
+channel). Bad examples are: an undecodable PNG (corrupt, truncated, zero bytes), a mask whose size
+differs from its image's, a folder with masks but no images/<id>.png, and an id found in more than
+one folder (e.g. a zip holding both stage1_train/<id>/ and <id>/; no copy is preferred). With
+on_bad_example='error' (default) the first one raises a ValueError naming the file or folder;
+with 'skip' each is logged with its reason, left out, and the number skipped is logged at the end.
 """
 
 import collections
@@ -22,6 +31,7 @@ import pathlib
 from typing import Any
 import zipfile
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -29,6 +39,9 @@ DOWNLOAD_URL = 'https://data.broadinstitute.org/bbbc/BBBC038/stage1_train.zip'
 
 # OS litter that may sit anywhere in a zip or folder.
 _IGNORED_NAMES = frozenset({'.DS_Store', 'Thumbs.db', 'desktop.ini', '__MACOSX'})
+ON_BAD_EXAMPLE = ('error', 'skip')  # What to do with a bad example (see the module docstring).
+_SKIP_HINT = ("Set on_bad_example='skip' (--config.data.on_bad_example=skip) to leave bad "
+              'examples out.')
 # 16-bit grayscale modes: scaled to 8 bits rather than clipped by Image.convert('RGB').
 _16BIT_MODES = frozenset({'I;16', 'I;16B', 'I;16L', 'I'})
 
@@ -80,8 +93,8 @@ class _Source:
     self.close()
 
 
-def _find_entries(source: _Source) -> list[_Entry]:
-  """Groups the files of `source` into examples, sorted by id."""
+def _find_entries(source: _Source) -> tuple[list[_Entry], list[str]]:
+  """The examples of `source` sorted by id, and one message per folder that is a bad example."""
   images, masks = {}, {}
   for name in source.names:
     parts = name.split('/')
@@ -99,21 +112,32 @@ def _find_entries(source: _Source) -> list[_Entry]:
     raise ValueError(
         f'No images found in {source.path}: expected [stage1_train/]<id>/images/<id>.png with '
         'masks in [stage1_train/]<id>/masks/*.png.')
-  entries = [
-      _Entry(id=d.rsplit('/', 1)[-1], image=name, masks=tuple(sorted(masks.get(d, ()))))
-      for d, name in images.items()
+  problems = [
+      f'{source.display_name(d)} has masks but no image {d.rsplit("/", 1)[-1]}.png in images/.'
+      for d in sorted(masks.keys() - images.keys())
   ]
-  ids = [e.id for e in entries]
-  if len(set(ids)) != len(ids):
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    raise ValueError(f'Image ids occur in more than one folder of {source.path}: {duplicates[:5]}')
-  return sorted(entries, key=lambda e: e.id)
+  folders = collections.defaultdict(list)  # id -> example folders
+  for d in sorted(images):
+    folders[d.rsplit('/', 1)[-1]].append(d)
+  entries = []
+  for image_id, dirs in sorted(folders.items()):
+    if len(dirs) > 1:  # Which copy is right cannot be told, so none is used.
+      places = ', '.join(source.display_name(d) for d in dirs)
+      problems.extend(f'Image id {image_id} occurs in more than one folder: '
+                      f'{source.display_name(d)} (all: {places}).' for d in dirs)
+    else:
+      entries.append(_Entry(image_id, images[dirs[0]], tuple(sorted(masks.get(dirs[0], ())))))
+  return entries, problems
 
 
 def _open_png(source: _Source, name: str) -> Image.Image:
   """Fully decodes one PNG; any decoding problem becomes a ValueError naming the file."""
+  data = source.read(name)
   try:
-    image = Image.open(io.BytesIO(source.read(name)))
+    # verify() checks every chunk's CRC and that the file reaches its end (IEND): load() alone
+    # accepts a file cut short after the pixel data. It leaves the image unusable, so reopen.
+    Image.open(io.BytesIO(data)).verify()
+    image = Image.open(io.BytesIO(data))
     image.load()
   except Exception as e:  # Pillow raises OSError, SyntaxError, ... for broken files.
     raise ValueError(f'Cannot decode {source.display_name(name)}: {e}') from e
@@ -156,16 +180,43 @@ def _read_example(source: _Source, entry: _Entry) -> dict[str, Any]:
   return {'id': entry.id, 'image': image, 'label': label}
 
 
-def list_ids(path: str | os.PathLike[str]) -> list[str]:
-  """Sorted image ids of the release at `path` (a .zip or a folder)."""
+def _check_policy(on_bad_example: str) -> None:
+  if on_bad_example not in ON_BAD_EXAMPLE:
+    raise ValueError(f'on_bad_example={on_bad_example!r} must be one of {ON_BAD_EXAMPLE}.')
+
+
+def _valid_entries(source: _Source, on_bad_example: str) -> tuple[list[_Entry], int]:
+  """The examples of `source` and the number of bad folders skipped (or raises, see module doc)."""
+  _check_policy(on_bad_example)
+  entries, problems = _find_entries(source)
+  if problems and on_bad_example == 'error':
+    raise ValueError(f'{problems[0]} {_SKIP_HINT}')
+  for problem in problems:
+    logging.warning('Skipping a bad example: %s', problem)
+  return entries, len(problems)
+
+
+def list_ids(path: str | os.PathLike[str], on_bad_example: str = 'error') -> list[str]:
+  """Sorted image ids of the release at `path` (a .zip or a folder), without decoding any file.
+
+  Only bad folders (masks without an image, an id in several folders) are detected here; they
+  raise or are left out according to `on_bad_example`.
+  """
   with _Source(path) as source:
-    return [e.id for e in _find_entries(source)]
+    return [e.id for e in _valid_entries(source, on_bad_example)[0]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bad:
+  """A skipped example and why."""
+  reason: str
 
 
 def iter_examples(
     path: str | os.PathLike[str],
     num_threads: int | None = None,
     map_fn: Callable[[dict[str, Any]], Any] | None = None,
+    on_bad_example: str = 'error',
 ) -> Iterator[Any]:
   """Yields the examples of a Kaggle-layout release, sorted by id.
 
@@ -176,21 +227,29 @@ def iter_examples(
       capped at 8.
     map_fn: optional function applied to each example inside the decoding threads (e.g. to
       PNG-encode it); its results are yielded instead.
+    on_bad_example: 'error' raises at the first bad example; 'skip' logs and leaves it out (see
+      the module docstring for what counts as bad).
 
   Yields:
     {'id': str, 'image': uint8 [H, W, 3], 'label': uint16 [H, W]}, or map_fn of it.
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    ValueError: no images found, a PNG cannot be decoded, or a mask's size differs from its
-      image's; the message names the file ('zip_path:member' inside a zip).
+    ValueError: no images found, every example is bad, or (with on_bad_example='error') a bad
+      example; the message names the file or folder ('zip_path:member' inside a zip).
   """
   num_threads = num_threads or min(8, os.cpu_count() or 1)
   with _Source(path) as source:
-    entries = _find_entries(source)
+    entries, skipped = _valid_entries(source, on_bad_example)
+    total = len(entries) + skipped
 
     def read(entry: _Entry) -> Any:
-      example = _read_example(source, entry)
+      try:
+        example = _read_example(source, entry)
+      except ValueError as e:
+        if on_bad_example == 'error':
+          raise ValueError(f'{e} {_SKIP_HINT}') from e
+        return _Bad(str(e))
       return map_fn(example) if map_fn else example
 
     remaining = iter(entries)
@@ -202,4 +261,13 @@ def iter_examples(
         example = pending.popleft().result()
         for entry in itertools.islice(remaining, 1):
           pending.append(pool.submit(read, entry))
-        yield example
+        if isinstance(example, _Bad):
+          logging.warning('Skipping a bad example: %s', example.reason)
+          skipped += 1
+        else:
+          yield example
+  if skipped == total:
+    raise ValueError(f'All {total} examples in {path} are bad (see the warnings above).')
+  if skipped:
+    logging.warning('Skipped %d of %d examples in %s as bad (on_bad_example=skip).', skipped,
+                    total, path)
