@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_preprocess = 'resize'
   config.data.augment = True  # Random flips and rot90, applied to image and label together.
   config.data.jitter = 0.1  # Strength of photometric jitter (brightness, contrast, gamma); 0 = off.
+  # Bad examples in the release (undecodable PNG, mask size != image size, masks without an image,
+  # an id in two folders): 'error' stops with a message naming the file; 'skip' logs, counts and
+  # leaves them out. Applies when TFDS prepares the data (prepared data is cached and reused).
+  config.data.on_bad_example = 'error'
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'unetpp'  # Architecture; 'unetpp' (U-Net++ with nested dense skips).
@@ -72,4 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000  # Validation on the whole validation split.
   config.checkpoint_every_steps = 1000  # Orbax save interval (the final step is always saved).
   config.keep_checkpoints = 3  # Keep the newest K checkpoints.
+  # Non-finite loss or gradients: 'halt' stops with an error naming the step (checked at log, eval
+  # and checkpoint steps; a bad state is never saved); 'skip' drops that update and counts it
+  # (train/skipped_updates).
+  config.nonfinite_policy = 'halt'
   return config

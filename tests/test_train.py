@@ -121,7 +121,7 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
 
   def run(devices, batch):
     p_step = jax.pmap(step, axis_name=train.AXIS, devices=jax.devices()[:devices])
-    new_state, m = p_step(flax.jax_utils.replicate(state, jax.devices()[:devices]), batch)
+    new_state, m, _ = p_step(flax.jax_utils.replicate(state, jax.devices()[:devices]), batch)
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     return first(new_state), first(m)
 

@@ -1,11 +1,16 @@
 """Checks a config before anything is built or compiled, with messages that say what to change."""
 
+from collections.abc import Mapping
+import json
+import math
 from typing import Any
 
 import jax
 
 _CHOICES = {
     'data.train_preprocess': ('resize', 'crop'),
+    'data.on_bad_example': ('error', 'skip'),
+    'nonfinite_policy': ('halt', 'skip'),
     'model.name': ('unetpp',),
     'model.norm': ('batch', 'none'),
     'model.upsample': ('transpose', 'bilinear'),
@@ -14,6 +19,17 @@ _CHOICES = {
     'optimizer.schedule': ('constant', 'cosine'),
     'predict.mode': ('accurate', 'fast'),
 }
+
+
+# Fields a resumed run may change freely: run length, logging/eval/checkpoint cadence, where the
+# data lives, evaluation batch, inference and failure handling. Every other field changes the
+# model, the data or the optimisation. (With a cosine schedule, num_train_steps also reshapes the
+# remaining learning-rate decay.)
+RESUMABLE_CHANGES = (
+    'num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+    'keep_checkpoints', 'eval_batch_size', 'nonfinite_policy', 'data.tfds_data_dir',
+    'data.manual_dir', 'data.on_bad_example', 'predict',
+)
 
 
 def _get(config: Any, dotted: str) -> Any:
@@ -30,6 +46,10 @@ def validate(config: Any) -> None:
   def check(ok: bool, message: str) -> None:
     if not ok:
       errors.append(message)
+
+  for field, value in _flatten(config.to_dict()).items():
+    if isinstance(value, float):  # nan and inf would slip through range checks or break training.
+      check(math.isfinite(value), f'config.{field}={value} must be finite.')
 
   for field, choices in _CHOICES.items():
     value = _get(config, field)
@@ -64,12 +84,14 @@ def validate(config: Any) -> None:
 
   heads = tuple(config.loss.deep_supervision_heads)
   check(
-      len(heads) > 0 and len(set(heads)) == len(heads) and all(1 <= h <= levels for h in heads),
+      len(heads) > 0 and len(set(heads)) == len(heads)
+      and all(isinstance(h, int) and 1 <= h <= levels for h in heads),
       f'config.loss.deep_supervision_heads={heads} must be distinct heads in 1..{levels}.',
   )
   weights = tuple(config.loss.head_weights)
   check(
-      not weights or (len(weights) == len(heads) and all(w >= 0 for w in weights)),
+      not weights or (len(weights) == len(heads)
+                      and all(isinstance(w, (int, float)) and w >= 0 for w in weights)),
       f'config.loss.head_weights={weights} must be empty or one non-negative weight per '
       f'supervised head {heads}.',
   )
@@ -101,3 +123,36 @@ def validate(config: Any) -> None:
 
   if errors:
     raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
+
+
+_ABSENT = object()
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_changes(stored: Mapping[str, Any], config: Any) -> list[str]:
+  """'field: old -> new' for each field outside RESUMABLE_CHANGES that differs.
+
+  Args:
+    stored: a config as saved in a workdir's config.json.
+    config: the new config (a ConfigDict).
+  """
+  old = _flatten(stored)
+  new = _flatten(json.loads(config.to_json_best_effort()))  # Compared as JSON, like `stored`.
+  changes = []
+  for key in sorted(old.keys() | new.keys()):
+    if any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES):
+      continue
+    before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+    if before != after:
+      show = lambda v: '(absent)' if v is _ABSENT else repr(v)
+      changes.append(f'{key}: {show(before)} -> {show(after)}')
+  return changes

@@ -4,10 +4,25 @@ Exact resume: a checkpoint holds the step, parameters, optimizer state and Batch
 dropout RNG of a step is fold_in(seed, step) and the input stream is a pure function of
 (config, step), so a restarted run continues with exactly the batches and randomness an
 uninterrupted run would have used.
+
+Failures (see README.md, "Resuming and failures"):
+- SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and written, and
+  `Interrupted` is raised (main exits with 128 + the signal number). A second signal stops at once.
+- SIGKILL: Orbax writes each checkpoint to a temporary folder renamed when complete, so a restart
+  resumes from the last complete checkpoint.
+- Non-finite loss or gradients (checked on the devices, agreed by all of them):
+  config.nonfinite_policy 'halt' raises FloatingPointError naming the first bad step, without saving
+  the bad state; 'skip' keeps the previous parameters, optimizer state and BatchNorm statistics,
+  leaves the step out of the train metrics and counts it in train/skipped_updates.
+- A workdir whose checkpoints come from a config differing in fields that change the model, data
+  or optimisation (see config_validation.RESUMABLE_CHANGES) is refused before anything compiles,
+  unless allow_config_change.
 """
 
 import functools
 import json
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +37,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from unetpp_jax import config_validation, losses, metrics, models
 
@@ -94,9 +110,21 @@ def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def train_step(
-    state: TrainState, batch: Batch, *, dropout_rng: jax.Array, loss_kwargs: dict[str, Any]
-) -> tuple[TrainState, metrics.SegmentationMetrics]:
-  """One synchronous update on a per-device batch (runs under pmap with axis `AXIS`)."""
+    state: TrainState,
+    batch: Batch,
+    *,
+    dropout_rng: jax.Array,
+    loss_kwargs: dict[str, Any],
+    skip_nonfinite: bool = False,
+) -> tuple[TrainState, metrics.SegmentationMetrics, jax.Array]:
+  """One synchronous update on a per-device batch (runs under pmap with axis `AXIS`).
+
+  Returns:
+    The new state, the step's metrics and an int32 flag, 1 if the loss (on any device) or the
+    gradients were non-finite. With `skip_nonfinite` such a step keeps the previous parameters,
+    optimizer state and BatchNorm statistics (only the step counter advances) and its metrics are
+    zeroed so that it drops out of the averages.
+  """
   rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
   weight = jnp.ones(batch['label'].shape[:1], jnp.float32)
 
@@ -117,12 +145,23 @@ def train_step(
   # Each device's loss is the mean over its shard, so the mean of gradients is the gradient of the
   # global batch mean. BatchNorm statistics are already synchronised (BatchNorm axis_name).
   grads = jax.lax.pmean(grads, AXIS)
-  state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
+  # Losses differ per device, so the verdict is reduced over devices: all of them must agree.
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  finite = jax.lax.pmin(finite.astype(jnp.int32), AXIS) == 1
+  new_state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
   step_metrics = metrics.from_outputs(
       logits=logits, label=batch['label'], loss=loss, head_losses=head_losses,
       heads=loss_kwargs['heads'], axis_name=AXIS,
   )
-  return state, step_metrics
+  if skip_nonfinite:
+    select = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = new_state.replace(
+        params=select(new_state.params, state.params),
+        opt_state=select(new_state.opt_state, state.opt_state),
+        batch_stats=select(new_state.batch_stats, state.batch_stats),
+    )
+    step_metrics = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), step_metrics)
+  return new_state, step_metrics, 1 - finite.astype(jnp.int32)
 
 
 def eval_step(
@@ -173,10 +212,103 @@ def restore_or_initialize(
   return mngr.restore(step, args=ocp.args.StandardRestore(state))
 
 
+class Interrupted(Exception):
+  """Training stopped on a signal after saving the checkpoint of `step`; rerun to continue."""
+
+  def __init__(self, signum: int, step: int, directory: epath.PathLike):
+    self.signum = signum
+    self.step = step
+    super().__init__(
+        f'{signal.Signals(signum).name} received: stopped at step {step} with its checkpoint in '
+        f'{directory}. Run the same command again to continue from there.'
+    )
+
+  @property
+  def exit_code(self) -> int:
+    """The shell's code for a process ended by this signal (143 for SIGTERM, 130 for SIGINT)."""
+    return 128 + self.signum
+
+
+class _StopRequest:
+  """While active, SIGTERM/SIGINT only record the signal; the train loop polls `signum`.
+
+  The handler does no other work: the loop stops at a step boundary. A second signal raises
+  KeyboardInterrupt at once (e.g. a second Ctrl-C during a long compile). Signal handlers can only
+  be installed from the main thread; elsewhere the default behaviour stays.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt(f'Second signal ({signal.Signals(signum).name}): stopping now.')
+    self.signum = signum
+
+  def __enter__(self) -> '_StopRequest':
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    else:
+      logging.warning('Not in the main thread: SIGTERM/SIGINT will not stop training gracefully.')
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+
+def _check_stored_config(
+    workdir: epath.Path, config: ml_collections.ConfigDict, allow_config_change: bool
+) -> None:
+  """Refuses to resume checkpoints made with a config differing in model/data/optimiser fields."""
+  path = workdir / 'config.json'
+  if not path.exists():
+    return
+  try:
+    changes = config_validation.config_changes(json.loads(path.read_text()), config)
+  except (json.JSONDecodeError, AttributeError) as e:  # Not JSON, or not a JSON object.
+    changes = [f'{path} cannot be read as a config ({e})']
+  if not changes:
+    return
+  listing = '\n  '.join(changes)
+  if allow_config_change:
+    logging.warning('Resuming %s with a changed config (allow_config_change):\n  %s', workdir,
+                    listing)
+    return
+  raise ValueError(
+      f'{workdir} holds checkpoints of a run whose config ({path}) differs in fields that change '
+      f'the model, data or optimisation:\n  {listing}\nUse a new --workdir for a new experiment, '
+      'or pass --allow_config_change to resume with the new values deliberately.'
+  )
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+  """A kill mid-write must not leave a truncated file: write a temporary file, then rename it."""
+  tmp = path.parent / f'{path.name}.tmp'
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _agreed_stop(signum: int | None) -> int | None:
+  """The signal any process received (all processes must stop at the same step), or None."""
+  if jax.process_count() == 1:
+    return signum
+  received = multihost_utils.process_allgather(np.int32(signum or 0))
+  return int(np.max(received)) or None
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: epath.PathLike,
     input_fn: Callable[[ml_collections.ConfigDict, int], Any] = create_input,
+    *,
+    allow_config_change: bool = False,
 ) -> TrainState:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates and checkpoints.
 
@@ -185,24 +317,51 @@ def train_and_evaluate(
     workdir: Checkpoints, config.json, TensorBoard events and eval_metrics.json go here.
     input_fn: (config, start_step) -> object with `train_iter` (iterator of numpy batches, see
       input_pipeline) and `eval_batches`; any source of numpy batches works.
+    allow_config_change: resume even if `workdir`'s checkpoints were made with a config that
+      differs in fields outside config_validation.RESUMABLE_CHANGES.
 
   Returns:
     The final train state (on the host's first device).
+
+  Raises:
+    ValueError: invalid config, or a changed one (see `allow_config_change`); before compiling.
+    Interrupted: SIGTERM or SIGINT arrived; the checkpoint of the step reached has been written.
+    FloatingPointError: non-finite loss or gradients with config.nonfinite_policy = 'halt'.
   """
   config_validation.validate(config)
   workdir = epath.Path(workdir)
   if not workdir.is_absolute():  # Orbax needs absolute paths (gs:// paths already are).
     workdir = workdir.absolute()
+  mngr = checkpoint_manager(workdir, config.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    _check_stored_config(workdir, config, allow_config_change)
   is_chief = jax.process_index() == 0
   if is_chief:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    _write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  try:
+    with _StopRequest() as stop:
+      return _train(config, workdir, input_fn, mngr, writer, stop)
+  finally:
+    # Also on errors: let an in-flight save finish, so the last checkpoint is a complete one.
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
 
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    input_fn: Callable[[ml_collections.ConfigDict, int], Any],
+    mngr: ocp.CheckpointManager,
+    writer: metric_writers.MetricWriter,
+    stop: _StopRequest,
+) -> TrainState:
+  """The body of `train_and_evaluate`, with signal handlers installed."""
+  is_chief = jax.process_index() == 0
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   model = models.create_model(config.model, bn_axis_name=AXIS)
   state = create_train_state(config, init_rng, model)
-  mngr = checkpoint_manager(workdir, config.keep_checkpoints)
   state = restore_or_initialize(mngr, state)
   start_step = int(state.step)
   if start_step == 0:
@@ -213,8 +372,10 @@ def train_and_evaluate(
   # Copies the next batches to the devices while the current step runs.
   train_iter = flax.jax_utils.prefetch_to_device(data.train_iter, 2)
   loss_kwargs = _loss_kwargs(config)
+  skip_nonfinite = config.nonfinite_policy == 'skip'
   p_train_step = jax.pmap(
-      functools.partial(train_step, dropout_rng=dropout_rng, loss_kwargs=loss_kwargs),
+      functools.partial(train_step, dropout_rng=dropout_rng, loss_kwargs=loss_kwargs,
+                        skip_nonfinite=skip_nonfinite),
       axis_name=AXIS,
       donate_argnums=(0,),
   )
@@ -226,35 +387,73 @@ def train_and_evaluate(
       num_train_steps=config.num_train_steps, writer=writer
   )
   train_metrics = None
+  # Per-step non-finite flags, still on the devices: reading them at every step would stall the
+  # pipelining of steps, so they are read at log/eval/checkpoint steps (before anything is
+  # written or saved) and at a stop.
+  nonfinite_flags = []
+  skipped_updates = 0
   logging.info('Training from step %d to %d.', start_step, config.num_train_steps)
+  signum = _agreed_stop(stop.signum)
+  if signum is not None:  # Interrupted while preparing: there is nothing new to save.
+    raise Interrupted(signum, start_step, mngr.directory)
   for step in range(start_step + 1, config.num_train_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, update = p_train_step(state, next(train_iter))
+      state, update, nonfinite = p_train_step(state, next(train_iter))
+    nonfinite_flags.append((step, nonfinite))
     update = update.unreplicate()  # Gathered inside pmap: every device holds the global sums.
     train_metrics = update if train_metrics is None else train_metrics.merge(update)
     report_progress(step)
     is_last = step == config.num_train_steps
+    is_log = step % config.log_every_steps == 0 or is_last
+    is_eval = step % config.eval_every_steps == 0 or is_last
+    # Several processes must agree on the stopping step: they do so at log steps only.
+    signum = None if is_last else stop.signum
+    if jax.process_count() > 1:
+      signum = _agreed_stop(signum) if is_log else None
+    is_checkpoint = step % config.checkpoint_every_steps == 0 or is_last or signum is not None
 
-    if step % config.log_every_steps == 0 or is_last:
+    if is_log or is_eval or is_checkpoint:
+      values = jax.device_get([flag for _, flag in nonfinite_flags])
+      bad = [s for (s, _), value in zip(nonfinite_flags, values) if value[0]]
+      nonfinite_flags = []
+      if bad and not skip_nonfinite:
+        mngr.wait_until_finished()
+        raise FloatingPointError(
+            f'Non-finite loss or gradients at step {bad[0]} (config.nonfinite_policy=halt); '
+            f'stopped at step {step} without saving. Last good checkpoint: step '
+            f'{mngr.latest_step()} in {mngr.directory}. Lower the learning rate or check the '
+            'data, or pass --config.nonfinite_policy=skip to drop such updates.'
+        )
+      for s in bad:
+        logging.warning('Non-finite loss or gradients at step %d: update skipped.', s)
+      skipped_updates += len(bad)
+
+    if is_log:
       scalars = metrics.summarize(train_metrics, prefix='train/')
       scalars['train/learning_rate'] = float(schedule(step - 1))
+      scalars['train/skipped_updates'] = skipped_updates
       writer.write_scalars(step, scalars)
       train_metrics = None
+      skipped_updates = 0
 
-    if step % config.eval_every_steps == 0 or is_last:
+    if is_eval:
       with report_progress.timed('eval'):
         eval_scalars = evaluate(p_eval_step, state, data.eval_batches)
       writer.write_scalars(step, eval_scalars)
       if is_chief:
-        (workdir / 'eval_metrics.json').write_text(
-            json.dumps({'step': step, **eval_scalars}, indent=2)
+        _write_atomically(
+            workdir / 'eval_metrics.json', json.dumps({'step': step, **eval_scalars}, indent=2)
         )
 
-    if step % config.checkpoint_every_steps == 0 or is_last:
+    if is_checkpoint:
+      writer.flush()  # Summaries are kept as durably as checkpoints: a kill loses neither before.
       with report_progress.timed('checkpoint'):
         mngr.save(step, args=ocp.args.StandardSave(flax.jax_utils.unreplicate(state)))
 
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.flush()
+    if signum is not None:
+      mngr.wait_until_finished()
+      error = Interrupted(signum, step, mngr.directory)
+      logging.warning('%s', error)
+      raise error
+
   return flax.jax_utils.unreplicate(state)
