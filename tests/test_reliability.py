@@ -18,10 +18,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow as tf
 
 from configs import synthetic
 from unetpp_jax import config_validation, numpy_pipeline, train
+import summaries
 import test_train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -155,24 +155,6 @@ def _steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
 
 
-def _scalars(workdir: pathlib.Path, tag: str) -> dict[int, float]:
-  """{step: value} of a scalar in all TensorBoard event files of `workdir` (all runs).
-
-  A step logged by two runs (one SIGKILLed after logging it) must have the same value in both.
-  """
-  values = {}
-  for path in sorted(workdir.glob('events.out.tfevents.*')):
-    try:
-      for event in tf.compat.v1.train.summary_iterator(str(path)):
-        for value in event.summary.value:
-          if value.tag == tag:
-            number = float(tf.make_ndarray(value.tensor))
-            assert values.setdefault(event.step, number) == number, (tag, event.step)
-    except tf.errors.DataLossError:  # The last record of a killed process may be cut short.
-      pass
-  return values
-
-
 def _restore(workdir: pathlib.Path, step: int, like: train.TrainState) -> train.TrainState:
   mngr = train.checkpoint_manager(workdir)
   try:
@@ -246,9 +228,9 @@ def test_interrupted_every_way_then_resumed_equals_an_uninterrupted_run(
   assert run.wait() == 0, run.output()[-3000:]
   assert f'Restoring checkpoint of step {kill_at - 2}' in run.output()
   assert not list(checkpoints.glob('*tmp*'))
-  losses = _scalars(workdir, 'train/loss')
+  losses = summaries.scalars(workdir, 'train/loss')
   assert sorted(losses) == list(range(1, NUM_STEPS + 1))
-  assert losses == _scalars(ref_dir, 'train/loss')
+  assert losses == summaries.scalars(ref_dir, 'train/loss')
   _assert_same_state(_restore(workdir, NUM_STEPS, ref_state), ref_state)
 
   # A model/data/optimiser change is refused before compiling; the flag allows it deliberately.
@@ -325,8 +307,8 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
                                  (skipped.params, skipped.batch_stats, skipped.opt_state))
   assert not np.array_equal(final.params['X0_0']['Conv_0']['kernel'],
                             before.params['X0_0']['Conv_0']['kernel'])  # Step 4 trained again.
-  assert _scalars(tmp_path, 'train/skipped_updates') == {2: 0, 4: 1}
-  assert all(np.isfinite(v) for v in _scalars(tmp_path, 'train/loss').values())
+  assert summaries.scalars(tmp_path, 'train/skipped_updates') == {2: 0, 4: 1}
+  assert all(np.isfinite(v) for v in summaries.scalars(tmp_path, 'train/loss').values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ step and exits with code 128 + signal number (143 or 130). Resuming refuses a co
 the model, data or optimisation unless --allow_config_change.
 """
 
+import glob
 import os
 import sys
 
@@ -21,7 +22,33 @@ config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.p
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume even if the workdir\'s checkpoints were made with a config that differs '
                   'in fields that change the model, data or optimisation.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 for a multi-process job (GPU clusters, local tests); '
+                    'not needed on Cloud TPU VMs, SLURM or with $JAX_COORDINATOR_ADDRESS set.')
+flags.DEFINE_integer('num_processes', None, 'Processes in the job (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config'])
+
+
+def _cluster_environment() -> bool:
+  """Whether jax.distributed can configure itself: TPU VM, SLURM, Open MPI or JAX_* variables."""
+  env = os.environ
+  return bool(
+      env.get('JAX_COORDINATOR_ADDRESS')
+      or glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')  # Cloud TPU VM chips
+      or int(env.get('SLURM_NTASKS', '1')) > 1
+      or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+  )
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process job when there is one; a single process needs nothing."""
+  if FLAGS.coordinator_address:
+    # Cross-process collectives on the CPU backend (ignored by GPU and TPU).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif _cluster_environment():
+    jax.distributed.initialize()
 
 
 def default_workdir(config_path: str) -> str:
@@ -32,6 +59,7 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  initialize_distributed()
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
   logging.info('JAX process %d of %d; local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())

@@ -20,6 +20,7 @@ Failures (see README.md, "Resuming and failures"):
 """
 
 import functools
+import hashlib
 import json
 import signal
 import threading
@@ -209,7 +210,16 @@ def restore_or_initialize(
   if step is None:
     return state
   logging.info('Restoring checkpoint of step %d from %s.', step, mngr.directory)
-  return mngr.restore(step, args=ocp.args.StandardRestore(state))
+  return mngr.restore(step, args=ocp.args.StandardRestore(jax.device_get(state)))
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState) -> None:
+  """Saves the replicated `state` as host arrays.
+
+  Every process calls this; Orbax writes host (numpy) arrays from process 0 only, so a checkpoint
+  of N processes is one copy of the state and restores in any number of processes.
+  """
+  mngr.save(step, args=ocp.args.StandardSave(jax.device_get(flax.jax_utils.unreplicate(state))))
 
 
 class Interrupted(Exception):
@@ -448,7 +458,7 @@ def _train(
     if is_checkpoint:
       writer.flush()  # Summaries are kept as durably as checkpoints: a kill loses neither before.
       with report_progress.timed('checkpoint'):
-        mngr.save(step, args=ocp.args.StandardSave(flax.jax_utils.unreplicate(state)))
+        save_checkpoint(mngr, step, state)
 
     if signum is not None:
       mngr.wait_until_finished()
@@ -456,4 +466,15 @@ def _train(
       logging.warning('%s', error)
       raise error
 
-  return flax.jax_utils.unreplicate(state)
+  state = flax.jax_utils.unreplicate(state)
+  logging.info('Process %d finished at step %d; parameter digest %s.', jax.process_index(),
+               int(state.step), parameter_digest(state.params))
+  return state
+
+
+def parameter_digest(params: Any) -> str:
+  """SHA-256 of all parameter bytes: equal digests on all processes mean identical replicas."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(params)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
