@@ -1,0 +1,33 @@
+"""scripts/benchmark.py runs and reports what it promises (speed itself is not asserted here)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize('mode,extra', [('train', []), ('infer', ['--prune_level=2'])])
+def test_benchmark_prints_one_json_line(mode, extra):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             TF_CPP_MIN_LOG_LEVEL='2')
+  result = subprocess.run(
+      [sys.executable, 'scripts/benchmark.py', '--config=configs/synthetic.py', '--batch=4',
+       '--image_size=32', '--steps=2', '--warmup=1', f'--mode={mode}', *extra],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for key in ('images_per_sec', 'step_ms_median', 'step_ms_p90', 'compile_s', 'flops_per_image',
+              'achieved_gflops', 'peak_memory_bytes', 'backend', 'device_count', 'dtype', 'batch'):
+    assert key in report, key
+  assert report['mode'] == mode and report['backend'] == 'cpu' and report['device_count'] == 2
+  assert report['batch'] == 4 and report['dtype'] == 'float32'
+  assert report['images_per_sec'] > 0 and report['flops_per_image'] > 1e6
+  assert report['step_ms_p90'] >= report['step_ms_median'] > 0
+  if mode == 'infer':
+    assert report['prune_level'] == 2
+    assert report['params'] < 40_000  # the pruned sub-network only (full model: 138,827)
