@@ -1,0 +1,50 @@
+r"""Scores a Kaggle DSB2018 submission against a solution file with the official metric.
+
+  python -m unetpp_jax.score --submission=SUB.csv --solution=SOL.csv [--output=metrics.json]
+
+Prints one JSON object: score, ap_per_threshold (thresholds 0.50..0.95), ap50, f1_50,
+num_images, ... (see `official_metric`). Every image of the solution is scored; one missing from
+the submission counts with all its true objects as false negatives (and is listed under
+`missing_from_submission`). A submission image that is not in the solution is an error, as are
+malformed or out-of-range RLEs and overlapping masks (see `rle`).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from unetpp_jax import official_metric
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program: importing this module next to the other command
+  lines (main, export_npz: --workdir, --output) must not clash with their flags."""
+  flags.DEFINE_string('submission', None, 'Submission CSV: ImageId,EncodedPixels.')
+  flags.DEFINE_string('solution', None, 'Solution CSV: ImageId,EncodedPixels,Height,Width[,Usage].')
+  flags.DEFINE_string('output', None, 'Optional path of a JSON file to write the metrics to.')
+  flags.mark_flags_as_required(['submission', 'solution'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    result = official_metric.score_files(FLAGS.submission, FLAGS.solution)
+  except (OSError, ValueError) as e:
+    sys.exit(f'Error: {e}')
+  text = json.dumps(result, indent=2)
+  if FLAGS.output:
+    tmp = f'{FLAGS.output}.tmp'
+    with open(tmp, 'w') as f:
+      f.write(text + '\n')
+    os.replace(tmp, FLAGS.output)  # Never leaves a half-written metrics file.
+  print(text)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
