@@ -1,0 +1,369 @@
+"""Evaluation end to end: a tiny model trained here, a Kaggle-layout zip, the evaluate and score
+CLIs, native-size inference strategies, and bad inputs."""
+
+import csv
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import synthetic
+from unetpp_jax import evaluate, instances, official_metric, rle, train
+from unetpp_jax.datasets import synthetic_nuclei
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SIZE = 32
+VAL_FRACTION = 0.05  # 12 of the 240 synthetic examples: a quick --split=validation.
+
+
+def _tiny_config(tfds_dir):
+  config = synthetic.get_config()
+  config.data.tfds_data_dir = str(tfds_dir)
+  config.data.val_fraction = VAL_FRACTION
+  config.data.image_size = SIZE
+  config.model.filters = (8, 16, 32)  # L = 2.
+  config.loss.deep_supervision_heads = (1, 2)
+  config.predict.head = 2
+  config.optimizer.learning_rate = 1e-2
+  config.batch_size = config.eval_batch_size = 8
+  config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 40
+  config.log_every_steps = 40
+  return config
+
+
+def _resized(index):
+  example = synthetic_nuclei.generate_example(index)
+  image = Image.fromarray(example['image']).resize((SIZE, SIZE), Image.BILINEAR)
+  label = Image.fromarray(example['label']).resize((SIZE, SIZE), Image.NEAREST)
+  return np.asarray(image, np.float32) / 255, np.asarray(label, np.int32)
+
+
+def _input_fn(config, start_step):
+  """In-memory synthetic batches (any source of numpy batches will do for train_and_evaluate)."""
+  del start_step
+  images, labels = map(np.stack, zip(*[_resized(i) for i in range(16)]))
+  devices = 2  # tests/conftest.py: two CPU devices.
+  shape = lambda x: x.reshape(devices, -1, *x.shape[1:])
+
+  def batches():
+    rng = np.random.default_rng(0)
+    while True:
+      index = rng.choice(len(images), config.batch_size, replace=False)
+      yield {'image': shape(images[index]), 'label': shape(labels[index])}
+  eval_batch = {'image': shape(images[:8]), 'label': shape(labels[:8]),
+                'weight': np.ones((devices, 4), np.float32)}
+  return types.SimpleNamespace(train_iter=batches(), eval_batches=[eval_batch])
+
+
+def _write_kaggle_zip(path, indices, without_masks=()):
+  """A stage1_train-like zip of synthetic examples: <id>/images/<id>.png, <id>/masks/<k>.png."""
+  with zipfile.ZipFile(path, 'w') as zf:
+    for index in indices:
+      example = synthetic_nuclei.generate_example(index)
+      image_id = example['id']
+      zf.writestr(f'stage1_train/{image_id}/images/{image_id}.png', _png(example['image']))
+      if index in without_masks:
+        continue
+      for k in range(1, int(example['label'].max()) + 1):
+        mask = (example['label'] == k).astype(np.uint8) * 255
+        zf.writestr(f'stage1_train/{image_id}/masks/{k:03d}.png', _png(mask))
+  return path
+
+
+def _png(array):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _write_solution(path, indices):
+  rows = []
+  for index in indices:
+    example = synthetic_nuclei.generate_example(index)
+    h, w = example['label'].shape
+    rows += [(i, e, h, w, 'Public') for i, e in rle.submission_rows(example['id'],
+                                                                     example['label'])]
+  rle.write_csv(path, rows, header=('ImageId', 'EncodedPixels', 'Height', 'Width', 'Usage'))
+  return path
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """A trained tiny workdir, the validation ids of its config, and a zip holding them plus two
+  training images (which --split=validation must leave out); one image has no masks."""
+  root = tmp_path_factory.mktemp('evaluate')
+  config = _tiny_config(root / 'tfds')
+  train.train_and_evaluate(config, root / 'work', input_fn=_input_fn)
+  val_ids = evaluate.split_ids(config, 'validation')
+  assert len(val_ids) == 12
+  val_indices = sorted(int(i.rsplit('_', 1)[1]) for i in val_ids)
+  train_indices = [i for i in range(240) if i not in val_indices][:2]
+  data = _write_kaggle_zip(root / 'stage1_train.zip', val_indices + train_indices,
+                           without_masks=val_indices[:1])
+  return types.SimpleNamespace(root=root, workdir=root / 'work', data=data, config=config,
+                               val_ids=sorted(val_ids), val_indices=val_indices,
+                               train_indices=train_indices)
+
+
+def _run(module, *args, timeout=300):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', f'unetpp_jax.{module}', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _leftovers(directory):
+  return [p.name for p in pathlib.Path(directory).iterdir() if '.incomplete-' in p.name
+          or '.old-' in p.name]
+
+
+def test_cli_evaluates_validation_split_and_score_cli_agrees(setup, tmp_path):
+  out = tmp_path / 'eval'
+  result = _run('evaluate', f'--workdir={setup.workdir}', f'--data={setup.data}',
+                f'--output={out}', '--split=validation', '--flips', '--strategy=resize',
+                '--num_overlays=3')
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((out / 'metrics.json').read_text())
+  assert metrics['num_images'] == 12 and metrics['checkpoint_step'] == 40
+  assert metrics['final_prediction'] == 'accurate'
+  assert sorted(metrics['predictions']) == ['accurate', 'head1', 'head2']
+  for values in metrics['predictions'].values():
+    assert len(values['ap_per_threshold']) == 10
+    for key in ('iou', 'dice', 'iou_per_image', 'dice_per_image', 'score', 'ap50', 'f1_50'):
+      assert 0 <= values[key] <= 1, key
+  final = metrics['predictions']['accurate']
+  assert final['iou'] > 0.4 and final['dice'] > 0.55  # Trained: far above empty predictions.
+  assert final['score'] > 0.05 and final['ap50'] >= final['score']
+  assert metrics['score'] == final['score']
+
+  with open(out / 'per_image.csv') as f:
+    per_image = list(csv.DictReader(f))
+  assert sorted(r['id'] for r in per_image) == setup.val_ids
+  assert np.mean([float(r['score']) for r in per_image]) == pytest.approx(final['score'],
+                                                                          abs=1e-5)
+  no_masks = f'synthetic_0_{setup.val_indices[0]:05d}'
+  assert next(r for r in per_image if r['id'] == no_masks)['num_true'] == '0'
+  assert len(list((out / 'overlays').glob('*.png'))) == 3
+  assert list(out.glob('events.out.tfevents.*'))
+  assert not _leftovers(tmp_path)
+
+  # The submission, scored against a solution file of the same labels, gives the same score.
+  submission = rle.read_csv(out / 'submission.csv', require_shape=False)
+  assert sorted(submission) == setup.val_ids
+  solution = _write_solution(tmp_path / 'solution.csv', setup.val_indices[1:])
+  assert sum(len(r.rles) for r in submission.values()) == final['num_pred']
+  scored = _run('score', f'--submission={out / "submission.csv"}', f'--solution={solution}',
+                f'--output={tmp_path / "score.json"}')
+  # The image without masks is not in this solution: the submission has an extra id.
+  assert scored.returncode != 0
+  assert f'Error: {out / "submission.csv"} has 1 ImageId(s) that are not in {solution}' in (
+      scored.stderr)
+  assert no_masks in scored.stderr and not (tmp_path / 'score.json').exists()
+
+  h, w = synthetic_nuclei.generate_example(setup.val_indices[0])['label'].shape
+  with open(solution, 'a', newline='') as f:  # An image without nuclei: one empty row.
+    csv.writer(f).writerow([no_masks, '', h, w, 'Public'])
+  scored = _run('score', f'--submission={out / "submission.csv"}', f'--solution={solution}',
+                f'--output={tmp_path / "score.json"}')
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  printed = json.loads(scored.stdout)
+  assert printed == json.loads((tmp_path / 'score.json').read_text())
+  for key in ('score', 'ap_per_threshold', 'ap50', 'f1_50', 'num_images', 'tp50', 'fp50',
+              'fn50'):
+    assert printed[key] == pytest.approx(final[key]), key
+
+
+def test_solution_labels_and_score_match_masks(setup, tmp_path):
+  """--solution instead of masks gives the same metrics; the score of submission.csv equals the
+  evaluation's own score; a missing image counts as all false negatives."""
+  indices = setup.val_indices[1:5]
+  data = _write_kaggle_zip(tmp_path / 'images.zip', indices)
+  options = evaluate.InferenceOptions(strategy='resize')
+  with_masks = evaluate.evaluate(setup.workdir, data, tmp_path / 'a', inference=options,
+                                 num_overlays=0)
+  solution = _write_solution(tmp_path / 'solution.csv', indices)
+  with_csv = evaluate.evaluate(setup.workdir, data, tmp_path / 'b', solution=str(solution),
+                               inference=options, num_overlays=1)
+  assert with_csv['predictions'] == with_masks['predictions']
+  assert with_csv['inference']['strategy'] == 'resize'
+
+  scored = official_metric.score_files(tmp_path / 'b' / 'submission.csv', solution)
+  for key in ('score', 'ap_per_threshold', 'ap50', 'f1_50', 'num_images', 'num_true',
+              'num_pred'):
+    assert scored[key] == pytest.approx(with_csv['predictions']['accurate'][key]), key
+
+  # Drop one image from the submission: its true nuclei become false negatives.
+  dropped = f'synthetic_0_{indices[0]:05d}'
+  partial = tmp_path / 'partial.csv'
+  with open(tmp_path / 'b' / 'submission.csv') as src:
+    rows = [r for r in csv.reader(src) if r[0] != dropped]
+  with open(partial, 'w', newline='') as dst:
+    csv.writer(dst).writerows(rows)
+  missing = official_metric.score_files(partial, solution)
+  assert missing['missing_from_submission'] == [dropped]
+  per_image = list(csv.DictReader(open(tmp_path / 'b' / 'per_image.csv')))
+  others = [float(r['score']) for r in per_image if r['id'] != dropped]
+  assert missing['score'] == pytest.approx(sum(others) / 4, abs=1e-5)
+  row = next(r for r in per_image if r['id'] == dropped)
+  assert missing['fn50'] == scored['fn50'] + int(row['tp50'])  # Its matches become misses.
+  assert missing['num_pred'] == scored['num_pred'] - int(row['num_pred'])
+
+
+def test_fast_mode_pruned_and_pad_strategy(setup, tmp_path):
+  data = _write_kaggle_zip(tmp_path / 'images.zip', setup.val_indices[1:3])
+  report = evaluate.evaluate(
+      setup.workdir, data, tmp_path / 'out', num_overlays=0,
+      inference=evaluate.InferenceOptions(strategy='pad', mode='fast', prune_level=1,
+                                          pad_multiple=32),
+      instance_options=instances.InstanceOptions(method='components', min_size=5))
+  assert sorted(report['predictions']) == ['fast', 'head1']
+  assert report['predictions']['fast'] == report['predictions']['head1']
+  assert report['inference']['final_heads'] == [1]
+
+
+def test_flips_make_predictions_flip_equivariant(setup):
+  variables, step = evaluate.load_variables(setup.workdir, setup.config)
+  assert step == 40
+  predictor = evaluate.Predictor(setup.config, variables, evaluate.InferenceOptions(
+      strategy='pad', pad_multiple=32, flips=True))
+  image = synthetic_nuclei.generate_example(3)['image'][:64, :96]
+  flipped = image[::-1, ::-1]
+  (_, probs), (_, probs_flipped) = predictor.predict(
+      [{'id': 'a', 'image': image}, {'id': 'b', 'image': flipped}])
+  np.testing.assert_allclose(probs_flipped, probs[:, ::-1, ::-1], atol=1e-5)
+  assert 0.05 < probs[-1].mean() < 0.95  # A real prediction, neither empty nor full.
+
+
+def _identity_predictor(config, strategy, **kwargs):
+  """A Predictor whose 'network' returns the input's first channel as every probability."""
+  predictor = evaluate.Predictor(config, None, evaluate.InferenceOptions(strategy=strategy,
+                                                                         **kwargs))
+  calls = []
+
+  def forward(variables, batch):
+    del variables
+    calls.append(batch.shape)
+    return np.broadcast_to(batch[None, ..., :1], (3, *batch.shape[:3], 1))
+  predictor._forward = forward  # pylint: disable=protected-access
+  return predictor, calls
+
+
+@pytest.mark.parametrize('strategy, kwargs', [
+    ('tile', dict(tile_size=64, tile_overlap=24, batch_size=4)),
+    ('pad', dict(pad_multiple=32)),
+])
+def test_tiles_and_padding_reassemble_exactly(setup, strategy, kwargs):
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, size=s + (3,), dtype=np.uint8)
+            for s in [(40, 50), (150, 97), (64, 64), (130, 200)]]
+  predictor, calls = _identity_predictor(setup.config, strategy, **kwargs)
+  outputs = list(predictor.predict({'id': str(i), 'image': x} for i, x in enumerate(images)))
+  assert [o[0]['id'] for o in outputs] == ['0', '1', '2', '3']
+  for image, (_, probs) in zip(images, outputs):
+    assert probs.shape == (3, *image.shape[:2], 1)
+    np.testing.assert_allclose(probs[..., 0], np.broadcast_to(image[..., 0] / 255, probs.shape[:3]),
+                               atol=1e-6)
+  if strategy == 'tile':  # Tiles of all images share fixed-size batches: one shape.
+    assert set(calls) == {(4, 64, 64, 3)}
+    # 1 + 4x2 + 1 + 3x5 tiles of at most 64 - 24 = 40 pixels' stride, 4 per batch.
+    assert len(calls) == -(-(1 + 8 + 1 + 15) // 4)
+
+
+def test_resize_strategy_restores_native_size(setup):
+  predictor, calls = _identity_predictor(setup.config, 'resize', batch_size=2)
+  image = np.zeros((100, 140, 3), np.uint8)
+  image[:, 70:] = 255
+  (_, probs), = predictor.predict([{'id': 'x', 'image': image}])
+  assert calls == [(2, SIZE, SIZE, 3)] and probs.shape == (3, 100, 140, 1)
+  assert probs[0, :, :60, 0].max() < 0.05 and probs[0, :, 80:, 0].min() > 0.95
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear messages naming the file or id, and no output that looks complete.
+
+
+def _expect_failure(setup, tmp_path, error, match, *, data=None, solution=None, workdir=None,
+                    split='all'):
+  out = tmp_path / 'out'
+  out.mkdir(exist_ok=True)
+  (out / 'metrics.json').write_text('{"previous": true}')  # An earlier, complete evaluation.
+  with pytest.raises(error, match=match):
+    evaluate.evaluate(workdir or setup.workdir, data or setup.data, out, solution=solution,
+                      split=split, num_overlays=0)
+  assert json.loads((out / 'metrics.json').read_text()) == {'previous': True}
+  assert sorted(p.name for p in out.iterdir()) == ['metrics.json']
+  assert not _leftovers(tmp_path)
+
+
+def test_unreadable_image_names_the_file(setup, tmp_path):
+  data = _write_kaggle_zip(tmp_path / 'bad.zip', setup.val_indices[1:3])
+  image_id = f'synthetic_0_{setup.val_indices[2]:05d}'
+  with zipfile.ZipFile(data, 'a') as zf, pytest.warns(UserWarning, match='Duplicate name'):
+    # A later duplicate member wins when reading: a truncated PNG.
+    zf.writestr(f'stage1_train/{image_id}/images/{image_id}.png', b'\x89PNG\r\n\x1a\n broken')
+  _expect_failure(setup, tmp_path, ValueError,
+                  f'Cannot decode {data}:stage1_train/{image_id}/images/{image_id}.png',
+                  data=data)
+
+
+@pytest.mark.parametrize('rows, match', [
+    (['{id},1 2 3,{h},{w}'], r'solution.csv, line 2 \(ImageId {id}, {h}x{w}\): malformed RLE'),
+    (['{id},{n} 2,{h},{w}'], r'line 2 \(ImageId {id}, {h}x{w}\): RLE pixel {n1} is out of range'),
+    (['{id},1 4,{h},{w}', '{id},3 4,{h},{w}'], r'line 3 \(ImageId {id}\): the mask overlaps'),
+    (['{id},1 4,{h},{w}', 'nowhere,1 1,5,5'], r'solution.csv has ImageIds with no image in .*'
+                                              r'nowhere'),
+    (['{id},1 4,{h},{w}', '{id},9 1,{h},{w}'.replace('{w}', '{w1}')], 'line 3 .*Height/Width'),
+])
+def test_bad_solution_names_file_line_and_id(setup, tmp_path, rows, match):
+  index = setup.val_indices[1]
+  data = _write_kaggle_zip(tmp_path / 'one.zip', [index])
+  h, w = synthetic_nuclei.generate_example(index)['label'].shape
+  fields = dict(id=f'synthetic_0_{index:05d}', h=h, w=w, w1=w + 1, n=h * w, n1=h * w + 1)
+  solution = tmp_path / 'solution.csv'
+  solution.write_text('ImageId,EncodedPixels,Height,Width\n'
+                      + ''.join(r.format(**fields) + '\n' for r in rows))
+  _expect_failure(setup, tmp_path, ValueError, match.format(**fields), data=data,
+                  solution=str(solution))
+
+
+def test_ids_missing_from_solution_or_data(setup, tmp_path):
+  data = _write_kaggle_zip(tmp_path / 'two.zip', setup.val_indices[1:3])
+  solution = _write_solution(tmp_path / 'solution.csv', setup.val_indices[1:2])
+  missing = f'synthetic_0_{setup.val_indices[2]:05d}'
+  _expect_failure(setup, tmp_path, ValueError, f'has no rows for 1 image.* {missing}', data=data,
+                  solution=str(solution))
+  _expect_failure(setup, tmp_path, ValueError, 'lacks 10 image.*of the requested split',
+                  data=data, split='validation')
+  image_id = f'synthetic_0_{setup.val_indices[1]:05d}'
+  wrong_shape = tmp_path / 'wrong.csv'
+  wrong_shape.write_text(f'ImageId,EncodedPixels,Height,Width\n{image_id},1 1,20,20\n'
+                         f'{missing},,20,20\n')
+  _expect_failure(setup, tmp_path, ValueError, f'ImageId {image_id} is 20x20 .* but its image',
+                  data=data, solution=str(wrong_shape))
+
+
+def test_workdir_without_checkpoints_or_config(setup, tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  _expect_failure(setup, tmp_path, FileNotFoundError, f'{empty}/config.json not found',
+                  workdir=empty)
+  (empty / 'config.json').write_text((setup.workdir / 'config.json').read_text())
+  _expect_failure(setup, tmp_path, FileNotFoundError, f'No checkpoint in {empty}/checkpoints',
+                  workdir=empty)
+  assert not (empty / 'checkpoints').exists()  # Evaluation never creates anything in a workdir.
+
+
+def test_cli_reports_bad_input_without_traceback(setup, tmp_path):
+  result = _run('evaluate', f'--workdir={tmp_path}', f'--data={setup.data}',
+                f'--output={tmp_path / "out"}')
+  assert result.returncode == 1
+  assert f'Error: {tmp_path}/config.json not found' in result.stderr
+  assert 'Traceback' not in result.stderr and not (tmp_path / 'out').exists()

@@ -1,0 +1,56 @@
+"""Probabilities -> instances: the watershed splits touching nuclei, components do not."""
+
+import numpy as np
+import pytest
+
+from unetpp_jax import instances
+
+YY, XX = np.mgrid[:60, :100]
+
+
+def _disk(cy, cx, r):
+  return (YY - cy) ** 2 + (XX - cx) ** 2 < r**2
+
+
+TOUCHING = _disk(30, 30, 15) | _disk(30, 56, 15)  # Overlapping disks: one blob with a neck.
+
+
+def test_watershed_splits_touching_nuclei_components_do_not():
+  prob = TOUCHING.astype(np.float32)
+  split = instances.to_instances(prob)
+  assert split.max() == 2
+  assert split[30, 20] != split[30, 66] and split[30, 20] > 0 and split[30, 66] > 0
+  assert np.array_equal(split > 0, TOUCHING)  # Every foreground pixel belongs to an instance.
+  whole = instances.to_instances(prob, options=instances.InstanceOptions(method='components'))
+  assert whole.max() == 1
+
+
+def test_small_instances_are_removed_and_ids_are_consecutive():
+  prob = (_disk(10, 10, 6) | _disk(40, 80, 2) | _disk(45, 30, 8)).astype(np.float32)
+  label = instances.to_instances(prob, options=instances.InstanceOptions(min_size=20))
+  assert sorted(np.unique(label)) == [0, 1, 2]  # The 12-pixel disk is gone.
+  assert label[40, 80] == 0
+  assert label.dtype == np.int32
+
+
+def test_threshold_and_empty_input():
+  prob = np.where(TOUCHING, 0.6, 0.1).astype(np.float32)
+  assert instances.to_instances(prob).max() == 2
+  assert instances.to_instances(prob, options=instances.InstanceOptions(threshold=0.7)).max() == 0
+
+
+def test_boundary_seeds_follow_the_predicted_boundary():
+  # A 3-class prediction: two nuclei in one foreground blob, separated by a boundary line.
+  foreground = (_disk(30, 30, 15) | _disk(30, 52, 15)).astype(np.float32)
+  boundary = np.zeros_like(foreground)
+  boundary[:, 40:43] = foreground[:, 40:43]
+  label = instances.to_instances(foreground, boundary,
+                                 instances.InstanceOptions(seeds='boundary'))
+  assert label.max() == 2 and label[30, 25] != label[30, 60]
+  with pytest.raises(ValueError, match='num_classes=3'):
+    instances.to_instances(foreground, None, instances.InstanceOptions(seeds='boundary'))
+
+
+def test_rejects_unknown_options():
+  with pytest.raises(ValueError, match='method'):
+    instances.InstanceOptions(method='magic')
