@@ -128,12 +128,12 @@ def _leftovers(directory):
 def test_cli_evaluates_validation_split_and_score_cli_agrees(setup, tmp_path):
   out = tmp_path / 'eval'
   result = _run('evaluate', f'--workdir={setup.workdir}', f'--data={setup.data}',
-                f'--output={out}', '--split=validation', '--flips', '--strategy=resize',
-                '--num_overlays=3')
+                f'--output={out}', '--split=validation', '--flips', '--num_overlays=3')
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads((out / 'metrics.json').read_text())
   assert metrics['num_images'] == 12 and metrics['checkpoint_step'] == 40
   assert metrics['final_prediction'] == 'accurate'
+  assert metrics['inference']['strategy'] == 'resize'  # 'auto', as trained on resized images.
   assert sorted(metrics['predictions']) == ['accurate', 'head1', 'head2']
   for values in metrics['predictions'].values():
     assert len(values['ap_per_threshold']) == 10

@@ -2,7 +2,7 @@ r"""Evaluates a trained U-Net++ as the DSB2018 leaderboard does: full-size image
 
   python -m unetpp_jax.evaluate --workdir=W --data=PATH --output=DIR \
       [--solution=SOL.csv] [--split=all|train|validation] [--mode=accurate|fast] [--prune_level=k] \
-      [--flips] [--strategy=pad|tile|resize] [--step=N]
+      [--flips] [--strategy=auto|resize|pad|tile] [--step=N]
 
 Loads W/config.json and the newest checkpoint in W/checkpoints (or --step), predicts every image of
 PATH (a Kaggle-layout folder or zip, read by `datasets.kaggle`) at its native size, turns the
@@ -13,18 +13,21 @@ precedence.
 `data.val_fraction` of the TFDS builder's order, exactly the images that training held out).
 
 Native-size inference (--strategy; every strategy compiles the network for very few shapes):
-  pad     (default) the whole image, reflect-padded at the bottom/right up to a multiple of
-          --pad_multiple (128: the 9 DSB2018 image sizes need 8 compiles); memory grows with the
-          image (about 3.3 GB resident for the 1040x1388 ones with configs/dsb.py's model).
+  resize  each image is resized to the training size (config.data.image_size, bilinear with
+          antialiasing, as the training pipeline) and the probabilities are resized back
+          (bilinear). One compiled shape; the nuclei have the scale the model was trained on.
+  pad     the whole image at native resolution, reflect-padded at the bottom/right up to a
+          multiple of --pad_multiple (128: the 9 DSB2018 image sizes need 8 compiles); memory
+          grows with the image (about 3.3 GB resident for 1040x1388 with configs/dsb.py's model).
   tile    fixed --tile_size tiles with --tile_overlap pixels of overlap (images smaller than a
           tile are reflect-padded), blended with weights that fall off linearly towards tile
           edges. One compiled shape and bounded memory, for images too large to pad.
-  resize  each image is resized to the training size (config.data.image_size, bilinear with
-          antialiasing, as the training pipeline) and the probabilities are resized back
-          (bilinear). One compiled shape; the nuclei keep the scale seen in 'resize' training.
-On the 20% DSB2018 validation split, the configs/dsb.py model (trained on whole images resized to
-96x96) gets the best official score with 'pad', although 'resize' gives a higher pixel IoU
-(numbers in README.md); hence the default.
+  auto    (default) 'resize' for models trained with data.train_preprocess='resize', 'pad' for
+          those trained on native-resolution crops ('crop'). On the 20% DSB2018 validation split
+          the configs/dsb.py model scores 0.433 with 'resize' against 0.358 with 'pad' (step 480;
+          at native resolution its nuclei look 2.7x to 14x larger than in training). Early in
+          training (step 160) the two were close (0.313 and 0.353), so the scale the model was
+          trained at decides. See README.md.
 The model standardises each input, so in 'tile' mode the statistics are those of the tile.
 
 Predictions: heads 1..k of the network pruned to level k (--prune_level; head j computed by the
@@ -70,14 +73,14 @@ from configs import dsb as dsb_config
 from unetpp_jax import instances, models, official_metric, rle, train
 from unetpp_jax.datasets import kaggle
 
-STRATEGIES = ('pad', 'tile', 'resize')
+STRATEGIES = ('auto', 'resize', 'pad', 'tile')
 SPLITS = ('all', 'train', 'validation')
 
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
   """How the network is run on native-size images (see the module docstring)."""
-  strategy: str = 'pad'
+  strategy: str = 'auto'
   mode: str | None = None  # 'accurate' | 'fast'; None = config.predict.mode.
   prune_level: int | None = None  # None: config.predict.head ('fast'), else the deepest head.
   flips: bool = False
@@ -167,9 +170,12 @@ class Predictor:
     self.names = [f'head{j}' for j in range(1, self.level + 1)] + [self.mode]
     self.num_classes = config.model.num_classes
     self.train_size = config.data.image_size
-    if options.strategy not in STRATEGIES:
-      raise ValueError(f'--strategy must be one of {STRATEGIES}, got {options.strategy!r}.')
-    self.strategy = options.strategy
+    strategy = options.strategy
+    if strategy == 'auto':  # Predict at the scale the model was trained at (see module doc).
+      strategy = 'resize' if config.data.train_preprocess == 'resize' else 'pad'
+    if strategy not in STRATEGIES:
+      raise ValueError(f'--strategy must be one of {STRATEGIES}, got {strategy!r}.')
+    self.strategy = strategy
     factor = 2**self.level
     for name, value in (('tile_size', options.tile_size), ('pad_multiple', options.pad_multiple)):
       if value <= 0 or value % factor:
@@ -567,7 +573,7 @@ def _define_flags() -> None:
   flags.DEFINE_enum('split', 'all', SPLITS, "Images to use: all of --data, or only the training "
                     "run's train / validation split (ids from its TFDS builder).")
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
-  flags.DEFINE_enum('strategy', 'pad', STRATEGIES, 'Native-size inference (see module doc).')
+  flags.DEFINE_enum('strategy', 'auto', STRATEGIES, 'Native-size inference (see module doc).')
   flags.DEFINE_enum('mode', None, ['accurate', 'fast'], 'Final prediction; default '
                     'config.predict.mode.')
   flags.DEFINE_integer('prune_level', None, 'Network pruned to this level (heads 1..k); '
