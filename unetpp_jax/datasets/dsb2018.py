@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from unetpp_jax.datasets import features
 from unetpp_jax.datasets import kaggle
 
 _LAYOUT = (
@@ -84,11 +85,7 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Text(),
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            'label': tfds.features.Image(shape=(None, None, 1), dtype=np.uint16),
-        }),
+        features=features.nuclei_features(),
         homepage='https://bbbc.broadinstitute.org/BBBC038',
         citation=_CITATION,
     )

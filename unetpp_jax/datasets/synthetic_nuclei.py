@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from unetpp_jax.datasets import features
+
 NUM_EXAMPLES = 240
 MIN_SIZE = 96
 MAX_SIZE = 160
@@ -132,11 +134,7 @@ class SyntheticNuclei(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Text(),
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            'label': tfds.features.Image(shape=(None, None, 1), dtype=np.uint16),
-        }),
+        features=features.nuclei_features(),
         homepage='https://github.com/MrGiovanni/UNetPlusPlus',
     )
 
