@@ -11,7 +11,6 @@ import io
 import logging
 import pathlib
 import struct
-import zipfile
 import zlib
 
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 from configs import dsb as dsb_config
 from unetpp_jax import datasets
 from unetpp_jax.datasets import kaggle
+from test_datasets import _write  # pylint: disable=g-bad-import-order
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -49,20 +49,6 @@ def _mask(shape, box, value=255, dtype=np.uint8) -> np.ndarray:
   mask = np.zeros(shape, dtype)
   mask[y0:y1, x0:x1] = value
   return mask
-
-
-def _write(files: dict[str, bytes], root: pathlib.Path, as_zip: bool) -> pathlib.Path:
-  """Writes `files` (relative name -> bytes) as a folder or as root.zip; returns the path."""
-  if as_zip:
-    path = root.with_suffix('.zip')
-    with zipfile.ZipFile(path, 'w') as z:
-      for name, data in files.items():
-        z.writestr(name, data)
-    return path
-  for name, data in files.items():
-    (root / name).parent.mkdir(parents=True, exist_ok=True)
-    (root / name).write_bytes(data)
-  return root
 
 
 def _display(path: pathlib.Path, name: str, as_zip: bool) -> str:
