@@ -34,12 +34,7 @@ def _config(data, source='tfds', **overrides):
   config = synthetic.get_config()
   config.data.tfds_data_dir = data['tfds_data_dir']
   config.data.source = 'tfds' if source == 'tfds' else f'npz:{data["npz"]}'
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -69,12 +69,7 @@ def npz(tmp_path_factory) -> pathlib.Path:
 def _config(npz_path: pathlib.Path) -> ml_collections.ConfigDict:
   config = synthetic.get_config()
   config.data.source = f'npz:{npz_path}'
-  for field, value in OVERRIDES.items():
-    *parents, key = field.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[key] = value
+  config.update_from_flattened_dict(OVERRIDES)
   return config
 
 
