@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unetpp_jax import models, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax import models, runtime, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.py).')
@@ -35,6 +35,8 @@ flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'input'], 'What to time.')
 flags.DEFINE_integer('prune_level', None, 'Infer mode: run the network pruned to this level.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+flags.DEFINE_integer('cpu_devices', None,
+                     'XLA devices on the CPU backend; default one per core (as training does).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -141,6 +143,7 @@ def benchmark_input(config, *, batch, steps, warmup) -> dict:
 def main(argv):
   del argv
   config = FLAGS.config
+  runtime.use_cpu_cores_as_devices(FLAGS.batch, devices=FLAGS.cpu_devices)
   if FLAGS.image_size:
     config.data.image_size = FLAGS.image_size
   if FLAGS.dtype:

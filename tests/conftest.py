@@ -15,10 +15,8 @@ sys.path.insert(0, str(REPO))  # `configs` is imported as a package by the tests
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from unetpp_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 jax.config.update('jax_platforms', 'cpu')
 # Persistent compilation cache: a second run of the suite skips most compiles.
-jax.config.update(
-    'jax_compilation_cache_dir',
-    os.environ.get('UNETPP_JAX_CACHE', str(pathlib.Path.home() / '.cache' / 'unetpp_jax' / 'jax')),
-)
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+runtime.enable_compilation_cache()

@@ -11,10 +11,13 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize('mode,extra', [('train', []), ('infer', ['--prune_level=2'])])
-def test_benchmark_prints_one_json_line(mode, extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             TF_CPP_MIN_LOG_LEVEL='2')
+# train: the benchmark sets the CPU device count itself (--cpu_devices); infer: XLA_FLAGS sets it.
+@pytest.mark.parametrize('mode,extra,xla_flags,devices', [
+    ('train', ['--cpu_devices=4'], '', 4),
+    ('infer', ['--prune_level=2'], '--xla_force_host_platform_device_count=2', 2),
+])
+def test_benchmark_prints_one_json_line(mode, extra, xla_flags, devices):
+  env = dict(os.environ, XLA_FLAGS=xla_flags, TF_CPP_MIN_LOG_LEVEL='2')
   result = subprocess.run(
       [sys.executable, 'scripts/benchmark.py', '--config=configs/synthetic.py', '--batch=4',
        '--image_size=32', '--steps=2', '--warmup=1', f'--mode={mode}', *extra],
@@ -24,7 +27,7 @@ def test_benchmark_prints_one_json_line(mode, extra):
   for key in ('images_per_sec', 'step_ms_median', 'step_ms_p90', 'compile_s', 'flops_per_image',
               'achieved_gflops', 'peak_memory_bytes', 'backend', 'device_count', 'dtype', 'batch'):
     assert key in report, key
-  assert report['mode'] == mode and report['backend'] == 'cpu' and report['device_count'] == 2
+  assert report['mode'] == mode and report['backend'] == 'cpu' and report['device_count'] == devices
   assert report['batch'] == 4 and report['dtype'] == 'float32'
   assert report['images_per_sec'] > 0 and report['flops_per_image'] > 1e6
   assert report['step_ms_p90'] >= report['step_ms_median'] > 0

@@ -1,6 +1,7 @@
 """U-Net++ structure: shapes, parameter counts, pruning equivalence and cost, options."""
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +179,35 @@ def test_predict_modes():
   np.testing.assert_allclose(accurate, (probs[1] + probs[2]) / 2, atol=1e-5)
   with pytest.raises(ValueError, match='accurate'):
     models.predict(model, variables, x, mode='best', heads=(3,), head=3)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_conv_transpose_2x2_equals_flax_conv_transpose(dtype):
+  """The matmul upsampler is nn.ConvTranspose((2, 2), strides=2): same init, outputs, gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+  ours = models.ConvTranspose2x2(4, dtype=dtype)
+  ref = nn.ConvTranspose(4, (2, 2), strides=(2, 2), dtype=dtype)
+  params = ours.init(jax.random.key(1), x)
+  ref_params = ref.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)  # checkpoints stay compatible
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  out, ref_out = ours.apply(params, x), ref.apply(params, x)
+  assert out.shape == ref_out.shape == (2, 10, 14, 4) and out.dtype == ref_out.dtype == dtype
+  np.testing.assert_allclose(out.astype(np.float32), ref_out.astype(np.float32), rtol=tol, atol=tol)
+  if dtype == jnp.float32:
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+    grads = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    ref_grads = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 grads, ref_grads)
+
+
+def test_max_pool_2x2_equals_flax_max_pool():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+  np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  # Without ties, the gradients agree too (both route each window's gradient to its maximum).
+  loss = lambda pool: lambda x: jnp.sum(jnp.cos(pool(x)))
+  np.testing.assert_allclose(
+      jax.grad(loss(models.max_pool_2x2))(x),
+      jax.grad(loss(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))(x), rtol=1e-6)

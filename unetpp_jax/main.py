@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unetpp_jax import train
+from unetpp_jax import runtime, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints and summaries; default workdirs/<config name>.')
@@ -22,6 +22,12 @@ config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.p
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume even if the workdir\'s checkpoints were made with a config that differs '
                   'in fields that change the model, data or optimisation.')
+flags.DEFINE_integer('cpu_devices', None,
+                     'XLA devices on the CPU backend; default: one per core, as many as divide '
+                     'batch_size and eval_batch_size. Ignored on GPU/TPU.')
+flags.DEFINE_string('compilation_cache', None,
+                    'Persistent compilation cache directory; default $UNETPP_JAX_CACHE, else '
+                    '~/.cache/unetpp_jax/jax. "none" disables it.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0 for a multi-process job (GPU clusters, local tests); '
                     'not needed on Cloud TPU VMs, SLURM or with $JAX_COORDINATOR_ADDRESS set.')
@@ -59,6 +65,10 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.compilation_cache != 'none':
+    runtime.enable_compilation_cache(FLAGS.compilation_cache)
+  runtime.use_cpu_cores_as_devices(FLAGS.config.batch_size, FLAGS.config.eval_batch_size,
+                                   devices=FLAGS.cpu_devices)
   initialize_distributed()
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
   logging.info('JAX process %d of %d; local devices: %s', jax.process_index(),

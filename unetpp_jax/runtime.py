@@ -1,0 +1,61 @@
+"""Process-level JAX setup that must happen before the first JAX computation."""
+
+import os
+import pathlib
+
+import jax
+from absl import logging
+
+DEFAULT_CACHE_DIR = pathlib.Path.home() / '.cache' / 'unetpp_jax' / 'jax'
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
+  """Persists compiled programs, so a restart (or a second test run) skips recompiling.
+
+  Args:
+    directory: Where; default $UNETPP_JAX_CACHE, else ~/.cache/unetpp_jax/jax.
+  """
+  directory = str(directory or os.environ.get('UNETPP_JAX_CACHE') or DEFAULT_CACHE_DIR)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  return directory
+
+
+def _usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS
+    return os.cpu_count() or 1
+
+
+def cpu_device_count(batch_sizes: tuple[int, ...], cores: int) -> int:
+  """The most devices, at most `cores`, that divide every batch size."""
+  return max(d for d in range(1, max(cores, 1) + 1) if all(size % d == 0 for size in batch_sizes))
+
+
+def use_cpu_cores_as_devices(*batch_sizes: int, devices: int | None = None) -> int | None:
+  """On the CPU backend, makes one XLA device per core so the pmapped step runs on all of them.
+
+  XLA:CPU runs each convolution on one thread, so a single CPU device keeps about one core busy.
+  With one device per core, pmap runs the per-device shards side by side (BatchNorm statistics and
+  gradients are still averaged over the whole batch; README "Benchmark" has the speed-up). The
+  accelerator backends are unaffected.
+
+  Args:
+    *batch_sizes: Global batch sizes that every device count must divide.
+    devices: Explicit count; None = the most cores that divide every batch size.
+
+  Returns:
+    The CPU device count set, or None where it was already set (XLA_FLAGS'
+    --xla_force_host_platform_device_count, or jax_num_cpu_devices).
+  """
+  if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+      or jax.config.jax_num_cpu_devices > 0):
+    return None
+  if devices is None:
+    devices = cpu_device_count(batch_sizes, _usable_cores())
+  if devices < 1:
+    raise ValueError(f'CPU device count must be >= 1, got {devices}.')
+  jax.config.update('jax_num_cpu_devices', devices)
+  logging.info('CPU backend: %d devices (one per core).', devices)
+  return devices
