@@ -39,7 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.on_bad_example = 'error'
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'unetpp'  # Architecture; 'unetpp' (U-Net++ with nested dense skips).
+  # 'unetpp' (U-Net++, nested dense skips); the paper's baselines 'unet' (plain skips, same filters)
+  # and 'wide_unet' (U-Net with filters scaled to U-Net++'s parameter count). Both have only head L.
+  config.model.name = 'unetpp'
   config.model.filters = (32, 64, 128, 256, 512)  # Per encoder level; L = len(filters) - 1 heads.
   config.model.norm = 'batch'  # 'batch' (synchronised across devices) or 'none'.
   config.model.dropout_rate = 0.0  # Dropout after each conv; the original Keras code used 0.5.

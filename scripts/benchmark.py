@@ -9,22 +9,16 @@ dtype, batch, ... `--mode=input` instead times the tf.data pipeline alone (decod
 batched examples of config.data.dataset), to tell whether input keeps up with the step.
 """
 
-import functools
 import json
 import os
-import resource
 import sys
-import time
 
-import flax
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unetpp_jax import models, runtime, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax import runtime, throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.py).')
@@ -40,106 +34,6 @@ flags.DEFINE_integer('cpu_devices', None,
 flags.mark_flags_as_required(['config'])
 
 
-def _flops(lowered) -> float:
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get('flops', 0.0))
-
-
-def _peak_memory() -> tuple[int, str]:
-  """Peak device memory where the backend reports it; on CPU, the process's peak RSS."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if 'peak_bytes_in_use' in stats:
-    return int(stats['peak_bytes_in_use']), 'device_peak_bytes_in_use'
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host_peak_rss'
-
-
-def _time_steps(run, steps: int, warmup: int) -> np.ndarray:
-  for _ in range(warmup):
-    run()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return np.asarray(times)
-
-
-def benchmark_model(config, *, batch, mode, prune_level, steps, warmup) -> dict:
-  devices = jax.local_device_count()
-  if batch % devices:
-    raise ValueError(f'--batch={batch} must be a multiple of the device count ({devices}).')
-  size = config.data.image_size
-  rng = np.random.default_rng(0)
-  images = rng.random((devices, batch // devices, size, size, 3), np.float32)
-  labels = (rng.random((devices, batch // devices, size, size)) > 0.7).astype(np.int32)
-  model = models.create_model(config.model, bn_axis_name=train.AXIS)
-  state = train.create_train_state(config, jax.random.key(0), model)
-  replicated = flax.jax_utils.replicate(state)
-  # The batch stays on the devices: this times the step, not host-to-device copies.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',))
-  batch_arrays = jax.device_put({'image': images, 'label': labels},
-                                jax.NamedSharding(mesh, jax.P('devices')))
-
-  if mode == 'train':
-    step = jax.pmap(
-        functools.partial(train.train_step, dropout_rng=jax.random.key(1),
-                          loss_kwargs=train._loss_kwargs(config)),  # pylint: disable=protected-access
-        axis_name=train.AXIS, donate_argnums=(0,))
-  else:
-    def infer(state, batch):
-      variables = {'params': state.params, 'batch_stats': state.batch_stats}
-      return models.foreground_probability(
-          model.apply(variables, batch['image'], prune_level=prune_level)[-1])
-    step = jax.pmap(infer, axis_name=train.AXIS)
-
-  flops_per_device = _flops(step.lower(replicated, batch_arrays))
-
-  def run():
-    nonlocal replicated
-    if mode == 'train':
-      replicated, out, _ = step(replicated, batch_arrays)  # The old state was donated.
-    else:
-      out = step(replicated, batch_arrays)
-    jax.block_until_ready(out)
-
-  first_call = _time_steps(run, 1, 0)[0]  # Compilation plus one step.
-  times = _time_steps(run, steps, warmup)
-  median = float(np.median(times))
-  peak_memory, memory_source = _peak_memory()
-  # cost_analysis describes one device's program, which processes batch / devices images.
-  flops_per_image = flops_per_device / (batch // devices)
-  images_per_sec = batch / median
-  params = sum(x.size for x in jax.tree.leaves(state.params))
-  if prune_level:
-    used = jax.eval_shape(
-        functools.partial(model.init, prune_level=prune_level), jax.random.key(0),
-        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))['params']
-    params = sum(x.size for x in jax.tree.leaves(used))
-  return dict(
-      mode=mode, images_per_sec=images_per_sec, step_ms_median=1e3 * median,
-      step_ms_p90=1e3 * float(np.percentile(times, 90)), compile_s=first_call - median,
-      flops_per_image=flops_per_image, achieved_gflops=flops_per_image * images_per_sec / 1e9,
-      peak_memory_bytes=peak_memory, peak_memory_source=memory_source, params=int(params),
-      prune_level=prune_level or model.levels,
-  )
-
-
-def benchmark_input(config, *, batch, steps, warmup) -> dict:
-  """Images/s of the tf.data training stream alone (decode, augment, batch)."""
-  from unetpp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-
-  config.batch_size = batch
-  start = time.perf_counter()
-  data = input_pipeline.create_input(config)
-  setup_s = time.perf_counter() - start
-  times = _time_steps(lambda: next(data.train_iter), steps, warmup)
-  median = float(np.median(times))
-  return dict(mode='input', images_per_sec=batch / median, step_ms_median=1e3 * median,
-              step_ms_p90=1e3 * float(np.percentile(times, 90)), setup_s=setup_s,
-              dataset=config.data.dataset, train_preprocess=config.data.train_preprocess)
-
-
 def main(argv):
   del argv
   config = FLAGS.config
@@ -149,11 +43,12 @@ def main(argv):
   if FLAGS.dtype:
     config.model.dtype = FLAGS.dtype
   if FLAGS.mode == 'input':
-    result = benchmark_input(config, batch=FLAGS.batch, steps=FLAGS.steps, warmup=FLAGS.warmup)
+    result = throughput.benchmark_input(config, batch=FLAGS.batch, steps=FLAGS.steps,
+                                        warmup=FLAGS.warmup)
   else:
-    result = benchmark_model(config, batch=FLAGS.batch, mode=FLAGS.mode,
-                             prune_level=FLAGS.prune_level, steps=FLAGS.steps,
-                             warmup=FLAGS.warmup)
+    result = throughput.benchmark_model(config, batch=FLAGS.batch, mode=FLAGS.mode,
+                                        prune_level=FLAGS.prune_level, steps=FLAGS.steps,
+                                        warmup=FLAGS.warmup)
   result.update(backend=jax.default_backend(), device_count=jax.device_count(),
                 device_kind=jax.devices()[0].device_kind, dtype=config.model.dtype,
                 batch=FLAGS.batch, image_size=config.data.image_size,

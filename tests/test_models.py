@@ -4,6 +4,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -13,8 +14,9 @@ PAPER_FILTERS = (32, 64, 128, 256, 512)
 SMALL_FILTERS = (4, 8, 16, 32)
 
 
-def expected_param_count(filters, in_channels=3, num_classes=1, norm='batch', upsample='transpose'):
-  """Counts U-Net++ parameters from its definition, independently of the module code."""
+def expected_param_count(filters, in_channels=3, num_classes=1, norm='batch', upsample='transpose',
+                         skips='nested'):
+  """Counts U-Net++ (or plain U-Net) parameters from the definition, independently of the code."""
   levels = len(filters) - 1
   bias = norm == 'none'
   total = 0
@@ -27,11 +29,15 @@ def expected_param_count(filters, in_channels=3, num_classes=1, norm='batch', up
     total += conv_block(in_channels if i == 0 else filters[i - 1], filters[i])  # X(i, 0)
   for j in range(1, levels + 1):
     for i in range(levels + 1 - j):
+      if skips == 'plain' and i + j != levels:  # U-Net: the decoder nodes X(L - j, j) only
+        continue
       up_channels = filters[i] if upsample == 'transpose' else filters[i + 1]
       if upsample == 'transpose':
         total += 4 * filters[i + 1] * filters[i] + filters[i]
-      total += conv_block(j * filters[i] + up_channels, filters[i])  # X(i, j)
-  total += levels * (filters[0] * num_classes + num_classes)  # 1x1 heads
+      skip_channels = filters[i] if skips == 'plain' else j * filters[i]
+      total += conv_block(skip_channels + up_channels, filters[i])  # X(i, j)
+  heads = 1 if skips == 'plain' else levels
+  total += heads * (filters[0] * num_classes + num_classes)  # 1x1 heads
   return total
 
 
@@ -211,3 +217,44 @@ def test_max_pool_2x2_equals_flax_max_pool():
   np.testing.assert_allclose(
       jax.grad(loss(models.max_pool_2x2))(x),
       jax.grad(loss(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize('upsample', ['transpose', 'bilinear'])
+def test_plain_unet_has_one_decoder_path_and_head(upsample):
+  model = models.UNetPlusPlus(filters=PAPER_FILTERS, skips='plain', upsample=upsample)
+  x = jax.ShapeDtypeStruct((2, 96, 64, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert count(variables['params']) == expected_param_count(PAPER_FILTERS, upsample=upsample,
+                                                            skips='plain')
+  assert model.output_heads() == (4,)
+  logits = jax.eval_shape(model.apply, variables, x)
+  assert [l.shape for l in logits] == [(2, 96, 64, 1)]
+  nodes = {k for k in variables['params'] if k.startswith('X')}
+  assert nodes == {f'X{i}_0' for i in range(5)} | {'X3_1', 'X2_2', 'X1_3', 'X0_4'}
+  assert variables['params']['X0_4']['Conv_0']['kernel'].shape[2] == 32 + (
+      32 if upsample == 'transpose' else 64)
+  with pytest.raises(ValueError, match='cannot be pruned'):
+    model.apply(variables, jnp.zeros((1, 96, 64, 3)), prune_level=2)
+
+
+def test_model_names_and_wide_unet_matches_unetpp_parameters():
+  config = ml_collections.ConfigDict(dict(
+      name='unetpp', filters=PAPER_FILTERS, num_classes=1, norm='batch', dropout_rate=0.0,
+      upsample='transpose', dtype='float32'))
+  unetpp = models.create_model(config)
+  config.name = 'unet'
+  unet = models.create_model(config)
+  config.name = 'wide_unet'
+  wide = models.create_model(config)
+  assert (unetpp.skips, unet.skips, wide.skips) == ('nested', 'plain', 'plain')
+  assert unet.filters == PAPER_FILTERS
+  target = models.count_parameters(unetpp)
+  assert target == expected_param_count(PAPER_FILTERS)
+  assert models.count_parameters(unet) < 0.9 * target
+  # Widened by one factor (as the paper's 35..560), to within 0.5% of U-Net++'s parameters.
+  ratios = [w / f for w, f in zip(wide.filters, PAPER_FILTERS)]
+  assert 1.05 < min(ratios) and max(ratios) - min(ratios) < 0.03
+  assert abs(models.count_parameters(wide) - target) < 0.005 * target
+  config.name = 'resnet'
+  with pytest.raises(ValueError, match='model.name'):
+    models.create_model(config)

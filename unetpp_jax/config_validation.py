@@ -11,7 +11,7 @@ _CHOICES = {
     'data.train_preprocess': ('resize', 'crop'),
     'data.on_bad_example': ('error', 'skip'),
     'nonfinite_policy': ('halt', 'skip'),
-    'model.name': ('unetpp',),
+    'model.name': ('unetpp', 'unet', 'wide_unet'),
     'model.norm': ('batch', 'none'),
     'model.upsample': ('transpose', 'bilinear'),
     'model.dtype': ('float32', 'bfloat16'),
@@ -103,6 +103,12 @@ def validate(config: Any) -> None:
       1 <= config.predict.head <= levels,
       f'config.predict.head={config.predict.head} must be in 1..{levels}.',
   )
+  if config.model.name in ('unet', 'wide_unet'):  # One decoder path: only head L exists.
+    check(
+        heads == (levels,) and config.predict.head == levels,
+        f'config.model.name={config.model.name!r} has only head {levels}: set '
+        f'--config.loss.deep_supervision_heads="({levels},)" and --config.predict.head={levels}.',
+    )
 
   opt = config.optimizer
   check(opt.learning_rate > 0, f'config.optimizer.learning_rate={opt.learning_rate} must be > 0.')

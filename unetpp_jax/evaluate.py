@@ -165,9 +165,13 @@ class Predictor:
     self.level = options.prune_level or default_level
     if not 1 <= self.level <= levels:
       raise ValueError(f'--prune_level={self.level} must be in 1..{levels}.')
+    if self.model.skips == 'plain' and self.level != levels:
+      raise ValueError(f'--prune_level={self.level}: a {config.model.name} has only head {levels} '
+                       'and cannot be pruned.')
+    self.heads = self.model.output_heads(self.level)
     self.final_heads = ([self.level] if self.mode == 'fast'
                         else [h for h in supervised if h <= self.level] or [self.level])
-    self.names = [f'head{j}' for j in range(1, self.level + 1)] + [self.mode]
+    self.names = [f'head{j}' for j in self.heads] + [self.mode]
     self.num_classes = config.model.num_classes
     self.train_size = config.data.image_size
     strategy = options.strategy
@@ -207,7 +211,8 @@ class Predictor:
     if self.options.flips:
       g = probs.reshape(probs.shape[0], 4, batch, *probs.shape[2:])
       probs = (g[:, 0] + g[:, 1, :, :, ::-1] + g[:, 2, :, ::-1] + g[:, 3, :, ::-1, ::-1]) / 4
-    final = jnp.mean(probs[jnp.array(self.final_heads) - 1], axis=0)
+    position = models.head_positions(self.heads)
+    final = jnp.mean(probs[jnp.array([position[h] for h in self.final_heads])], axis=0)
     return jnp.concatenate([probs, final[None]])
 
   def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:

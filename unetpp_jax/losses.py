@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from unetpp_jax import models
+
 DICE_SMOOTH = 1.0  # As in the original UNet++ Keras code; keeps empty images finite.
 
 
@@ -77,6 +79,7 @@ def deep_supervision_loss(
     head_weights: Sequence[float],
     bce_weight: float,
     dice_weight: float,
+    output_heads: Sequence[int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Weighted sum of the supervised heads' losses.
 
@@ -88,6 +91,7 @@ def deep_supervision_loss(
     head_weights: One weight per supervised head; empty = equal weights summing to 1.
     bce_weight: See `head_loss`.
     dice_weight: See `head_loss`.
+    output_heads: The head of each entry of `logits` (`model.output_heads()`); None = 1..k.
 
   Returns:
     (total loss, per-head losses [k] of every returned head, supervised or not).
@@ -98,6 +102,7 @@ def deep_supervision_loss(
   ])
   if not head_weights:
     head_weights = [1.0 / len(heads)] * len(heads)
-  total = sum(w * per_head[h - 1] for h, w in zip(heads, head_weights))
+  position = models.head_positions(output_heads or range(1, len(logits) + 1))
+  total = sum(w * per_head[position[h]] for h, w in zip(heads, head_weights))
   return total, per_head
 

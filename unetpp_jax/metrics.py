@@ -109,15 +109,22 @@ class SegmentationMetrics(clu_metrics.Collection):
   segmentation: SegmentationSums
 
 
-def prediction_names(num_heads: int) -> list[str]:
-  """Names of the predictions in SegmentationSums order: head1..headk, then the ensemble."""
-  return [f'head{j}' for j in range(1, num_heads + 1)] + ['accurate']
+def prediction_names(output_heads: Sequence[int]) -> list[str]:
+  """Names of the predictions in SegmentationSums order: the model's heads, then the ensemble."""
+  return [f'head{j}' for j in output_heads] + ['accurate']
 
 
-def summarize(collection: SegmentationMetrics, prefix: str = '') -> dict[str, float]:
-  """Flat {name: float} for writers and logs, e.g. 'eval/iou/head4', 'eval/loss/head2'."""
+def summarize(collection: SegmentationMetrics, prefix: str = '',
+              output_heads: Sequence[int] | None = None) -> dict[str, float]:
+  """Flat {name: float} for writers and logs, e.g. 'eval/iou/head4', 'eval/loss/head2'.
+
+  Args:
+    collection: Accumulated metrics.
+    prefix: Prepended to every name.
+    output_heads: The model's output heads (`model.output_heads()`); None = 1..k.
+  """
   computed = jax.device_get(collection.compute())
-  names = prediction_names(len(computed['head_loss']))
+  names = prediction_names(output_heads or range(1, len(computed['head_loss']) + 1))
   out = {f'{prefix}loss': float(computed['loss'])}
   out.update({f'{prefix}loss/{n}': float(v) for n, v in zip(names, computed['head_loss'])})
   for stat, values in computed['segmentation'].items():
@@ -132,12 +139,17 @@ def from_outputs(
     loss: jax.Array,
     head_losses: jax.Array,
     heads: Sequence[int],
+    output_heads: Sequence[int] | None = None,
     weight: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> SegmentationMetrics:
-  """The metrics of one batch; with `axis_name`, gathered over all devices (inside pmap)."""
+  """The metrics of one batch; with `axis_name`, gathered over all devices (inside pmap).
+
+  `heads` make the 'accurate' ensemble; `output_heads` name the entries of `logits` (None = 1..k).
+  """
   probs = jnp.stack(
-      [models.foreground_probability(l) for l in logits] + [models.accurate_probability(logits, heads)]
+      [models.foreground_probability(l) for l in logits]
+      + [models.accurate_probability(logits, heads, output_heads)]
   )
   kwargs = dict(probs=probs, label=label, loss=loss, head_losses=head_losses, weight=weight)
   if axis_name is None:

@@ -5,8 +5,14 @@ encoder; for j >= 1, X(i, j) = ConvBlock(concat(X(i, 0), ..., X(i, j-1), Up(X(i+
 a 1x1 convolution on X(0, j), j = 1..L. With `prune_level=k` only the nodes with i + j <= k are built,
 which is exactly the sub-network that head k depends on (UNet++ L^k in the paper). Every module has an
 explicit name, so a pruned model reads the very same parameters as the full one.
+
+The paper's baselines are the same class with `skips='plain'`: the U-Net keeps only the decoder
+nodes X(i, L - i), each fed by the encoder node X(i, 0) alone, and has the single head L. The wide
+U-Net is that U-Net with its filters scaled up until its parameter count matches the U-Net++
+(`wide_unet_filters`).
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +100,7 @@ class UNetPlusPlus(nn.Module):
     norm: 'batch' or 'none'.
     dropout_rate: Dropout after every convolution (0 = none).
     upsample: 'transpose' (learned 2x2 stride-2 conv) or 'bilinear'.
+    skips: 'nested' (U-Net++) or 'plain' (U-Net: one decoder path and head L only).
     dtype: Compute dtype; parameters stay float32 and logits are returned as float32.
     bn_axis_name: pmap axis over which BatchNorm statistics are averaged during training.
   """
@@ -103,6 +110,7 @@ class UNetPlusPlus(nn.Module):
   norm: str = 'batch'
   dropout_rate: float = 0.0
   upsample: str = 'transpose'
+  skips: str = 'nested'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
 
@@ -110,21 +118,29 @@ class UNetPlusPlus(nn.Module):
   def levels(self) -> int:
     return len(self.filters) - 1
 
+  def output_heads(self, prune_level: int | None = None) -> tuple[int, ...]:
+    """The heads (decoder levels j of X(0, j)) whose logits __call__ returns, in order."""
+    k = self.levels if prune_level is None else prune_level
+    return (k,) if self.skips == 'plain' else tuple(range(1, k + 1))
+
   @nn.compact
   def __call__(
       self, images: jax.Array, *, train: bool = False, prune_level: int | None = None
   ) -> tuple[jax.Array, ...]:
-    """Maps images [B, H, W, C] in [0, 1] to logits of heads 1..k, each [B, H, W, num_classes].
+    """Maps images [B, H, W, C] in [0, 1] to logits [B, H, W, num_classes] of `output_heads(k)`.
 
     Args:
       images: Input batch; H and W must be multiples of 2**k.
       train: Training mode (batch statistics, dropout).
       prune_level: k in 1..L: compute only the nodes X(i, j) with i + j <= k and return heads
-        1..k. None means k = L (the full network).
+        1..k. None means k = L (the full network). A plain U-Net cannot be pruned.
     """
     k = self.levels if prune_level is None else prune_level
     if not 1 <= k <= self.levels:
       raise ValueError(f'prune_level must be in 1..{self.levels}, got {prune_level}.')
+    if self.skips == 'plain' and k != self.levels:
+      raise ValueError(f'A plain U-Net has only head {self.levels}; it cannot be pruned to '
+                       f'level {k}.')
     factor = 2**k
     if images.shape[-3] % factor or images.shape[-2] % factor:
       raise ValueError(
@@ -144,15 +160,17 @@ class UNetPlusPlus(nn.Module):
       pooled = max_pool_2x2(nodes[i - 1, 0])
       nodes[i, 0] = block(i, 0)(pooled, train)
     for j in range(1, k + 1):
-      for i in range(k + 1 - j):
+      # U-Net: only the node on the way up from the deepest one, X(k - j, j), fed by X(k - j, 0).
+      rows = [k - j] if self.skips == 'plain' else range(k + 1 - j)
+      for i in rows:
         up = self._upsample(nodes[i + 1, j - 1], self.filters[i], name=f'up{i + 1}_{j - 1}')
-        skips = [nodes[i, m] for m in range(j)]
+        skips = [nodes[i, 0]] if self.skips == 'plain' else [nodes[i, m] for m in range(j)]
         nodes[i, j] = block(i, j)(jnp.concatenate([*skips, up], axis=-1), train)
     return tuple(
         nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name=f'head{j}')(nodes[0, j]).astype(
             jnp.float32
         )
-        for j in range(1, k + 1)
+        for j in self.output_heads(k)
     )
 
   def _upsample(self, x: jax.Array, features: int, name: str) -> jax.Array:
@@ -162,10 +180,50 @@ class UNetPlusPlus(nn.Module):
     return jax.image.resize(x, (b, 2 * h, 2 * w, c), method='bilinear')
 
 
+MODEL_NAMES = ('unetpp', 'unet', 'wide_unet')
+
+
+def count_parameters(model: UNetPlusPlus) -> int:
+  size = 2**model.levels
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  return sum(x.size for x in jax.tree.leaves(shapes['params']))
+
+
+@functools.lru_cache
+def wide_unet_filters(filters: tuple[int, ...], **kwargs: Any) -> tuple[int, ...]:
+  """U-Net filters, `filters` scaled by one factor, whose parameter count is closest to U-Net++'s.
+
+  For the paper's (32, 64, 128, 256, 512) this gives (35, 69, 138, 276, 553): 9,038,041 parameters
+  against U-Net++'s 9,045,924 (the paper's wide U-Net: 35..560 filters, 9.13M).
+
+  Args:
+    filters: The U-Net++ filters to match.
+    **kwargs: Other UNetPlusPlus attributes (num_classes, norm, upsample), as the models use.
+  """
+  target = count_parameters(UNetPlusPlus(filters, **kwargs))
+  scaled = lambda s: tuple(max(1, round(f * s)) for f in filters)
+  count = lambda s: count_parameters(UNetPlusPlus(scaled(s), skips='plain', **kwargs))
+  low, high = 1.0, 2.0
+  while count(high) < target:
+    high *= 2
+  for _ in range(20):  # Parameters grow with the scale: bisect.
+    mid = (low + high) / 2
+    low, high = (mid, high) if count(mid) < target else (low, mid)
+  return min((scaled(low), scaled(high)), key=lambda f: abs(count_parameters(
+      UNetPlusPlus(f, skips='plain', **kwargs)) - target))
+
+
 def create_model(model_config: Any, bn_axis_name: str | None = None) -> UNetPlusPlus:
-  """Builds the model described by `config.model`."""
+  """Builds the model described by `config.model` (name 'unetpp', 'unet' or 'wide_unet')."""
+  if model_config.name not in MODEL_NAMES:
+    raise ValueError(f'config.model.name must be one of {MODEL_NAMES}, got {model_config.name!r}.')
+  filters = tuple(model_config.filters)
+  if model_config.name == 'wide_unet':
+    filters = wide_unet_filters(filters, num_classes=model_config.num_classes,
+                                norm=model_config.norm, upsample=model_config.upsample)
   return UNetPlusPlus(
-      filters=tuple(model_config.filters),
+      filters=filters,
+      skips='nested' if model_config.name == 'unetpp' else 'plain',
       num_classes=model_config.num_classes,
       norm=model_config.norm,
       dropout_rate=model_config.dropout_rate,
@@ -182,9 +240,23 @@ def foreground_probability(logits: jax.Array) -> jax.Array:
   return 1.0 - jax.nn.softmax(logits, axis=-1)[..., 0]
 
 
-def accurate_probability(logits: Sequence[jax.Array], heads: Sequence[int]) -> jax.Array:
-  """The 'accurate' prediction: mean foreground probability of `heads` (1-based)."""
-  return jnp.mean(jnp.stack([foreground_probability(logits[h - 1]) for h in heads]), axis=0)
+def accurate_probability(
+    logits: Sequence[jax.Array], heads: Sequence[int], output_heads: Sequence[int] | None = None
+) -> jax.Array:
+  """The 'accurate' prediction: mean foreground probability of `heads`.
+
+  Args:
+    logits: The model's output.
+    heads: Heads to average.
+    output_heads: The head of each entry of `logits` (`model.output_heads()`); None = 1..k.
+  """
+  position = head_positions(output_heads or range(1, len(logits) + 1))
+  return jnp.mean(jnp.stack([foreground_probability(logits[position[h]]) for h in heads]), axis=0)
+
+
+def head_positions(output_heads: Sequence[int]) -> dict[int, int]:
+  """{head: index in the model's output}."""
+  return {int(h): n for n, h in enumerate(output_heads)}
 
 
 def predict(
@@ -209,8 +281,8 @@ def predict(
   """
   if mode == 'fast':
     logits = model.apply(variables, images, prune_level=head)
-    return foreground_probability(logits[head - 1])
+    return foreground_probability(logits[-1])  # The deepest head of the pruned network.
   if mode == 'accurate':
     logits = model.apply(variables, images, prune_level=max(heads))
-    return accurate_probability(logits, heads)
+    return accurate_probability(logits, heads, model.output_heads(max(heads)))
   raise ValueError(f"Prediction mode must be 'accurate' or 'fast', got {mode!r}.")

@@ -24,7 +24,7 @@ import hashlib
 import json
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax
@@ -104,6 +104,7 @@ def create_train_state(
 def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(
       heads=tuple(config.loss.deep_supervision_heads),
+      output_heads=models.create_model(config.model).output_heads(),
       head_weights=tuple(config.loss.head_weights),
       bce_weight=config.loss.bce_weight,
       dice_weight=config.loss.dice_weight,
@@ -152,7 +153,7 @@ def train_step(
   new_state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
   step_metrics = metrics.from_outputs(
       logits=logits, label=batch['label'], loss=loss, head_losses=head_losses,
-      heads=loss_kwargs['heads'], axis_name=AXIS,
+      heads=loss_kwargs['heads'], output_heads=loss_kwargs['output_heads'], axis_name=AXIS,
   )
   if skip_nonfinite:
     select = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -177,11 +178,13 @@ def eval_step(
   )
   return metrics.from_outputs(
       logits=logits, label=batch['label'], loss=loss, head_losses=head_losses,
-      heads=loss_kwargs['heads'], weight=batch['weight'], axis_name=AXIS,
+      heads=loss_kwargs['heads'], output_heads=loss_kwargs['output_heads'], weight=batch['weight'],
+      axis_name=AXIS,
   )
 
 
-def evaluate(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterable[Batch]) -> dict:
+def evaluate(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterable[Batch],
+             output_heads: Sequence[int] | None = None) -> dict:
   """Metrics over one full pass of `batches`, summed globally before any ratio is taken."""
   total = None
   for batch in batches:
@@ -189,7 +192,7 @@ def evaluate(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterab
     total = update if total is None else total.merge(update)
   if total is None:
     raise ValueError('The validation split is empty.')
-  return metrics.summarize(total, prefix='eval/')
+  return metrics.summarize(total, prefix='eval/', output_heads=output_heads)
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -439,7 +442,8 @@ def _train(
       skipped_updates += len(bad)
 
     if is_log:
-      scalars = metrics.summarize(train_metrics, prefix='train/')
+      scalars = metrics.summarize(train_metrics, prefix='train/',
+                                  output_heads=loss_kwargs['output_heads'])
       scalars['train/learning_rate'] = float(schedule(step - 1))
       scalars['train/skipped_updates'] = skipped_updates
       writer.write_scalars(step, scalars)
@@ -448,7 +452,7 @@ def _train(
 
     if is_eval:
       with report_progress.timed('eval'):
-        eval_scalars = evaluate(p_eval_step, state, data.eval_batches)
+        eval_scalars = evaluate(p_eval_step, state, data.eval_batches, loss_kwargs['output_heads'])
       writer.write_scalars(step, eval_scalars)
       if is_chief:
         _write_atomically(
