@@ -104,3 +104,18 @@ def test_summary_over_seeds_and_bad_arms():
   config = ablation.arm_config(base, 'unetpp_ds2', 7)
   assert tuple(config.loss.deep_supervision_heads) == (1, 2) and config.seed == 7
   assert models.create_model(ablation.arm_config(base, 'wide_unet', 0).model).skips == 'plain'
+
+
+def test_seeds_are_repeated_and_summarised(study, tmp_path):
+  _, config, _, _ = study
+  results = ablation.run_study(config, tmp_path, arms=['unetpp'], seeds=[0, 1], bench_batch=4,
+                               bench_steps=1)
+  assert sorted(results['status']) == ['unetpp/seed0', 'unetpp/seed1']
+  seeds = {(r['seed'], r['prediction']): r for r in results['rows']}
+  assert set(seeds) == {(0, 'head1'), (0, 'head2'), (1, 'head1'), (1, 'head2')}
+  assert seeds[0, 'head2']['score'] is None  # no --data: no official score
+  assert seeds[0, 'head2']['iou'] != seeds[1, 'head2']['iou']  # the seed changes the run
+  head2 = next(e for e in results['summary'] if e['prediction'] == 'head2')
+  assert head2['seeds'] == 2 and head2['iou_std'] > 0
+  assert head2['iou'] == pytest.approx((seeds[0, 'head2']['iou'] + seeds[1, 'head2']['iou']) / 2)
+  assert '±' in (tmp_path / 'results.md').read_text()
