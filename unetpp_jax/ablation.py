@@ -29,6 +29,7 @@ iou_vs_prune_level.png and iou_vs_speed.png.
 
 import copy
 import csv
+import io
 import json
 import pathlib
 import re
@@ -68,12 +69,6 @@ def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_colle
   config.predict.head = levels
   config.seed = seed
   return config
-
-
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 def _train_and_score(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -147,7 +142,7 @@ def run_study(
       logging.info('[%d/%d] %s: %s (heads %s)...', n + 1, len(configs), name,
                    'resuming' if steps_done else 'training', config.loss.deep_supervision_heads)
       scores = _train_and_score(config, arm_dir, data)
-      _write_atomically(result_path, json.dumps({'config': stored_config, 'scores': scores},
+      train.write_atomically(result_path, json.dumps({'config': stored_config, 'scores': scores},
                                                 indent=2))
     scores = json.loads(result_path.read_text())['scores']
 
@@ -157,7 +152,7 @@ def run_study(
       logging.info('Measuring the inference cost of %s...', model_name)
       level_list = range(1, levels + 1) if model.skips == 'nested' else [levels]
       cost[model_name] = _costs(config, level_list, bench_batch, bench_steps)
-      _write_atomically(cost_path, json.dumps(cost, indent=2))
+      train.write_atomically(cost_path, json.dumps(cost, indent=2))
     heads = tuple(config.loss.deep_supervision_heads)
     for prediction, values in scores.items():
       level = max(heads) if prediction == 'accurate' else int(prediction.removeprefix('head'))
@@ -170,13 +165,13 @@ def run_study(
   results = dict(arms=arms, seeds=seeds, data=data, status=status, rows=rows, summary=summary,
                  cost=cost, base_config=json.loads(base.to_json_best_effort()),
                  command=' '.join(sys.argv))
-  _write_atomically(workdir / 'results.json', json.dumps(results, indent=2))
-  with open(workdir / 'results.csv.tmp', 'w', newline='') as f:
-    writer = csv.DictWriter(f, COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-  (workdir / 'results.csv.tmp').replace(workdir / 'results.csv')
-  _write_atomically(workdir / 'results.md', markdown_table(summary, len(seeds)))
+  train.write_atomically(workdir / 'results.json', json.dumps(results, indent=2))
+  table = io.StringIO()
+  writer = csv.DictWriter(table, COLUMNS)
+  writer.writeheader()
+  writer.writerows(rows)
+  train.write_atomically(workdir / 'results.csv', table.getvalue())
+  train.write_atomically(workdir / 'results.md', markdown_table(summary, len(seeds)))
   plot(summary, workdir, levels)
   logging.info('Study results in %s: %s', workdir, status)
   return results
@@ -245,13 +240,7 @@ def plot(summary: list[dict[str, Any]], workdir: pathlib.Path, levels: int) -> N
     ax.errorbar(x, y, yerr=err, marker='o' if len(x) > 1 else 's', capsize=3, label=arm,
                 linestyle='-' if len(x) > 1 else 'none')
   ax.set_xticks(range(1, levels + 1), [f'L{k}' for k in range(1, levels + 1)])
-  ax.set_xlabel('pruning level (head used)')
-  ax.set_ylabel('validation IoU (pooled)')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(workdir / 'iou_vs_prune_level.png', dpi=120)
-  plt.close(fig)
+  _save(fig, ax, 'pruning level (head used)', workdir / 'iou_vs_prune_level.png')
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   for arm in arms:
@@ -261,10 +250,15 @@ def plot(summary: list[dict[str, Any]], workdir: pathlib.Path, levels: int) -> N
       ax.annotate(f'L{e["prune_level"]}', (e['images_per_sec'], e['iou']), fontsize=7,
                   xytext=(3, 3), textcoords='offset points')
   ax.set_xscale('log')
-  ax.set_xlabel('inference images/s (log scale)')
+  _save(fig, ax, 'inference images/s (log scale)', workdir / 'iou_vs_speed.png')
+
+
+def _save(fig: Any, ax: Any, xlabel: str, path: pathlib.Path) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ax.set_xlabel(xlabel)
   ax.set_ylabel('validation IoU (pooled)')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(workdir / 'iou_vs_speed.png', dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)

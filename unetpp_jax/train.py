@@ -301,7 +301,7 @@ def _check_stored_config(
   )
 
 
-def _write_atomically(path: epath.Path, text: str) -> None:
+def write_atomically(path: epath.Path, text: str) -> None:
   """A kill mid-write must not leave a truncated file: write a temporary file, then rename it."""
   tmp = path.parent / f'{path.name}.tmp'
   tmp.write_text(text)
@@ -350,7 +350,7 @@ def train_and_evaluate(
     _check_stored_config(workdir, config, allow_config_change)
   is_chief = jax.process_index() == 0
   if is_chief:
-    _write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
+    write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   try:
     with _StopRequest() as stop:
@@ -455,7 +455,7 @@ def _train(
         eval_scalars = evaluate(p_eval_step, state, data.eval_batches, loss_kwargs['output_heads'])
       writer.write_scalars(step, eval_scalars)
       if is_chief:
-        _write_atomically(
+        write_atomically(
             workdir / 'eval_metrics.json', json.dumps({'step': step, **eval_scalars}, indent=2)
         )
 
