@@ -30,6 +30,7 @@ iou_vs_prune_level.png and iou_vs_speed.png.
 import copy
 import csv
 import io
+import itertools
 import json
 import pathlib
 import re
@@ -233,19 +234,20 @@ def plot(summary: list[dict[str, Any]], workdir: pathlib.Path, levels: int) -> N
   heads_only = [e for e in summary if e['prediction'] != 'accurate']
   arms = list(dict.fromkeys(e['arm'] for e in summary))
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  for arm in arms:
+  for arm, marker in zip(arms, itertools.cycle('osD^vP*X')):
     points = sorted((e['prune_level'], e['iou'], e['iou_std']) for e in heads_only
                     if e['arm'] == arm)
     x, y, err = zip(*points)
-    ax.errorbar(x, y, yerr=err, marker='o' if len(x) > 1 else 's', capsize=3, label=arm,
+    ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=arm, alpha=0.85,
                 linestyle='-' if len(x) > 1 else 'none')
   ax.set_xticks(range(1, levels + 1), [f'L{k}' for k in range(1, levels + 1)])
   _save(fig, ax, 'pruning level (head used)', workdir / 'iou_vs_prune_level.png')
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  for arm in arms:
+  for arm, marker in zip(arms, itertools.cycle('osD^vP*X')):
     points = [e for e in heads_only if e['arm'] == arm]
-    ax.scatter([e['images_per_sec'] for e in points], [e['iou'] for e in points], label=arm)
+    ax.scatter([e['images_per_sec'] for e in points], [e['iou'] for e in points], label=arm,
+               marker=marker, alpha=0.85)
     for e in points:
       ax.annotate(f'L{e["prune_level"]}', (e['images_per_sec'], e['iou']), fontsize=7,
                   xytext=(3, 3), textcoords='offset points')
