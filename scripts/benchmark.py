@@ -1,7 +1,8 @@
 r"""Throughput of the U-Net++ train step or inference on in-memory arrays (no tensorflow needed).
 
   python scripts/benchmark.py --config=configs/dsb.py [--batch=16] [--image_size=96] \
-      [--dtype=float32|bfloat16] [--mode=train|infer|input] [--prune_level=k] [--steps=N]
+      [--dtype=float32|bfloat16] [--mode=train|infer|input] [--prune_level=k] [--steps=N] \
+      [--profile_dir=DIR]
 
 Prints one JSON line: images_per_sec, step_ms_median, step_ms_p90, compile_s, flops_per_image (XLA
 cost analysis of the compiled step), achieved_gflops, peak_memory_bytes, backend, device_count,
@@ -29,6 +30,9 @@ flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'input'], 'What to time.')
 flags.DEFINE_integer('prune_level', None, 'Infer mode: run the network pruned to this level.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+flags.DEFINE_string('profile_dir', None,
+                    'Also trace two steps into this folder (TensorBoard profile) and report the '
+                    'XLA operations that took the most time as top_ops.')
 flags.DEFINE_integer('cpu_devices', None,
                      'XLA devices on the CPU backend; default one per core (as training does).')
 flags.mark_flags_as_required(['config'])
@@ -48,7 +52,7 @@ def main(argv):
   else:
     result = throughput.benchmark_model(config, batch=FLAGS.batch, mode=FLAGS.mode,
                                         prune_level=FLAGS.prune_level, steps=FLAGS.steps,
-                                        warmup=FLAGS.warmup)
+                                        warmup=FLAGS.warmup, profile_dir=FLAGS.profile_dir)
   result.update(backend=jax.default_backend(), device_count=jax.device_count(),
                 device_kind=jax.devices()[0].device_kind, dtype=config.model.dtype,
                 batch=FLAGS.batch, image_size=config.data.image_size,

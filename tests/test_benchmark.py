@@ -14,10 +14,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # train: the benchmark sets the CPU device count itself (--cpu_devices); infer: XLA_FLAGS sets it.
 @pytest.mark.parametrize('mode,extra,xla_flags,devices', [
     ('train', ['--cpu_devices=4'], '', 4),
-    ('infer', ['--prune_level=2'], '--xla_force_host_platform_device_count=2', 2),
+    ('infer', ['--prune_level=2', '--profile_dir=PROFILE'],
+     '--xla_force_host_platform_device_count=2', 2),
 ])
-def test_benchmark_prints_one_json_line(mode, extra, xla_flags, devices):
+def test_benchmark_prints_one_json_line(mode, extra, xla_flags, devices, tmp_path):
   env = dict(os.environ, XLA_FLAGS=xla_flags, TF_CPP_MIN_LOG_LEVEL='2')
+  extra = [e.replace('PROFILE', str(tmp_path / 'profile')) for e in extra]
   result = subprocess.run(
       [sys.executable, 'scripts/benchmark.py', '--config=configs/synthetic.py', '--batch=4',
        '--image_size=32', '--steps=2', '--warmup=1', f'--mode={mode}', *extra],
@@ -32,5 +34,11 @@ def test_benchmark_prints_one_json_line(mode, extra, xla_flags, devices):
   assert report['images_per_sec'] > 0 and report['flops_per_image'] > 1e6
   assert report['step_ms_p90'] >= report['step_ms_median'] > 0
   if mode == 'infer':
+    # The profile: a trace for TensorBoard and the op kinds that took the most time.
+    assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
+    ops = report['top_ops']
+    assert ops and all(op['ms_per_step'] > 0 and op['calls_per_step'] > 0 for op in ops)
+    assert ops == sorted(ops, key=lambda op: -op['ms_per_step'])
+    assert len({op['op'] for op in ops}) == len(ops)  # one entry per kind
     assert report['prune_level'] == 2
     assert report['params'] < 40_000  # the pruned sub-network only (full model: 138,827)

@@ -4,7 +4,10 @@ Timed on in-memory arrays already on the devices, so this needs no tensorflow (e
 `benchmark_input`) and times the step itself, not host-to-device copies.
 """
 
+import collections
 import functools
+import pathlib
+import re
 import resource
 import time
 
@@ -41,7 +44,7 @@ def _time_steps(run, steps: int, warmup: int) -> np.ndarray:
   return np.asarray(times)
 
 
-def benchmark_model(config, *, batch, mode, prune_level, steps, warmup) -> dict:
+def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_dir=None) -> dict:
   devices = jax.local_device_count()
   if batch % devices:
     raise ValueError(f'--batch={batch} must be a multiple of the device count ({devices}).')
@@ -92,13 +95,44 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup) -> dict:
         functools.partial(model.init, prune_level=prune_level), jax.random.key(0),
         jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))['params']
     params = sum(x.size for x in jax.tree.leaves(used))
-  return dict(
+  result = dict(
       mode=mode, images_per_sec=images_per_sec, step_ms_median=1e3 * median,
       step_ms_p90=1e3 * float(np.percentile(times, 90)), compile_s=first_call - median,
       flops_per_image=flops_per_image, achieved_gflops=flops_per_image * images_per_sec / 1e9,
       peak_memory_bytes=peak_memory, peak_memory_source=memory_source, params=int(params),
       prune_level=prune_level or model.levels,
   )
+  if profile_dir:
+    result['top_ops'] = profile(run, 2, profile_dir)
+  return result
+
+
+def profile(run, steps: int, directory: str, top: int = 12) -> list[dict]:
+  """Traces `steps` calls of `run` into `directory` (TensorBoard's profile plugin reads it).
+
+  Returns the kinds of XLA operation that took the most time, summed over threads and divided by
+  `steps`: [{'op', 'ms_per_step', 'calls_per_step'}]. A kind is an HLO name without its numeric
+  suffix (e.g. all `ynn_fusion.N` together), which is what tells where a step's time goes.
+  """
+  jax.profiler.start_trace(directory)
+  for _ in range(steps):
+    run()
+  jax.profiler.stop_trace()
+  path = max(pathlib.Path(directory).rglob('*.xplane.pb'), key=lambda p: p.stat().st_mtime)
+  totals, calls = collections.Counter(), collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
+    for line in plane.lines:
+      # XLA:CPU's thunk threads, or an accelerator's 'XLA Ops' line (not whole modules).
+      if 'XLA' not in line.name or 'Modules' in line.name:
+        continue
+      for event in line.events:
+        if event.name.startswith(('ThunkExecutor', 'SlinkyThreadPool')):  # containers, not ops
+          continue
+        kind = re.sub(r'\.\d+$', '', event.name)
+        totals[kind] += event.duration_ns
+        calls[kind] += 1
+  return [dict(op=kind, ms_per_step=ns / 1e6 / steps, calls_per_step=calls[kind] / steps)
+          for kind, ns in totals.most_common(top)]
 
 
 def benchmark_input(config, *, batch, steps, warmup) -> dict:
