@@ -143,8 +143,8 @@ def run_study(
       logging.info('[%d/%d] %s: %s (heads %s)...', n + 1, len(configs), name,
                    'resuming' if steps_done else 'training', config.loss.deep_supervision_heads)
       scores = _train_and_score(config, arm_dir, data)
-      train.write_atomically(result_path, json.dumps({'config': stored_config, 'scores': scores},
-                                                indent=2))
+      train.write_atomically(
+          result_path, json.dumps({'config': stored_config, 'scores': scores}, indent=2))
     scores = json.loads(result_path.read_text())['scores']
 
     model_name = config.model.name
@@ -179,10 +179,11 @@ def run_study(
 
 
 def _latest_step(arm_dir: pathlib.Path) -> int:
+  """The newest checkpoint's step in an arm's workdir (Orbax names step folders by number)."""
   checkpoints = arm_dir / 'checkpoints'
-  steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() \
-      else []
-  return max(steps, default=0)
+  if not checkpoints.is_dir():
+    return 0
+  return max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=0)
 
 
 def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
