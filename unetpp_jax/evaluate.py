@@ -211,7 +211,7 @@ class Predictor:
     if self.options.flips:
       g = probs.reshape(probs.shape[0], 4, batch, *probs.shape[2:])
       probs = (g[:, 0] + g[:, 1, :, :, ::-1] + g[:, 2, :, ::-1] + g[:, 3, :, ::-1, ::-1]) / 4
-    position = models.head_positions(self.heads)
+    position = models.head_positions(self.heads, len(self.heads))
     final = jnp.mean(probs[jnp.array([position[h] for h in self.final_heads])], axis=0)
     return jnp.concatenate([probs, final[None]])
 
@@ -328,10 +328,6 @@ def split_ids(config: ml_collections.ConfigDict, split: str) -> list[str]:
   return list(input_pipeline.read_encoded(builder, lo, hi).ids)
 
 
-def _describe(ids: Sequence[str]) -> str:
-  return ', '.join(ids[:10]) + (f' ... ({len(ids)} in all)' if len(ids) > 10 else '')
-
-
 def select_ids(data: str | os.PathLike[str], wanted: Sequence[str] | None,
                solution: dict[str, rle.ImageRows] | None, solution_path: str | None
                ) -> list[str]:
@@ -342,17 +338,17 @@ def select_ids(data: str | os.PathLike[str], wanted: Sequence[str] | None,
     missing = sorted(set(wanted) - set(available))
     if missing:
       raise ValueError(f'{data} lacks {len(missing)} image(s) of the requested split: '
-                       f'{_describe(missing)}.')
+                       f'{rle.describe_ids(missing)}.')
     ids = sorted(wanted)
   if solution is not None:
     unknown = sorted(set(solution) - set(available))
     if unknown:
       raise ValueError(f'{solution_path} has ImageIds with no image in {data}: '
-                       f'{_describe(unknown)}.')
+                       f'{rle.describe_ids(unknown)}.')
     unlabelled = sorted(set(ids) - set(solution))
     if unlabelled:
       raise ValueError(f'{solution_path} has no rows for {len(unlabelled)} image(s) of {data}: '
-                       f'{_describe(unlabelled)} (an image without nuclei needs one row with '
+                       f'{rle.describe_ids(unlabelled)} (an image without nuclei needs one row with '
                        'empty EncodedPixels).')
     for image_id in ids:  # Finds malformed rows now rather than after hours of inference.
       solution[image_id].label_map(solution_path)

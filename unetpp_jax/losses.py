@@ -102,7 +102,7 @@ def deep_supervision_loss(
   ])
   if not head_weights:
     head_weights = [1.0 / len(heads)] * len(heads)
-  position = models.head_positions(output_heads or range(1, len(logits) + 1))
+  position = models.head_positions(output_heads, len(logits))
   total = sum(w * per_head[position[h]] for h, w in zip(heads, head_weights))
   return total, per_head
 

@@ -183,9 +183,12 @@ class UNetPlusPlus(nn.Module):
 MODEL_NAMES = ('unetpp', 'unet', 'wide_unet')
 
 
-def count_parameters(model: UNetPlusPlus) -> int:
+def count_parameters(model: UNetPlusPlus, prune_level: int | None = None) -> int:
+  """Parameters of the network pruned to `prune_level` (None: all of them), without allocating."""
   size = 2**model.levels
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  init = functools.partial(model.init, prune_level=prune_level)
+  shapes = jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3),
+                                                                         jnp.float32))
   return sum(x.size for x in jax.tree.leaves(shapes['params']))
 
 
@@ -209,8 +212,7 @@ def wide_unet_filters(filters: tuple[int, ...], **kwargs: Any) -> tuple[int, ...
   for _ in range(20):  # Parameters grow with the scale: bisect.
     mid = (low + high) / 2
     low, high = (mid, high) if count(mid) < target else (low, mid)
-  return min((scaled(low), scaled(high)), key=lambda f: abs(count_parameters(
-      UNetPlusPlus(f, skips='plain', **kwargs)) - target))
+  return scaled(min((low, high), key=lambda s: abs(count(s) - target)))
 
 
 def create_model(model_config: Any, bn_axis_name: str | None = None) -> UNetPlusPlus:
@@ -250,13 +252,13 @@ def accurate_probability(
     heads: Heads to average.
     output_heads: The head of each entry of `logits` (`model.output_heads()`); None = 1..k.
   """
-  position = head_positions(output_heads or range(1, len(logits) + 1))
+  position = head_positions(output_heads, len(logits))
   return jnp.mean(jnp.stack([foreground_probability(logits[position[h]]) for h in heads]), axis=0)
 
 
-def head_positions(output_heads: Sequence[int]) -> dict[int, int]:
-  """{head: index in the model's output}."""
-  return {int(h): n for n, h in enumerate(output_heads)}
+def head_positions(output_heads: Sequence[int] | None, num_outputs: int) -> dict[int, int]:
+  """{head: index in the model's output}; `output_heads` None means heads 1..num_outputs."""
+  return {int(h): n for n, h in enumerate(output_heads or range(1, num_outputs + 1))}
 
 
 def predict(

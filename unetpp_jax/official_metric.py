@@ -144,11 +144,11 @@ def score_files(submission: str | os.PathLike[str], solution: str | os.PathLike[
   extra = sorted(set(predicted) - set(truth))
   if extra:
     raise ValueError(f'{submission} has {len(extra)} ImageId(s) that are not in {solution}: '
-                     f'{", ".join(extra[:10])}{" ..." if len(extra) > 10 else ""}.')
+                     f'{rle.describe_ids(extra)}.')
   missing = sorted(set(truth) - set(predicted))
   if missing:
     logging.warning('%d solution image(s) missing from %s count as all false negatives: %s',
-                    len(missing), submission, ', '.join(missing[:10]))
+                    len(missing), submission, rle.describe_ids(missing))
   results = []
   for image_id, rows in truth.items():
     true = rows.label_map(solution)

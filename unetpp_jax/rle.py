@@ -19,7 +19,7 @@ import csv
 import dataclasses
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -121,6 +121,11 @@ class ImageRows:
                          f'mask of line {other}; no pixel may belong to two masks.')
       flat[index] = k
     return flat.reshape(shape, order='F')
+
+
+def describe_ids(ids: Sequence[str]) -> str:
+  """ImageIds for a message: the first ten, and how many there are in all."""
+  return ', '.join(ids[:10]) + (f' ... ({len(ids)} in all)' if len(ids) > 10 else '')
 
 
 def read_csv(path: str | os.PathLike[str], *, require_shape: bool) -> dict[str, ImageRows]:

@@ -13,7 +13,6 @@ import time
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unetpp_jax import models, train
@@ -89,17 +88,12 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
   # cost_analysis describes one device's program, which processes batch / devices images.
   flops_per_image = flops_per_device / (batch // devices)
   images_per_sec = batch / median
-  params = sum(x.size for x in jax.tree.leaves(state.params))
-  if prune_level:
-    used = jax.eval_shape(
-        functools.partial(model.init, prune_level=prune_level), jax.random.key(0),
-        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))['params']
-    params = sum(x.size for x in jax.tree.leaves(used))
   result = dict(
       mode=mode, images_per_sec=images_per_sec, step_ms_median=1e3 * median,
       step_ms_p90=1e3 * float(np.percentile(times, 90)), compile_s=first_call - median,
       flops_per_image=flops_per_image, achieved_gflops=flops_per_image * images_per_sec / 1e9,
-      peak_memory_bytes=peak_memory, peak_memory_source=memory_source, params=int(params),
+      peak_memory_bytes=peak_memory, peak_memory_source=memory_source,
+      params=models.count_parameters(model, prune_level),
       prune_level=prune_level or model.levels,
   )
   if profile_dir:
