@@ -1,7 +1,7 @@
 r"""Throughput of the U-Net++ train step or inference on in-memory arrays (no tensorflow needed).
 
   python scripts/benchmark.py --config=configs/dsb.py [--batch=16] [--image_size=96] \
-      [--dtype=float32|bfloat16] [--mode=train|infer|input] [--prune_level=k] [--steps=N] \
+      [--dtype=float32|bfloat16] [--mode=train|infer|input|matmul] [--prune_level=k] [--steps=N] \
       [--profile_dir=DIR]
 
 Prints one JSON line: images_per_sec, step_ms_median, step_ms_p90, compile_s, flops_per_image (XLA
@@ -26,7 +26,8 @@ config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.p
 flags.DEFINE_integer('batch', 16, 'Global batch size.')
 flags.DEFINE_integer('image_size', None, 'Square image size; default config.data.image_size.')
 flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype; default config.model.dtype.')
-flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'input'], 'What to time.')
+flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'input', 'matmul'],
+                  'What to time; matmul: a 2048x2048 float32 matmul, the practical peak.')
 flags.DEFINE_integer('prune_level', None, 'Infer mode: run the network pruned to this level.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
@@ -46,7 +47,9 @@ def main(argv):
     config.data.image_size = FLAGS.image_size
   if FLAGS.dtype:
     config.model.dtype = FLAGS.dtype
-  if FLAGS.mode == 'input':
+  if FLAGS.mode == 'matmul':
+    result = throughput.benchmark_matmul(size=2048, steps=FLAGS.steps, warmup=FLAGS.warmup)
+  elif FLAGS.mode == 'input':
     result = throughput.benchmark_input(config, batch=FLAGS.batch, steps=FLAGS.steps,
                                         warmup=FLAGS.warmup)
   else:

@@ -42,3 +42,11 @@ def test_benchmark_prints_one_json_line(mode, extra, xla_flags, devices, tmp_pat
     assert len({op['op'] for op in ops}) == len(ops)  # one entry per kind
     assert report['prune_level'] == 2
     assert report['params'] < 40_000  # the pruned sub-network only (full model: 138,827)
+
+
+def test_matmul_peak_reports_its_flop_rate():
+  from unetpp_jax import throughput  # pylint: disable=g-import-not-at-top
+  report = throughput.benchmark_matmul(size=128, steps=3, warmup=1)
+  assert report['mode'] == 'matmul' and report['step_ms_median'] > 0
+  assert report['achieved_gflops'] == pytest.approx(
+      2 * 128**3 / (report['step_ms_median'] / 1e3) / 1e9)

@@ -129,6 +129,17 @@ def profile(run, steps: int, directory: str, top: int = 12) -> list[dict]:
           for kind, ns in totals.most_common(top)]
 
 
+def benchmark_matmul(*, size: int, steps: int, warmup: int) -> dict:
+  """GFLOP/s of one large float32 matmul on the first device: the practical peak the step's
+  convolutions can be compared with (achieved_gflops of train/infer over this)."""
+  a = jax.device_put(np.ones((size, size), np.float32))
+  matmul = jax.jit(lambda a: a @ a)
+  times = _time_steps(lambda: matmul(a).block_until_ready(), steps, warmup)
+  median = float(np.median(times))
+  return dict(mode='matmul', size=size, step_ms_median=1e3 * median,
+              achieved_gflops=2 * size**3 / median / 1e9)
+
+
 def benchmark_input(config, *, batch, steps, warmup) -> dict:
   """Images/s of the tf.data training stream alone (decode, augment, batch)."""
   from unetpp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
