@@ -1,5 +1,6 @@
 r"""Deep-supervision ablation and pruning study: U-Net, wide U-Net, U-Net++ with and without deep
-supervision, and pruned U-Net++ L1..L, in one resumable command (details: unetpp_jax/ablation.py).
+supervision, and pruned U-Net++ L1..L, in one resumable command
+(details: unetpp_jax/study/deep_supervision.py).
 
   python scripts/ablate_deep_supervision.py --config=configs/dsb.py --workdir=workdirs/ablation \
       --data=../shared/data/dsb2018/stage1_train.zip [--arms=unet,unetpp_ds4] [--seeds=0,1,2] \
@@ -16,7 +17,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unetpp_jax import ablation, runtime, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax import runtime, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax.study import deep_supervision  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Base config of every arm (e.g. configs/dsb.py).')
@@ -40,7 +42,7 @@ def main(argv):
   runtime.use_cpu_cores_as_devices(config.batch_size, config.eval_batch_size, FLAGS.bench_batch,
                                    devices=FLAGS.cpu_devices)
   try:
-    ablation.run_study(config, FLAGS.workdir, arms=FLAGS.arms,
+    deep_supervision.run_study(config, FLAGS.workdir, arms=FLAGS.arms,
                        seeds=[int(s) for s in FLAGS.seeds] if FLAGS.seeds else None,
                        data=FLAGS.data, bench_batch=FLAGS.bench_batch,
                        bench_steps=FLAGS.bench_steps)

@@ -19,7 +19,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unetpp_jax import runtime, throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax.study import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.py).')

@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import tensorflow_datasets as tfds
 
-from unetpp_jax.datasets import dsb2018
+from unetpp_jax.data.builders import dsb2018
 
 
 def dsb2018_release() -> pathlib.Path | None:

@@ -3,7 +3,7 @@
   python tests/emulate_processes.py WORKDIR NUM_PROCESSES --config.x=y ...
 
 Each process of a real job reads its own shard; here the N per-process streams of
-input_pipeline.create_input (simulated with process_index/process_count) are stitched together
+tfds_source.create_input (simulated with process_index/process_count) are stitched together
 along the device axis, so device d of process p in the real job and device p * D + d here see the
 same examples. Run it with N * D local devices.
 """
@@ -16,14 +16,16 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, __file__.rsplit('/tests/', 1)[0])
-from unetpp_jax import input_pipeline, numpy_pipeline, train  # pylint: disable=wrong-import-position
+from unetpp_jax import train  # pylint: disable=wrong-import-position
+from unetpp_jax.data import tfds_source
+from unetpp_jax.data import contract, numpy_source
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
 
 
 def stitched_input_fn(num_processes):
   def input_fn(config, start_step):
-    parts = [input_pipeline.create_input(config, start_step=start_step, process_index=p,
+    parts = [tfds_source.create_input(config, start_step=start_step, process_index=p,
                                          process_count=num_processes)
              for p in range(num_processes)]
     devices = jax.local_device_count()
@@ -40,7 +42,7 @@ def stitched_input_fn(num_processes):
         yield stitch([next(p.train_iter) for p in parts])
 
     eval_batches = [stitch(b) for b in zip(*(p.eval_batches for p in parts))]
-    return numpy_pipeline.Input(train_iter(), eval_batches, parts[0].num_train, parts[0].num_eval)
+    return contract.Input(train_iter(), eval_batches, parts[0].num_train, parts[0].num_eval)
   return input_fn
 
 

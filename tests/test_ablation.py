@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unetpp_jax import ablation, evaluate, models
+from unetpp_jax import models
+from unetpp_jax.study import deep_supervision
+from unetpp_jax.evaluation import evaluate
 
 import test_evaluate
 
@@ -25,7 +27,7 @@ def study(tmp_path_factory):
   config.checkpoint_every_steps = config.log_every_steps = STEPS // 2
   val_indices = sorted(int(i.rsplit('_', 1)[1]) for i in evaluate.split_ids(config, 'validation'))
   data = test_evaluate._write_kaggle_zip(root / 'train.zip', val_indices)  # pylint: disable=protected-access
-  results = ablation.run_study(config, root / 'study', data=str(data), bench_batch=4,
+  results = deep_supervision.run_study(config, root / 'study', data=str(data), bench_batch=4,
                                bench_steps=2)
   return root / 'study', config, data, results
 
@@ -39,7 +41,7 @@ def test_every_arm_is_trained_scored_and_costed(study):
                               ('unetpp', 'head2'), ('unetpp_ds2', 'head1'),
                               ('unetpp_ds2', 'head2'), ('unetpp_ds2', 'accurate')}
   for row in results['rows']:
-    for metric in (*ablation.METRICS, *ablation.OFFICIAL):
+    for metric in (*deep_supervision.METRICS, *deep_supervision.OFFICIAL):
       assert 0 <= row[metric] <= 1, (row, metric)
   # The rows carry the training evaluator's numbers of each arm's last step.
   stored = json.loads((workdir / 'unetpp_ds2' / 'seed0' / 'eval_metrics.json').read_text())
@@ -60,7 +62,7 @@ def test_outputs_are_written(study):
   workdir, _, _, results = study
   with open(workdir / 'results.csv') as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == len(results['rows']) == 7 and tuple(rows[0]) == ablation.COLUMNS
+  assert len(rows) == len(results['rows']) == 7 and tuple(rows[0]) == deep_supervision.COLUMNS
   assert json.loads((workdir / 'results.json').read_text())['rows'] == results['rows']
   table = (workdir / 'results.md').read_text()
   assert table.count('\n| ') == 8  # header and 7 rows
@@ -77,7 +79,7 @@ def test_resume_skips_finished_arms_and_continues_unfinished(study):
   shutil.rmtree(arm / 'checkpoints' / str(STEPS))  # As if killed between the two checkpoints.
   for name in ('results.csv', 'results.json', 'results.md'):
     (workdir / name).unlink()
-  again = ablation.run_study(config, workdir, data=str(data), bench_batch=4, bench_steps=2)
+  again = deep_supervision.run_study(config, workdir, data=str(data), bench_batch=4, bench_steps=2)
   assert again['status'] == {'unet/seed0': 'done before', 'wide_unet/seed0': 'done before',
                              'unetpp/seed0': 'done before',
                              'unetpp_ds2/seed0': f'resumed from step {STEPS // 2}'}
@@ -93,23 +95,24 @@ def test_summary_over_seeds_and_bad_arms():
                params=10, gflops_per_image=1.0, images_per_sec=5.0, seed=s, iou=v, dice=v,
                iou_per_image=v, dice_per_image=v, score=None, ap50=None)
           for s, v in ((0, 0.5), (1, 0.7))]
-  (entry,) = ablation._summarize(rows)  # pylint: disable=protected-access
+  (entry,) = deep_supervision._summarize(rows)  # pylint: disable=protected-access
   assert entry['seeds'] == 2 and entry['iou'] == pytest.approx(0.6)
   assert entry['iou_std'] == pytest.approx(np.std([0.5, 0.7])) and entry['score'] is None
-  assert '0.600 ± 0.100' in ablation.markdown_table([entry], 2)
+  assert '0.600 ± 0.100' in deep_supervision.markdown_table([entry], 2)
   base = test_evaluate._tiny_config('/unused')  # pylint: disable=protected-access
   for arm in ('unetpp_ds1', 'unetpp_ds3', 'unet_ds2', 'resnet'):
     with pytest.raises(ValueError, match='Unknown arm'):
-      ablation.arm_config(base, arm, 0)
-  config = ablation.arm_config(base, 'unetpp_ds2', 7)
+      deep_supervision.arm_config(base, arm, 0)
+  config = deep_supervision.arm_config(base, 'unetpp_ds2', 7)
   assert tuple(config.loss.deep_supervision_heads) == (1, 2) and config.seed == 7
-  assert models.create_model(ablation.arm_config(base, 'wide_unet', 0).model).skips == 'plain'
+  wide = deep_supervision.arm_config(base, 'wide_unet', 0)
+  assert models.create_model(wide.model).skips == 'plain'
 
 
 def test_seeds_are_repeated_and_summarised(study, tmp_path):
   _, config, _, _ = study
-  results = ablation.run_study(config, tmp_path, arms=['unetpp'], seeds=[0, 1], bench_batch=4,
-                               bench_steps=1)
+  results = deep_supervision.run_study(config, tmp_path, arms=['unetpp'], seeds=[0, 1],
+                                       bench_batch=4, bench_steps=1)
   assert sorted(results['status']) == ['unetpp/seed0', 'unetpp/seed1']
   seeds = {(r['seed'], r['prediction']): r for r in results['rows']}
   assert set(seeds) == {(0, 'head1'), (0, 'head2'), (1, 'head1'), (1, 'head2')}

@@ -1,7 +1,8 @@
 """Odd and bad files in a Kaggle-layout release, each written as a real file (folder and zip).
 
 Odd but valid files are read correctly; bad examples raise a ValueError naming the file with
-on_bad_example='error' and are logged, counted and left out with 'skip' (see datasets/kaggle.py).
+on_bad_example='error' and are logged, counted and left out with 'skip'
+(see unetpp_jax/data/release.py).
 Also covered in test_datasets.py: RGBA, grayscale and 16-bit grayscale images, overlapping masks,
 an image without a masks folder, stray files (.DS_Store, Thumbs.db, __MACOSX) and zips with and
 without a top-level folder.
@@ -18,8 +19,8 @@ from PIL import Image
 import pytest
 
 from configs import dsb as dsb_config
-from unetpp_jax import datasets
-from unetpp_jax.datasets import kaggle
+from unetpp_jax.data import builders
+from unetpp_jax.data import release
 from test_datasets import _write  # pylint: disable=g-bad-import-order
 
 
@@ -76,7 +77,7 @@ def test_16bit_colour_palette_and_1bit_images_become_uint8_rgb(tmp_path, as_zip)
       'la/images/la.png': _png(np.stack([bits, bits], axis=-1), mode='LA'),
   }
   path = _write(files, tmp_path / 'r', as_zip)
-  examples = {e['id']: e['image'] for e in kaggle.iter_examples(path)}
+  examples = {e['id']: e['image'] for e in release.iter_examples(path)}
   # 16-bit colour keeps the high byte (v // 256): 0, 128, 255 | 1, 1, 255.
   expected16 = np.array([[[0, 128, 255], [1, 1, 255]]], np.uint8)
   np.testing.assert_array_equal(examples['rgb16'], expected16)
@@ -103,7 +104,7 @@ def test_any_nonzero_mask_value_is_foreground(tmp_path, as_zip):
       'x/masks/c_1bit.png': _png(_mask(shape, (2, 0, 3, 8)), mode='1'),
       'x/masks/d_rgb.png': _png(rgb),
   }
-  [example] = kaggle.iter_examples(_write(files, tmp_path / 'r', as_zip))
+  [example] = release.iter_examples(_write(files, tmp_path / 'r', as_zip))
   expected = np.zeros(shape, np.uint16)
   expected[0, 0:5] = 1
   expected[1] = 2
@@ -165,7 +166,7 @@ def test_bad_example_is_rejected_naming_the_file(tmp_path, kind, as_zip):
   _, name, _ = BAD_EXAMPLES[kind]
   named = _display(path, name, as_zip) if name.startswith('bad/') else name
   with pytest.raises(ValueError) as error:
-    list(kaggle.iter_examples(path))  # on_bad_example='error' is the default.
+    list(release.iter_examples(path))  # on_bad_example='error' is the default.
   assert named in str(error.value)
   assert "on_bad_example='skip'" in str(error.value)
   if kind == 'masks_without_image':
@@ -178,22 +179,22 @@ def test_bad_example_is_skipped_logged_and_counted(tmp_path, caplog, kind, as_zi
   path = _release(tmp_path, kind, as_zip)
   _, name, skipped = BAD_EXAMPLES[kind]
   with caplog.at_level(logging.WARNING):
-    examples = list(kaggle.iter_examples(path, on_bad_example='skip'))
+    examples = list(release.iter_examples(path, on_bad_example='skip'))
   assert [e['id'] for e in examples] == ['good1', 'good2']
   assert int(examples[0]['label'].max()) == 1
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert sum(name in w and 'Skipping a bad example' in w for w in warnings) == skipped
   assert f'Skipped {skipped} of {2 + skipped} examples in {path} as bad' in warnings[-1]
   if kind in ('masks_without_image', 'duplicate_id'):  # Bad folders, found without decoding.
-    assert kaggle.list_ids(path, on_bad_example='skip') == ['good1', 'good2']
+    assert release.list_ids(path, on_bad_example='skip') == ['good1', 'good2']
 
 
 def test_all_examples_bad_is_an_error_even_when_skipping(tmp_path):
   path = _write({'bad/images/bad.png': b''}, tmp_path / 'release', as_zip=True)
   with pytest.raises(ValueError, match=f'All 1 examples in {path} are bad'):
-    list(kaggle.iter_examples(path, on_bad_example='skip'))
+    list(release.iter_examples(path, on_bad_example='skip'))
   with pytest.raises(ValueError, match="on_bad_example='ignore' must be one of"):
-    list(kaggle.iter_examples(path, on_bad_example='ignore'))
+    list(release.iter_examples(path, on_bad_example='ignore'))
 
 
 def test_dsb2018_builder_follows_config_on_bad_example(tmp_path, caplog):
@@ -211,12 +212,12 @@ def test_dsb2018_builder_follows_config_on_bad_example(tmp_path, caplog):
   config.data.manual_dir = str(manual)
   assert config.data.on_bad_example == 'error'  # The default.
   with pytest.raises(ValueError, match=f'{zip_path}:stage1_train/bad/images/bad.png'):
-    datasets.load_builder(config)
+    builders.load_builder(config)
   assert not (tmp_path / 'tfds' / 'dsb2018' / '1.0.0').exists()
 
   config.data.on_bad_example = 'skip'
   with caplog.at_level(logging.WARNING):
-    builder = datasets.load_builder(config)
+    builder = builders.load_builder(config)
   assert builder.info.splits['train'].num_examples == 2
   ids = sorted(e['id'].decode() for e in builder.as_dataset(split='train').as_numpy_iterator())
   assert ids == ['good1', 'good2']

@@ -12,10 +12,10 @@ import tensorflow_datasets as tfds
 
 from configs import dsb as dsb_config
 from configs import synthetic as synthetic_config
-from unetpp_jax import datasets
-from unetpp_jax.datasets import dsb2018
-from unetpp_jax.datasets import kaggle
-from unetpp_jax.datasets import synthetic_nuclei
+from unetpp_jax.data import builders
+from unetpp_jax.data.builders import dsb2018
+from unetpp_jax.data import release
+from unetpp_jax.data.builders import synthetic_nuclei
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic nuclei.
@@ -76,7 +76,7 @@ def test_synthetic_has_both_styles_and_touching_nuclei():
 def test_synthetic_builder_prepares(tmp_path):
   config = synthetic_config.get_config()
   config.data.tfds_data_dir = str(tmp_path)
-  builder = datasets.load_builder(config)
+  builder = builders.load_builder(config)
   assert builder.name == 'synthetic_nuclei'
   assert builder.info.splits['train'].num_examples == synthetic_nuclei.NUM_EXAMPLES
   features = builder.info.features
@@ -149,8 +149,8 @@ def _release_files(top: str = '') -> dict[str, bytes]:
 @pytest.mark.parametrize('top', ['', 'stage1_train/'], ids=['flat', 'top_folder'])
 def test_reader_layouts(tmp_path, as_zip, top):
   path = _write(_release_files(top), tmp_path / 'release', as_zip)
-  assert kaggle.list_ids(path) == ['img_a', 'img_b']
-  examples = list(kaggle.iter_examples(path))
+  assert release.list_ids(path) == ['img_a', 'img_b']
+  examples = list(release.iter_examples(path))
   assert [e['id'] for e in examples] == ['img_a', 'img_b']
   gray, rgba = examples
 
@@ -170,7 +170,7 @@ def test_reader_empty_masks_folder(tmp_path):
   root = tmp_path / 'release'
   _write({'x/images/x.png': _png(_GRAY)}, root, as_zip=False)
   (root / 'x' / 'masks').mkdir()
-  [example] = kaggle.iter_examples(root)
+  [example] = release.iter_examples(root)
   np.testing.assert_array_equal(example['label'], np.zeros(_GRAY.shape, np.uint16))
 
 
@@ -183,7 +183,7 @@ def test_reader_overlapping_masks_later_wins(tmp_path, as_zip):
       'x/masks/b.png': _png(_mask(shape, (3, 3, 8, 8))),
       'x/masks/a.png': _png(_mask(shape, (0, 0, 5, 5))),
   }
-  [example] = kaggle.iter_examples(_write(files, tmp_path / 'release', as_zip))
+  [example] = release.iter_examples(_write(files, tmp_path / 'release', as_zip))
   expected = np.zeros(shape, np.uint16)
   expected[0:5, 0:5] = 1
   expected[3:8, 3:8] = 2
@@ -193,7 +193,7 @@ def test_reader_overlapping_masks_later_wins(tmp_path, as_zip):
 def test_reader_16bit_grayscale_image(tmp_path):
   image = np.array([[0, 257, 65535]], np.uint16)
   files = {'x/images/x.png': _png(image)}
-  [example] = kaggle.iter_examples(_write(files, tmp_path / 'release', as_zip=True))
+  [example] = release.iter_examples(_write(files, tmp_path / 'release', as_zip=True))
   np.testing.assert_array_equal(example['image'][..., 0], [[0, 1, 255]])
 
 
@@ -204,7 +204,7 @@ def test_reader_many_images_in_order(tmp_path):
     files[f'id{i}/images/id{i}.png'] = _png(np.full((4, 4), i, np.uint8))
     for j in range(i % 3):
       files[f'id{i}/masks/{j}.png'] = _png(_mask((4, 4), (j, 0, j + 1, 4)))
-  examples = list(kaggle.iter_examples(_write(files, tmp_path / 'r', True), num_threads=1))
+  examples = list(release.iter_examples(_write(files, tmp_path / 'r', True), num_threads=1))
   assert [e['id'] for e in examples] == [f'id{i}' for i in range(9)]
   for i, example in enumerate(examples):
     assert np.all(example['image'] == i)
@@ -216,28 +216,28 @@ def test_reader_corrupt_png_in_zip_names_member(tmp_path):
   files = {'x/images/x.png': good, 'x/masks/bad.png': good[: len(good) // 2]}  # Truncated.
   path = _write(files, tmp_path / 'release', as_zip=True)
   with pytest.raises(ValueError, match=f'{path}:x/masks/bad.png'):
-    list(kaggle.iter_examples(path))
+    list(release.iter_examples(path))
 
 
 def test_reader_corrupt_image_in_folder_names_file(tmp_path):
   path = _write({'x/images/x.png': b'not a png at all'}, tmp_path / 'release', as_zip=False)
   with pytest.raises(ValueError, match=str(path / 'x' / 'images' / 'x.png')):
-    list(kaggle.iter_examples(path))
+    list(release.iter_examples(path))
 
 
 def test_reader_mask_size_mismatch_names_file(tmp_path):
   files = {'x/images/x.png': _png(_GRAY), 'x/masks/m.png': _png(_mask((5, 5), (0, 0, 2, 2)))}
   path = _write(files, tmp_path / 'release', as_zip=True)
   with pytest.raises(ValueError, match=f'{path}:x/masks/m.png'):
-    list(kaggle.iter_examples(path))
+    list(release.iter_examples(path))
 
 
 def test_reader_errors_for_missing_or_empty(tmp_path):
   with pytest.raises(FileNotFoundError, match='nowhere'):
-    kaggle.list_ids(tmp_path / 'nowhere')
+    release.list_ids(tmp_path / 'nowhere')
   path = _write({'notes.txt': b'hi', 'x/other/x.png': _png(_GRAY)}, tmp_path / 'r', as_zip=True)
   with pytest.raises(ValueError, match=f'No images found in {path}'):
-    kaggle.list_ids(path)
+    release.list_ids(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_dsb2018_builder_from_manual_zip(tmp_path):
   config = dsb_config.get_config()
   config.data.tfds_data_dir = str(tmp_path / 'tfds')
   config.data.manual_dir = str(manual)
-  builder = datasets.load_builder(config)
+  builder = builders.load_builder(config)
   assert builder.name == 'dsb2018'
   examples = {e['id'].decode(): e for e in builder.as_dataset(split='train').as_numpy_iterator()}
   assert sorted(examples) == ['img_a', 'img_b']
@@ -293,9 +293,9 @@ def test_dsb2018_missing_data_error(tmp_path, monkeypatch, make_dir):
   config.data.tfds_data_dir = str(tmp_path / 'tfds')
   config.data.manual_dir = str(manual)
   with pytest.raises(FileNotFoundError) as error:
-    datasets.load_builder(config)
+    builders.load_builder(config)
   message = str(error.value)
   assert str(manual) in message
   assert 'stage1_train.zip' in message and 'images/<id>.png' in message
-  assert kaggle.DOWNLOAD_URL in message
+  assert release.DOWNLOAD_URL in message
   assert not os.path.exists(tmp_path / 'tfds' / 'dsb2018' / '1.0.0')

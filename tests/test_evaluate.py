@@ -16,8 +16,12 @@ import pytest
 from PIL import Image
 
 from configs import synthetic
-from unetpp_jax import evaluate, instances, official_metric, rle, train
-from unetpp_jax.datasets import synthetic_nuclei
+from unetpp_jax import train
+from unetpp_jax.evaluation import evaluate
+from unetpp_jax.evaluation import instances
+from unetpp_jax.evaluation import official_metric
+from unetpp_jax.evaluation import rle
+from unetpp_jax.data.builders import synthetic_nuclei
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -7,10 +7,9 @@ import pytest
 import tensorflow as tf
 
 from configs import synthetic
-from unetpp_jax import datasets
-from unetpp_jax import export_npz
-from unetpp_jax import input_pipeline
-from unetpp_jax import numpy_pipeline
+from unetpp_jax.data import builders
+from unetpp_jax.data import tfds_source
+from unetpp_jax.data import contract, numpy_source
 
 D = 2  # Local devices (tests/conftest.py).
 S = 64  # configs/synthetic.py image size.
@@ -22,12 +21,12 @@ def data(tmp_path_factory):
   root = tmp_path_factory.mktemp('data')
   config = synthetic.get_config()
   config.data.tfds_data_dir = str(root / 'tfds')
-  builder = datasets.load_builder(config)
+  builder = builders.load_builder(config)
   npz = str(root / 'synthetic.npz')
-  export_npz.export(config, npz)
-  _, (lo, hi) = input_pipeline.split_ranges(builder, config.data.val_fraction)
+  tfds_source.export_npz(config, npz)
+  _, (lo, hi) = tfds_source.split_ranges(builder, config.data.val_fraction)
   return {'tfds_data_dir': config.data.tfds_data_dir, 'npz': npz,
-          'val_ids': input_pipeline.read_encoded(builder, lo, hi).ids}
+          'val_ids': tfds_source.read_encoded(builder, lo, hi).ids}
 
 
 def _config(data, source='tfds', **overrides):
@@ -177,20 +176,20 @@ def _label_coded_examples(sizes, seed=0):
 def test_augmentation_keeps_image_and_label_aligned(preprocess):
   config = synthetic.get_config()
   config.data.jitter = 0.0
-  layout = numpy_pipeline.Layout.create(config)
+  layout = contract.Layout.create(config)
   if preprocess == 'resize':  # Already at S x S: served as they are.
     pairs = _label_coded_examples([(S, S)] * 6)
-    examples = numpy_pipeline.Examples(np.array([str(i) for i in range(6)]),
+    examples = contract.Examples(np.array([str(i) for i in range(6)]),
                                        np.stack([p[0] for p in pairs]),
                                        np.stack([p[1] for p in pairs]))
   else:  # Native sizes, some smaller than S (padded).
     pairs = _label_coded_examples([(80, 100), (50, 70), (64, 64), (130, 40), (90, 90), (70, 66)])
-    examples = input_pipeline.EncodedExamples(
+    examples = tfds_source.EncodedExamples(
         np.array([str(i) for i in range(6)]),
         np.array([tf.io.encode_png(image).numpy() for image, _ in pairs], object),
         np.array([tf.io.encode_png(label[..., None]).numpy() for _, label in pairs], object))
-  schedule = numpy_pipeline.TrainSchedule(6, 0, config.batch_size, layout, True, 0.0)
-  batches = _take(input_pipeline.train_dataset(examples, schedule, size=S).as_numpy_iterator(), 6)
+  schedule = contract.TrainSchedule(6, 0, config.batch_size, layout, True, 0.0)
+  batches = _take(tfds_source.train_dataset(examples, schedule, size=S).as_numpy_iterator(), 6)
   images = np.concatenate([b['image'].reshape(-1, S, S, 3) for b in batches])
   labels = np.concatenate([b['label'].reshape(-1, S, S) for b in batches])
   red = np.round(images[..., 0] * 255).astype(np.int64)
@@ -204,7 +203,7 @@ def test_augmentation_keeps_image_and_label_aligned(preprocess):
                                            params['rot90'])}) >= 4
   if preprocess == 'resize':
     for j, index in enumerate(np.concatenate(indices)):
-      expected = numpy_pipeline.augment(examples.images[index] / np.float32(255),
+      expected = numpy_source.augment(examples.images[index] / np.float32(255),
                                         examples.labels[index],
                                         {k: v[j] for k, v in params.items()}, 0.0)
       np.testing.assert_array_equal(images[j], expected[0])
@@ -215,13 +214,13 @@ def test_tf_augment_matches_numpy_augment():
   rng = np.random.default_rng(0)
   images = rng.random((16, 12, 12, 3), dtype=np.float32)
   labels = rng.integers(0, 5, (16, 12, 12)).astype(np.int32)
-  params = numpy_pipeline.augment_params(3, np.arange(16), augment=True, jitter=0.3)
-  got_images, got_labels = input_pipeline.augment(tf.constant(images),
+  params = contract.augment_params(3, np.arange(16), augment=True, jitter=0.3)
+  got_images, got_labels = tfds_source.augment(tf.constant(images),
                                                   tf.constant(labels[..., None]), params, 0.3)
   assert len({(a, b, c) for a, b, c in zip(params['flip_lr'], params['flip_ud'],
                                            params['rot90'])}) >= 6
   for j in range(16):
-    want_image, want_label = numpy_pipeline.augment(
+    want_image, want_label = numpy_source.augment(
         images[j], labels[j], {k: v[j] for k, v in params.items()}, 0.3)
     np.testing.assert_allclose(got_images[j].numpy(), want_image, atol=1e-5)
     np.testing.assert_array_equal(got_labels[j, ..., 0].numpy(), want_label)
@@ -232,4 +231,4 @@ def test_create_input_rejects_other_sources():
   config = synthetic.get_config()
   config.data.source = 'npz:/tmp/x.npz'
   with pytest.raises(ValueError, match='numpy_pipeline'):
-    input_pipeline.create_input(config)
+    tfds_source.create_input(config)

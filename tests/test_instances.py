@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unetpp_jax import instances
+from unetpp_jax.evaluation import instances
 
 YY, XX = np.mgrid[:60, :100]
 

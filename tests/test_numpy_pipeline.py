@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from unetpp_jax import numpy_pipeline
+from unetpp_jax.data import contract, numpy_source
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 S = 16
@@ -23,8 +23,8 @@ def _fake_data(n_train=10, n_val=5, seed=0):
     labels = rng.integers(0, 40, (n, S, S)).astype(np.uint16)
     images = rng.integers(0, 256, (n, S, S, 3)).astype(np.uint8)
     images[..., 0] = (7 * labels.astype(np.int64)) % 256
-    return numpy_pipeline.Examples(np.array([f'{prefix}{i}' for i in range(n)]), images, labels)
-  return numpy_pipeline.NpzData(examples(n_train, 'train'), examples(n_val, 'val'), S,
+    return contract.Examples(np.array([f'{prefix}{i}' for i in range(n)]), images, labels)
+  return contract.NpzData(examples(n_train, 'train'), examples(n_val, 'val'), S,
                                 'synthetic_nuclei', 0.2)
 
 
@@ -42,12 +42,12 @@ def _config(path, **data_overrides):
 @pytest.fixture
 def npz(tmp_path):
   path = str(tmp_path / 'fake.npz')
-  numpy_pipeline.save_npz(path, _fake_data())
+  contract.save_npz(path, _fake_data())
   return path
 
 
 def test_save_load_round_trip(npz):
-  data, loaded = _fake_data(), numpy_pipeline.load_npz(npz)
+  data, loaded = _fake_data(), contract.load_npz(npz)
   assert (loaded.image_size, loaded.dataset, loaded.val_fraction) == (S, 'synthetic_nuclei', 0.2)
   for split in ('train', 'val'):
     want, got = getattr(data, split), getattr(loaded, split)
@@ -57,7 +57,7 @@ def test_save_load_round_trip(npz):
 
 
 def test_train_batches_keep_image_and_label_aligned(npz):
-  inp = numpy_pipeline.create_input(_config(npz, jitter=0.0))
+  inp = numpy_source.create_input(_config(npz, jitter=0.0))
   assert (inp.num_train, inp.num_eval) == (10, 5)
   for batch in [next(inp.train_iter) for _ in range(8)]:
     assert batch['image'].dtype == np.float32 and batch['image'].shape == (2, 2, S, S, 3)
@@ -67,8 +67,8 @@ def test_train_batches_keep_image_and_label_aligned(npz):
 
 
 def test_jitter_stays_in_range_and_changes_images(npz):
-  plain = next(numpy_pipeline.create_input(_config(npz, jitter=0.0)).train_iter)
-  jittered = next(numpy_pipeline.create_input(_config(npz, jitter=0.5)).train_iter)
+  plain = next(numpy_source.create_input(_config(npz, jitter=0.0)).train_iter)
+  jittered = next(numpy_source.create_input(_config(npz, jitter=0.5)).train_iter)
   np.testing.assert_array_equal(plain['label'], jittered['label'])  # Same order and geometry.
   assert 0 <= jittered['image'].min() and jittered['image'].max() <= 1
   assert np.abs(jittered['image'] - plain['image']).mean() > 0.01
@@ -76,8 +76,8 @@ def test_jitter_stays_in_range_and_changes_images(npz):
 
 def test_schedule_epochs_are_permutations_of_the_shard():
   config = _config('unused')
-  layouts = [numpy_pipeline.Layout.create(config, p, 2) for p in range(2)]
-  schedules = [numpy_pipeline.TrainSchedule(7, 0, 4, layout, True, 0.1) for layout in layouts]
+  layouts = [contract.Layout.create(config, p, 2) for p in range(2)]
+  schedules = [contract.TrainSchedule(7, 0, 4, layout, True, 0.1) for layout in layouts]
   steps = [[s.step(k) for k in range(14)] for s in schedules]  # 14 x 2 = 28 = 4 epochs of 7.
   for process_steps in steps:
     order = np.concatenate([indices for indices, _ in process_steps]).reshape(4, 7)
@@ -92,9 +92,9 @@ def test_schedule_epochs_are_permutations_of_the_shard():
 
 def test_augment_params_switches_are_independent():
   positions = np.arange(50)
-  both = numpy_pipeline.augment_params(0, positions, augment=True, jitter=0.2)
-  geometric = numpy_pipeline.augment_params(0, positions, augment=True, jitter=0.0)
-  photometric = numpy_pipeline.augment_params(0, positions, augment=False, jitter=0.2)
+  both = contract.augment_params(0, positions, augment=True, jitter=0.2)
+  geometric = contract.augment_params(0, positions, augment=True, jitter=0.0)
+  photometric = contract.augment_params(0, positions, augment=False, jitter=0.2)
   for key in ('flip_lr', 'flip_ud', 'rot90'):
     np.testing.assert_array_equal(both[key], geometric[key])
     assert not photometric[key].any()
@@ -109,14 +109,14 @@ def test_layout_validates_batch_sizes():
   config = _config('unused')
   config.batch_size = 6  # 2 processes x 2 local devices = 4 devices.
   with pytest.raises(ValueError, match=r'batch_size=6 .* 4\)'):
-    numpy_pipeline.Layout.create(config, 0, 2)
+    contract.Layout.create(config, 0, 2)
   config.batch_size, config.eval_batch_size = 8, 2
   with pytest.raises(ValueError, match='eval_batch_size=2'):
-    numpy_pipeline.Layout.create(config, 0, 2)
+    contract.Layout.create(config, 0, 2)
   config.eval_batch_size = 8
   with pytest.raises(ValueError, match='process_index 2'):
-    numpy_pipeline.Layout.create(config, 2, 2)
-  layout = numpy_pipeline.Layout.create(config, 1, 2)
+    contract.Layout.create(config, 2, 2)
+  layout = contract.Layout.create(config, 1, 2)
   assert (layout.per_process_batch, layout.per_device_batch, layout.per_process_eval_batch) == (
       4, 2, 4)
 
@@ -124,25 +124,25 @@ def test_layout_validates_batch_sizes():
 def test_missing_or_invalid_npz_errors_name_the_path(tmp_path, npz):
   missing = str(tmp_path / 'missing.npz')
   with pytest.raises(FileNotFoundError, match=re.escape(missing) + '.*unetpp_jax.export_npz'):
-    numpy_pipeline.create_input(_config(missing))
+    numpy_source.create_input(_config(missing))
 
   garbage = tmp_path / 'garbage.npz'
   garbage.write_bytes(b'not a zip file')
   with pytest.raises(ValueError, match=re.escape(str(garbage)) + '.*unetpp_jax.export_npz'):
-    numpy_pipeline.create_input(_config(garbage))
+    numpy_source.create_input(_config(garbage))
 
   incomplete = str(tmp_path / 'incomplete.npz')
   with np.load(npz) as f:
     np.savez(incomplete, **{k: f[k] for k in f.files if k != 'val_label'})
   with pytest.raises(ValueError, match=re.escape(incomplete) + '.*val_label'):
-    numpy_pipeline.create_input(_config(incomplete))
+    numpy_source.create_input(_config(incomplete))
 
   with pytest.raises(ValueError, match=r'image_size: file 16, config 32.*Re-export'):
-    numpy_pipeline.create_input(_config(npz, image_size=32))
+    numpy_source.create_input(_config(npz, image_size=32))
   with pytest.raises(ValueError, match="only 'resize'"):
-    numpy_pipeline.create_input(_config(npz, train_preprocess='crop'))
+    numpy_source.create_input(_config(npz, train_preprocess='crop'))
   with pytest.raises(ValueError, match="needs 'npz:PATH'"):
-    numpy_pipeline.create_input(_config(npz, source='tfds'))
+    numpy_source.create_input(_config(npz, source='tfds'))
 
 
 def test_save_npz_is_atomic(npz, monkeypatch):
@@ -153,7 +153,7 @@ def test_save_npz_is_atomic(npz, monkeypatch):
     raise OSError('disk full')
   monkeypatch.setattr(np, 'savez_compressed', fail)
   with pytest.raises(OSError, match='disk full'):
-    numpy_pipeline.save_npz(npz, _fake_data(seed=1))
+    contract.save_npz(npz, _fake_data(seed=1))
   assert pathlib.Path(npz).read_bytes() == before
   assert os.listdir(os.path.dirname(npz)) == ['fake.npz']  # No temporary file left behind.
 
@@ -165,11 +165,11 @@ sys.modules['tensorflow'] = None  # Any import of it now fails.
 sys.modules['tensorflow_datasets'] = None
 sys.path.insert(0, {str(REPO)!r})
 from configs import synthetic
-from unetpp_jax import numpy_pipeline
 config = synthetic.get_config()
 config.data.source, config.data.image_size = 'npz:{npz}', {S}
-batch = next(numpy_pipeline.create_input(config).train_iter)
-evals = list(numpy_pipeline.create_input(config).eval_batches)
+from unetpp_jax.data import numpy_source
+batch = next(numpy_source.create_input(config).train_iter)
+evals = list(numpy_source.create_input(config).eval_batches)
 print(batch['image'].shape, sum(b['weight'].sum() for b in evals))
 """
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
@@ -190,7 +190,7 @@ def test_export_npz_cli_round_trip(tmp_path):
   with np.load(output) as f:
     assert set(f.files) == {'train_image', 'train_label', 'train_id', 'val_image', 'val_label',
                             'val_id', 'image_size', 'dataset', 'val_fraction'}
-  data = numpy_pipeline.load_npz(str(output))
+  data = contract.load_npz(str(output))
   assert (data.image_size, data.dataset, data.val_fraction) == (32, 'synthetic_nuclei', 0.25)
   assert data.train.images.shape == (180, 32, 32, 3) and data.val.labels.shape == (60, 32, 32)
   assert data.train.images.dtype == np.uint8 and data.val.labels.dtype == np.uint16
@@ -200,5 +200,5 @@ def test_export_npz_cli_round_trip(tmp_path):
 
   config = _config(output, image_size=32, val_fraction=0.25)
   config.data.dataset = 'synthetic_nuclei'
-  batch = next(numpy_pipeline.create_input(config).train_iter)
+  batch = next(numpy_source.create_input(config).train_iter)
   assert batch['image'].shape == (2, 2, 32, 32, 3)

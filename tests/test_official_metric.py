@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unetpp_jax import official_metric as om
+from unetpp_jax.evaluation import official_metric as om
 
 
 def _boxes(shape, *boxes):

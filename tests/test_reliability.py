@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import synthetic
-from unetpp_jax import config_validation, numpy_pipeline, train
+from unetpp_jax import config_validation, train
+from unetpp_jax.data import contract, numpy_source
 import summaries
 import test_train
 
@@ -51,10 +52,10 @@ def _make_npz(path: pathlib.Path) -> None:
       y, x = rng.integers(0, 20, 2)
       labels[i, y:y + 12, x:x + 12] = 1
       images[i, y:y + 12, x:x + 12] += 150
-    return numpy_pipeline.Examples(np.array([f'{prefix}{i}' for i in range(n)]), images, labels)
+    return contract.Examples(np.array([f'{prefix}{i}' for i in range(n)]), images, labels)
 
   config = synthetic.get_config()
-  numpy_pipeline.save_npz(str(path), numpy_pipeline.NpzData(
+  contract.save_npz(str(path), contract.NpzData(
       examples(16, 'train'), examples(4, 'val'), 32, config.data.dataset,
       config.data.val_fraction))
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unetpp_jax import rle
+from unetpp_jax.evaluation import rle
 
 
 def test_encode_is_column_major_and_one_indexed():

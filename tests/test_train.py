@@ -11,6 +11,7 @@ import pytest
 
 from configs import synthetic
 from unetpp_jax import config_validation, models, train
+from unetpp_jax.heads import Heads
 
 
 def tiny_config():
@@ -98,7 +99,7 @@ def test_training_reduces_loss(tmp_path):
   model = models.create_model(config.model, bn_axis_name=train.AXIS)
   state = train.create_train_state(config, jax.random.key(0), model)
   data = array_input_fn(config, 0)
-  p_eval = jax.pmap(functools.partial(train.eval_step, loss_kwargs=train._loss_kwargs(config)),
+  p_eval = jax.pmap(functools.partial(train.eval_step, heads=Heads.from_config(config)),
                     axis_name=train.AXIS)
   before = train.evaluate(p_eval, flax.jax_utils.replicate(state), data.eval_batches)
   trained = train.train_and_evaluate(config, tmp_path, array_input_fn)
@@ -115,7 +116,7 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
   model = models.create_model(config.model, bn_axis_name=train.AXIS)
   state = train.create_train_state(config, jax.random.key(0), model)
   step = functools.partial(train.train_step, dropout_rng=jax.random.key(1),
-                           loss_kwargs=train._loss_kwargs(config))
+                           heads=Heads.from_config(config))
   batch = _batch(0, config, devices=2)
   as_one = jax.tree.map(lambda x: x.reshape(1, -1, *x.shape[2:]), batch)
 

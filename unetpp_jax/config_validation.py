@@ -7,6 +7,8 @@ from typing import Any
 
 import jax
 
+from unetpp_jax import data
+
 _CHOICES = {
     'data.train_preprocess': ('resize', 'crop'),
     'data.on_bad_example': ('error', 'skip'),
@@ -55,11 +57,8 @@ def validate(config: Any) -> None:
     value = _get(config, field)
     check(value in choices, f'config.{field}={value!r} must be one of {choices}.')
 
-  source = config.data.source
-  check(
-      source == 'tfds' or (source.startswith('npz:') and len(source) > 4),
-      f"config.data.source={source!r} must be 'tfds' or 'npz:PATH'.",
-  )
+  source_error = data.source_error(config.data.source)
+  check(source_error is None, source_error)
   check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')
   check(config.data.jitter >= 0, 'config.data.jitter must be >= 0.')
 

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from unetpp_jax import official_metric
+from unetpp_jax.evaluation import official_metric
 
 FLAGS = flags.FLAGS
 

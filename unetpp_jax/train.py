@@ -35,12 +35,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from unetpp_jax import config_validation, losses, metrics, models
+from unetpp_jax import config_validation, metrics, models, writers
+from unetpp_jax.heads import Heads
+from unetpp_jax import data as data_sources
 
 AXIS = 'batch'  # pmap axis: gradients and BatchNorm statistics are averaged over it.
 Batch = dict[str, np.ndarray]
@@ -51,12 +52,8 @@ class TrainState(train_state.TrainState):
 
 
 def create_input(config: ml_collections.ConfigDict, start_step: int) -> Any:
-  """The input pipeline named by config.data.source; 'npz:PATH' needs no tensorflow."""
-  if config.data.source.startswith('npz:'):
-    from unetpp_jax import numpy_pipeline as pipeline  # pylint: disable=g-import-not-at-top
-  else:
-    from unetpp_jax import input_pipeline as pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.create_input(config, start_step=start_step)
+  """The input source named by config.data.source (see `unetpp_jax.data`)."""
+  return data_sources.create_input(config, start_step)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -101,22 +98,12 @@ def create_train_state(
   )
 
 
-def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return dict(
-      heads=tuple(config.loss.deep_supervision_heads),
-      output_heads=models.create_model(config.model).output_heads(),
-      head_weights=tuple(config.loss.head_weights),
-      bce_weight=config.loss.bce_weight,
-      dice_weight=config.loss.dice_weight,
-  )
-
-
 def train_step(
     state: TrainState,
     batch: Batch,
     *,
     dropout_rng: jax.Array,
-    loss_kwargs: dict[str, Any],
+    heads: Heads,
     skip_nonfinite: bool = False,
 ) -> tuple[TrainState, metrics.SegmentationMetrics, jax.Array]:
   """One synchronous update on a per-device batch (runs under pmap with axis `AXIS`).
@@ -138,7 +125,7 @@ def train_step(
         mutable=['batch_stats'],
         rngs={'dropout': rng},
     )
-    loss, head_losses = losses.deep_supervision_loss(logits, batch['label'], weight, **loss_kwargs)
+    loss, head_losses = heads.loss(logits, batch['label'], weight)
     return loss, (logits, head_losses, updates)
 
   (loss, (logits, head_losses, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -151,10 +138,8 @@ def train_step(
   finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   finite = jax.lax.pmin(finite.astype(jnp.int32), AXIS) == 1
   new_state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
-  step_metrics = metrics.from_outputs(
-      logits=logits, label=batch['label'], loss=loss, head_losses=head_losses,
-      heads=loss_kwargs['heads'], output_heads=loss_kwargs['output_heads'], axis_name=AXIS,
-  )
+  step_metrics = heads.metrics(
+      logits=logits, label=batch['label'], loss=loss, head_losses=head_losses, axis_name=AXIS)
   if skip_nonfinite:
     select = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = new_state.replace(
@@ -166,21 +151,14 @@ def train_step(
   return new_state, step_metrics, 1 - finite.astype(jnp.int32)
 
 
-def eval_step(
-    state: TrainState, batch: Batch, *, loss_kwargs: dict[str, Any]
-) -> metrics.SegmentationMetrics:
+def eval_step(state: TrainState, batch: Batch, *, heads: Heads) -> metrics.SegmentationMetrics:
   """Metrics of every head (full network) on a per-device batch with padding weights."""
   logits = state.apply_fn(
       {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
   )
-  loss, head_losses = losses.deep_supervision_loss(
-      logits, batch['label'], batch['weight'], **loss_kwargs
-  )
-  return metrics.from_outputs(
-      logits=logits, label=batch['label'], loss=loss, head_losses=head_losses,
-      heads=loss_kwargs['heads'], output_heads=loss_kwargs['output_heads'], weight=batch['weight'],
-      axis_name=AXIS,
-  )
+  loss, head_losses = heads.loss(logits, batch['label'], batch['weight'])
+  return heads.metrics(logits=logits, label=batch['label'], loss=loss, head_losses=head_losses,
+                       weight=batch['weight'], axis_name=AXIS)
 
 
 def evaluate(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterable[Batch],
@@ -329,7 +307,7 @@ def train_and_evaluate(
     config: Hyperparameters (see configs/dsb.py).
     workdir: Checkpoints, config.json, TensorBoard events and eval_metrics.json go here.
     input_fn: (config, start_step) -> object with `train_iter` (iterator of numpy batches, see
-      input_pipeline) and `eval_batches`; any source of numpy batches works.
+      unetpp_jax.data.contract.Input) and `eval_batches`; any source of numpy batches works.
     allow_config_change: resume even if `workdir`'s checkpoints were made with a config that
       differs in fields outside config_validation.RESUMABLE_CHANGES.
 
@@ -351,7 +329,7 @@ def train_and_evaluate(
   is_chief = jax.process_index() == 0
   if is_chief:
     write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer = writers.create_default_writer(workdir, just_logging=not is_chief)
   try:
     with _StopRequest() as stop:
       return _train(config, workdir, input_fn, mngr, writer, stop)
@@ -367,7 +345,7 @@ def _train(
     workdir: epath.Path,
     input_fn: Callable[[ml_collections.ConfigDict, int], Any],
     mngr: ocp.CheckpointManager,
-    writer: metric_writers.MetricWriter,
+    writer: writers.Writer,
     stop: _StopRequest,
 ) -> TrainState:
   """The body of `train_and_evaluate`, with signal handlers installed."""
@@ -382,21 +360,22 @@ def _train(
     logging.info('Parameters: %d', sum(x.size for x in jax.tree.leaves(state.params)))
 
   data = input_fn(config, start_step)
+  _write_validation_ids(workdir, data.eval_batches)
   # Copies the next batches to the devices while the current step runs.
   train_iter = flax.jax_utils.prefetch_to_device(data.train_iter, 2)
-  loss_kwargs = _loss_kwargs(config)
+  heads = Heads.from_config(config)
   skip_nonfinite = config.nonfinite_policy == 'skip'
   p_train_step = jax.pmap(
-      functools.partial(train_step, dropout_rng=dropout_rng, loss_kwargs=loss_kwargs,
+      functools.partial(train_step, dropout_rng=dropout_rng, heads=heads,
                         skip_nonfinite=skip_nonfinite),
       axis_name=AXIS,
       donate_argnums=(0,),
   )
-  p_eval_step = jax.pmap(functools.partial(eval_step, loss_kwargs=loss_kwargs), axis_name=AXIS)
+  p_eval_step = jax.pmap(functools.partial(eval_step, heads=heads), axis_name=AXIS)
   schedule = learning_rate_schedule(config)
   state = flax.jax_utils.replicate(state)
 
-  report_progress = periodic_actions.ReportProgress(
+  report_progress = writers.ReportProgress(
       num_train_steps=config.num_train_steps, writer=writer
   )
   train_metrics = None
@@ -442,8 +421,7 @@ def _train(
       skipped_updates += len(bad)
 
     if is_log:
-      scalars = metrics.summarize(train_metrics, prefix='train/',
-                                  output_heads=loss_kwargs['output_heads'])
+      scalars = heads.summarize(train_metrics, prefix='train/')
       scalars['train/learning_rate'] = float(schedule(step - 1))
       scalars['train/skipped_updates'] = skipped_updates
       writer.write_scalars(step, scalars)
@@ -452,7 +430,7 @@ def _train(
 
     if is_eval:
       with report_progress.timed('eval'):
-        eval_scalars = evaluate(p_eval_step, state, data.eval_batches, loss_kwargs['output_heads'])
+        eval_scalars = evaluate(p_eval_step, state, data.eval_batches, heads.output)
       writer.write_scalars(step, eval_scalars)
       if is_chief:
         write_atomically(
@@ -474,6 +452,25 @@ def _train(
   logging.info('Process %d finished at step %d; parameter digest %s.', jax.process_index(),
                int(state.step), parameter_digest(state.params))
   return state
+
+
+def _write_validation_ids(workdir: epath.Path, eval_batches: Any) -> None:
+  """Records the validation split's ids (all processes') so that evaluation needs no data
+  preparation to select them. Skipped for inputs that do not report ids."""
+  ids = getattr(eval_batches, 'ids', None)
+  if ids is None:
+    return
+  local = np.asarray(ids).reshape(-1)  # Slot order: this process's contiguous shard, in order.
+  if jax.process_count() > 1:  # Shards are contiguous: process order is the split's order.
+    encoded = np.zeros((len(local), 256), np.uint8)
+    for n, image_id in enumerate(local):
+      raw = image_id.encode()[:256]
+      encoded[n, :len(raw)] = np.frombuffer(raw, np.uint8)
+    gathered = multihost_utils.process_allgather(encoded).reshape(-1, 256)
+    local = np.array([bytes(row).rstrip(b'\0').decode() for row in gathered])
+  if jax.process_index() == 0:
+    write_atomically(workdir / 'validation_ids.json',
+                     json.dumps([str(i) for i in local if i], indent=0))
 
 
 def parameter_digest(params: Any) -> str:

@@ -3,8 +3,8 @@
 Each process reads its own contiguous shard of the training and validation splits, keeping the
 encoded examples (PNG bytes: tens of MB for DSB2018) in memory; validation, and training in
 'resize' mode, are decoded and preprocessed once and then served from memory. Which example and
-which augmentation every step uses comes from `numpy_pipeline.TrainSchedule`, a pure function of
-(config.seed, step), so this pipeline and the numpy one share the same order and augmentation
+which augmentation every step uses comes from `contract.TrainSchedule`, a pure function of
+(config.seed, step), so this source and the numpy one share the same order and augmentation
 parameters, and resuming at a step starts the stream there without decoding anything skipped.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from unetpp_jax import datasets
-from unetpp_jax import numpy_pipeline
+from unetpp_jax.data import builders, contract
 
+NAME = 'tfds'
 PREPROCESS_MODES = ('resize', 'crop')
 
 
@@ -89,12 +89,12 @@ def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: tf.Tensor, fx: tf.T
 
 def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], jitter: float
             ) -> tuple[tf.Tensor, tf.Tensor]:
-  """Batched TensorFlow twin of `numpy_pipeline.augment`.
+  """Batched TensorFlow twin of `numpy_source.augment`.
 
   Args:
     images: float32 [N, S, S, 3] in [0, 1].
     labels: [N, S, S, 1].
-    params: `numpy_pipeline.augment_params` of the N examples ([N] each).
+    params: `contract.augment_params` of the N examples ([N] each).
     jitter: photometric jitter strength (0 = off).
 
   Returns:
@@ -106,7 +106,7 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
   # The geometry as one gather of pixels (much faster than flips and rotations in tf.data).
   code = (tf.cast(params['flip_lr'], tf.int32) + 2 * tf.cast(params['flip_ud'], tf.int32)
           + 4 * params['rot90'])
-  sources = tf.gather(tf.constant(numpy_pipeline.geometric_tables(images.shape[1])), code)
+  sources = tf.gather(tf.constant(contract.geometric_tables(images.shape[1])), code)
 
   def geometric(x):
     flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
@@ -120,7 +120,7 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
   return images, labels
 
 
-def preprocess(examples: EncodedExamples, mode: str, size: int) -> numpy_pipeline.Examples:
+def preprocess(examples: EncodedExamples, mode: str, size: int) -> contract.Examples:
   """Decodes and resizes (mode 'resize') or centre-crops ('crop') every example, in memory."""
   def fn(image_png, label_png):
     image, label = _decode(image_png, label_png)
@@ -138,12 +138,12 @@ def preprocess(examples: EncodedExamples, mode: str, size: int) -> numpy_pipelin
                    .as_numpy_iterator())
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
-  return numpy_pipeline.Examples(examples.ids, images, labels)
+  return contract.Examples(examples.ids, images, labels)
 
 
 def train_dataset(
-    examples: EncodedExamples | numpy_pipeline.Examples,
-    schedule: numpy_pipeline.TrainSchedule,
+    examples: EncodedExamples | contract.Examples,
+    schedule: contract.TrainSchedule,
     *,
     size: int,
     start_step: int = 0,
@@ -167,7 +167,7 @@ def train_dataset(
   ds = tf.data.Dataset.from_generator(lambda: schedule.iterate_from(start_step),
                                       output_signature=signature)
   images, labels = tf.constant(examples.images), tf.constant(examples.labels)
-  if isinstance(examples, numpy_pipeline.Examples):
+  if isinstance(examples, contract.Examples):
     ds = ds.map(lambda index, params: (tf.gather(images, index),
                                        tf.gather(labels, index)[..., None], params))
   else:
@@ -194,20 +194,20 @@ def create_input_from_examples(
     *,
     num_train: int,
     num_eval: int,
-    layout: numpy_pipeline.Layout,
+    layout: contract.Layout,
     start_step: int = 0,
-) -> numpy_pipeline.Input:
+) -> contract.Input:
   """Input over this process's shards `train` and `val` of splits of num_train / num_eval."""
   mode, size = config.data.train_preprocess, config.data.image_size
   if mode not in PREPROCESS_MODES:
     raise ValueError(f'config.data.train_preprocess={mode!r} is not one of {PREPROCESS_MODES}.')
-  schedule = numpy_pipeline.TrainSchedule(len(train), config.seed, config.batch_size, layout,
+  schedule = contract.TrainSchedule(len(train), config.seed, config.batch_size, layout,
                                           config.data.augment, config.data.jitter)
   source = preprocess(train, mode, size) if mode == 'resize' else train
-  return numpy_pipeline.Input(
+  return contract.Input(
       train_iter=train_dataset(source, schedule, size=size, start_step=start_step)
       .as_numpy_iterator(),
-      eval_batches=numpy_pipeline.EvalBatches(preprocess(val, mode, size), layout,
+      eval_batches=contract.EvalBatches(preprocess(val, mode, size), layout,
                                               layout.num_eval_batches(num_eval)),
       num_train=num_train,
       num_eval=num_eval)
@@ -219,8 +219,8 @@ def create_input(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> numpy_pipeline.Input:
-  """Input for config.data.source = 'tfds' (see numpy_pipeline.Input for the contract).
+) -> contract.Input:
+  """Input for config.data.source = 'tfds' (see contract.Input for the contract).
 
   Args:
     config: the experiment config (configs/dsb.py).
@@ -230,9 +230,9 @@ def create_input(
   """
   if config.data.source != 'tfds':
     raise ValueError(f"config.data.source={config.data.source!r}: input_pipeline reads 'tfds'; "
-                     "'npz:PATH' is read by numpy_pipeline.")
-  layout = numpy_pipeline.Layout.create(config, process_index, process_count)
-  builder = datasets.load_builder(config)
+                     "'npz:PATH' is read by contract.")
+  layout = contract.Layout.create(config, process_index, process_count)
+  builder = builders.load_builder(config)
   ranges = split_ranges(builder, config.data.val_fraction)
   # This process's shard of each split: [lo + a, lo + b) with [a, b) = layout.shard(size).
   train, val = (read_encoded(builder, *(lo + i for i in layout.shard(hi - lo)))
@@ -240,3 +240,17 @@ def create_input(
   return create_input_from_examples(
       config, train, val, num_train=ranges[0][1] - ranges[0][0],
       num_eval=ranges[1][1] - ranges[1][0], layout=layout, start_step=start_step)
+
+
+def export_npz(config: Any, output: str) -> contract.NpzData:
+  """Reads both splits of config.data.dataset, resizes them and writes `output` atomically.
+
+  The file (see `contract.save_npz`) is what the numpy source ('npz:PATH') reads.
+  """
+  builder = builders.load_builder(config)
+  size = config.data.image_size
+  train, val = (preprocess(read_encoded(builder, lo, hi), 'resize', size)
+                for lo, hi in split_ranges(builder, config.data.val_fraction))
+  data = contract.NpzData(train, val, size, config.data.dataset, config.data.val_fraction)
+  contract.save_npz(output, data)
+  return data

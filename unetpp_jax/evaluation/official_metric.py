@@ -32,7 +32,7 @@ from collections.abc import Iterable
 import numpy as np
 from absl import logging
 
-from unetpp_jax import rle
+from unetpp_jax.evaluation import rle
 
 THRESHOLD_PERCENTS = np.arange(50, 100, 5)  # 0.50, 0.55, ..., 0.95 as integer percentages.
 THRESHOLDS = [round(float(p) / 100, 2) for p in THRESHOLD_PERCENTS]

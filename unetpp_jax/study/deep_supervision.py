@@ -17,7 +17,7 @@ evaluated on the validation split:
     sub-network) and, for deep supervision, the 'accurate' mean of the supervised heads: pooled and
     per-image IoU and Dice, by the training evaluator at config.data.image_size;
   - with --data (the Kaggle-layout release), the official DSB2018 score and AP@0.5 of the same
-    predictions at native size, by unetpp_jax.evaluate.
+    predictions at native size, by unetpp_jax.evaluation.evaluate.
 A finished (arm, seed) leaves result.json in its folder; the next run skips it. Inference cost per
 architecture and pruning level (parameters used, XLA FLOPs per image, images/s at --bench_batch on
 the current backend) is measured once into W/cost.json.
@@ -42,7 +42,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from unetpp_jax import evaluate, models, throughput, train
+from unetpp_jax import models, train
+from unetpp_jax.evaluation import evaluate
+from unetpp_jax.heads import Heads
+from unetpp_jax.study import throughput
 
 METRICS = ('iou', 'iou_per_image', 'dice', 'dice_per_image')
 OFFICIAL = ('score', 'ap50')
@@ -81,9 +84,9 @@ def _train_and_score(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     raise RuntimeError(f'{workdir}/eval_metrics.json is from step {stored["step"]}, not the last '
                        f'step {config.num_train_steps}.')
   model = models.create_model(config.model)
-  heads = list(config.loss.deep_supervision_heads)
-  predictions = [f'head{j}' for j in model.output_heads()] + (['accurate'] if len(heads) > 1
-                                                              else [])
+  heads = Heads.from_config(config)
+  # 'accurate' is a distinct prediction only when several heads are supervised.
+  predictions = heads.prediction_names if heads.has_ensemble else heads.prediction_names[:-1]
   scores = {p: {m: stored[f'eval/{m}/{p}'] for m in METRICS} for p in predictions}
   if data:
     report = evaluate.evaluate(

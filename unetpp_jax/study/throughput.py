@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from unetpp_jax import models, train
+from unetpp_jax.heads import Heads
 
 
 def _flops(lowered) -> float:
@@ -62,7 +63,7 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
   if mode == 'train':
     step = jax.pmap(
         functools.partial(train.train_step, dropout_rng=jax.random.key(1),
-                          loss_kwargs=train._loss_kwargs(config)),  # pylint: disable=protected-access
+                          heads=Heads.from_config(config)),
         axis_name=train.AXIS, donate_argnums=(0,))
   else:
     def infer(state, batch):
@@ -142,11 +143,11 @@ def benchmark_matmul(*, size: int, steps: int, warmup: int) -> dict:
 
 def benchmark_input(config, *, batch, steps, warmup) -> dict:
   """Images/s of the tf.data training stream alone (decode, augment, batch)."""
-  from unetpp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from unetpp_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
 
   config.batch_size = batch
   start = time.perf_counter()
-  data = input_pipeline.create_input(config)
+  data = tfds_source.create_input(config)
   setup_s = time.perf_counter() - start
   times = _time_steps(lambda: next(data.train_iter), steps, warmup)
   median = float(np.median(times))

@@ -8,10 +8,10 @@ import ml_collections
 from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
-from unetpp_jax.datasets import dsb2018
-from unetpp_jax.datasets import synthetic_nuclei
-from unetpp_jax.datasets.dsb2018 import Dsb2018
-from unetpp_jax.datasets.synthetic_nuclei import SyntheticNuclei
+from unetpp_jax.data.builders import dsb2018
+from unetpp_jax.data.builders import synthetic_nuclei
+from unetpp_jax.data.builders.dsb2018 import Dsb2018
+from unetpp_jax.data.builders.synthetic_nuclei import SyntheticNuclei
 
 __all__ = ['Dsb2018', 'SyntheticNuclei', 'dsb2018', 'load_builder', 'synthetic_nuclei']
 

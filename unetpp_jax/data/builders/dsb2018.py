@@ -1,10 +1,10 @@
 """TFDS builder for the Data Science Bowl 2018 stage1_train release (BBBC038v1).
 
 670 microscopy images (fluorescence and brightfield, 256x256 up to 1040x1388) with 29,461
-hand-drawn nucleus masks, combined into one uint16 instance map per image (see `kaggle`).
+hand-drawn nucleus masks, combined into one uint16 instance map per image (see `unetpp_jax.data.release`).
 
-Bad examples (see `kaggle`) raise or are skipped according to the builder's `on_bad_example`
-('error' or 'skip'; config.data.on_bad_example through `datasets.load_builder`). The policy applies
+Bad examples (see `unetpp_jax.data.release`) raise or are skipped according to the builder's `on_bad_example`
+('error' or 'skip'; config.data.on_bad_example through `builders.load_builder`). The policy applies
 when the dataset is prepared: TFDS caches the prepared data in its data_dir and later runs reuse it
 whatever their policy (a failed preparation leaves nothing behind, so rerunning with 'skip' works).
 """
@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from unetpp_jax.datasets import features
-from unetpp_jax.datasets import kaggle
+from unetpp_jax.data.builders import features
+from unetpp_jax.data import release as kaggle  # The reader of the Kaggle-layout release.
 
 _LAYOUT = (
     'stage1_train.zip, or its unpacked stage1_train/ folder, or the <id>/ folders directly, where '

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from unetpp_jax.datasets import features
+from unetpp_jax.data.builders import features
 
 NUM_EXAMPLES = 240
 MIN_SIZE = 96

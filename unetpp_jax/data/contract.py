@@ -1,0 +1,311 @@
+"""The contract every input source keeps, and what the sources share.
+
+`Input` is what a source returns to the train loop; `Examples`, `Layout` (how global batches split
+over processes and devices), `TrainSchedule` (which example and which augmentation every step
+uses), `EvalBatches` (padded validation batches) and the .npz format are shared by the sources in
+this package. Nothing here may import tensorflow (directly or through another module).
+
+Training order and augmentation are pure functions of (config.seed, position):
+* Process p owns a contiguous shard of each split (`shard_range`). Its stream of training examples
+  is a sequence of epochs, each a permutation of the shard seeded by (seed, p, epoch); step s uses
+  stream positions [s * b, (s + 1) * b), b = per-process batch.
+* The augmentation of an example is drawn from a generator seeded by (seed, global position),
+  global position = s * batch_size + p * b + j, so no two slots of the global stream share one.
+Resuming at any step is therefore exact and costs nothing: there is no state to replay.
+"""
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+# Distinguishes the random streams derived from config.seed.
+_PERMUTATION_STREAM = 1
+_AUGMENT_STREAM = 2
+
+EXPORT_HINT = 'python -m unetpp_jax.export_npz --config=configs/dsb.py --output={path}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+  """The data of one training run, as seen by one process.
+
+  Attributes:
+    train_iter: infinite iterator; its batch k is global step start_step + k:
+      {'image': float32 [D, B, S, S, 3] in [0, 1], 'label': int32 [D, B, S, S] instance ids}.
+    eval_batches: re-iterable (each iter() is one full pass) validation batches
+      {'image', 'label', 'weight': float32 [D, B_eval]}; weight 0 marks padding.
+    num_train: training examples over all processes.
+    num_eval: validation examples over all processes.
+  """
+  train_iter: Iterator[dict[str, np.ndarray]]
+  eval_batches: 'EvalBatches'
+  num_train: int
+  num_eval: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """Preprocessed examples in memory.
+
+  Attributes:
+    ids: str [N].
+    images: uint8 [N, S, S, 3].
+    labels: uint16 [N, S, S] instance ids.
+  """
+  ids: np.ndarray
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def slice(self, lo: int, hi: int) -> 'Examples':
+    return Examples(self.ids[lo:hi], self.images[lo:hi], self.labels[lo:hi])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How global batches split over processes and their local devices."""
+  process_index: int
+  process_count: int
+  local_devices: int
+  per_device_batch: int
+  per_device_eval_batch: int
+
+  @classmethod
+  def create(
+      cls, config: Any, process_index: int | None = None, process_count: int | None = None
+  ) -> 'Layout':
+    """Layout for `config` on this process (or on a simulated one, for tests)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
+    local_devices = jax.local_device_count()
+    devices = local_devices * process_count
+    for name in ('batch_size', 'eval_batch_size'):
+      size = config[name]
+      if size <= 0 or size % devices:
+        raise ValueError(
+            f'config.{name}={size} must be a positive multiple of the number of devices '
+            f'({process_count} process(es) x {local_devices} local device(s) = {devices}).')
+    return cls(process_index, process_count, local_devices,
+               config.batch_size // devices, config.eval_batch_size // devices)
+
+  @property
+  def per_process_batch(self) -> int:
+    return self.local_devices * self.per_device_batch
+
+  @property
+  def per_process_eval_batch(self) -> int:
+    return self.local_devices * self.per_device_eval_batch
+
+  def shard(self, num_examples: int) -> tuple[int, int]:
+    return shard_range(num_examples, self.process_index, self.process_count)
+
+  def num_eval_batches(self, num_eval: int) -> int:
+    """Eval batches per process: enough for the largest shard, so equal on every process."""
+    largest_shard = -(-num_eval // self.process_count)
+    return -(-largest_shard // self.per_process_eval_batch)
+
+
+def shard_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[lo, hi) of the contiguous shard of process `process_index`; sizes differ by at most one."""
+  return (num_examples * process_index // process_count,
+          num_examples * (process_index + 1) // process_count)
+
+
+def augment_params(
+    seed: int, positions: np.ndarray, *, augment: bool, jitter: float
+) -> dict[str, np.ndarray]:
+  """Per-example augmentation parameters, each a pure function of (seed, global position).
+
+  Every parameter is always drawn, so switching one augmentation on or off leaves the others
+  unchanged.
+
+  Args:
+    seed: config.seed.
+    positions: int [N] global stream positions.
+    augment: whether to flip / rotate.
+    jitter: photometric jitter strength s (0 = off).
+
+  Returns:
+    Arrays [N]: 'flip_lr', 'flip_ud' (bool), 'rot90' (int32 quarter turns, counter-clockwise),
+    'brightness' (added, in [-s, s]), 'contrast' (factor in [1-s, 1+s]), 'gamma' (exponent in
+    [exp(-s), exp(s)]), 'crop_y', 'crop_x' (float32 in [0, 1): relative random-crop offsets).
+  """
+  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(8)
+                for p in positions], np.float64).reshape(-1, 8)
+  symmetric = jitter * (2 * u[:, 3:6] - 1)  # U(-s, s)
+  return {
+      'flip_lr': (u[:, 0] < 0.5) & augment,
+      'flip_ud': (u[:, 1] < 0.5) & augment,
+      'rot90': (np.floor(u[:, 2] * 4).astype(np.int32) * augment).astype(np.int32),
+      'brightness': symmetric[:, 0].astype(np.float32),
+      'contrast': (1 + symmetric[:, 1]).astype(np.float32),
+      'gamma': np.exp(symmetric[:, 2]).astype(np.float32),
+      'crop_y': u[:, 6].astype(np.float32),
+      'crop_x': u[:, 7].astype(np.float32),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSchedule:
+  """Which example (in this process's shard) and which augmentation each step uses."""
+  num_examples: int  # In this process's shard.
+  seed: int
+  batch_size: int  # Global.
+  layout: Layout
+  augment: bool
+  jitter: float
+
+  def __post_init__(self):
+    if self.num_examples <= 0:
+      raise ValueError(
+          f'Process {self.layout.process_index} of {self.layout.process_count} has no training '
+          'examples: the training split is smaller than the number of processes.')
+
+  def step(self, step: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Example indices int64 [b] into the shard and `augment_params` [b] of global step `step`."""
+    b = self.layout.per_process_batch
+    local = step * b + np.arange(b, dtype=np.int64)
+    epochs, offsets = np.divmod(local, self.num_examples)
+    indices = np.empty(b, np.int64)
+    for epoch in np.unique(epochs):
+      rng = np.random.default_rng(
+          [self.seed, _PERMUTATION_STREAM, self.layout.process_index, int(epoch)])
+      mask = epochs == epoch
+      indices[mask] = rng.permutation(self.num_examples)[offsets[mask]]
+    positions = step * self.batch_size + self.layout.process_index * b + np.arange(b)
+    return indices, augment_params(self.seed, positions, augment=self.augment, jitter=self.jitter)
+
+  def iterate_from(self, start_step: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    return (self.step(s) for s in itertools.count(start_step))
+
+
+def geometric(x: np.ndarray, flip_lr: bool, flip_ud: bool, rot90: int) -> np.ndarray:
+  if flip_lr:
+    x = x[:, ::-1]
+  if flip_ud:
+    x = x[::-1]
+  return np.rot90(x, rot90)
+
+
+def geometric_tables(size: int) -> np.ndarray:
+  """int32 [16, size * size]: row flip_lr + 2 * flip_ud + 4 * rot90 holds, for every pixel of the
+  transformed (flattened) image, the pixel of the original it comes from.
+
+  This lets the tfds source apply exactly `augment`'s geometry as a single gather.
+  """
+  pixels = np.arange(size * size, dtype=np.int32).reshape(size, size)
+  return np.stack([geometric(pixels, bool(code & 1), bool(code & 2), code >> 2).ravel()
+                   for code in range(16)])
+
+
+def to_device_layout(x: np.ndarray, local_devices: int) -> np.ndarray:
+  """[local_devices * B, ...] -> [local_devices, B, ...]."""
+  return x.reshape((local_devices, -1) + x.shape[1:])
+
+
+class EvalBatches(Iterable[dict[str, np.ndarray]]):
+  """One process's validation batches, padded to `num_batches` with weight-0 examples.
+
+  Re-iterable: each iter() is one full pass. `ids` gives the example id at every slot, in the
+  batches' layout ('' for padding), for tests and per-image reports.
+  """
+
+  def __init__(self, examples: Examples, layout: Layout, num_batches: int):
+    self._examples = examples
+    self._layout = layout
+    self._num_batches = num_batches
+    size = num_batches * layout.per_process_eval_batch
+    if len(examples) > size:
+      raise ValueError(f'{len(examples)} validation examples do not fit in {num_batches} batches.')
+    # Index of the example at every slot; -1 for padding.
+    self._slots = np.full(size, -1, np.int64)
+    self._slots[:len(examples)] = np.arange(len(examples))
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  @property
+  def ids(self) -> np.ndarray:
+    """str [num_batches, D, B_eval] ids; '' marks padding."""
+    ids = np.append(self._examples.ids.astype(str), '')  # Slot -1 (padding) picks the ''.
+    return ids[self._slots].reshape(self._num_batches, self._layout.local_devices, -1)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    b = self._layout.per_process_eval_batch
+    s = self._examples.images.shape[1:3]
+    for i in range(self._num_batches):
+      slots = self._slots[i * b:(i + 1) * b]
+      valid = slots >= 0
+      image = np.zeros((b,) + s + (3,), np.float32)
+      label = np.zeros((b,) + s, np.int32)
+      image[valid] = self._examples.images[slots[valid]] / np.float32(255)
+      label[valid] = self._examples.labels[slots[valid]]
+      yield {
+          'image': to_device_layout(image, self._layout.local_devices),
+          'label': to_device_layout(label, self._layout.local_devices),
+          'weight': to_device_layout(valid.astype(np.float32), self._layout.local_devices),
+      }
+
+
+# --- The .npz format -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NpzData:
+  """Contents of an exported .npz: both splits (all processes) at `image_size`."""
+  train: Examples
+  val: Examples
+  image_size: int
+  dataset: str
+  val_fraction: float
+
+
+def save_npz(path: str, data: NpzData) -> None:
+  """Writes `data` to `path` atomically (a temporary file, then a rename)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:  # A file object: np.savez would append '.npz' to a name.
+      np.savez_compressed(
+          f,
+          train_image=data.train.images, train_label=data.train.labels,
+          train_id=data.train.ids.astype(str),
+          val_image=data.val.images, val_label=data.val.labels, val_id=data.val.ids.astype(str),
+          image_size=np.int64(data.image_size), dataset=np.str_(data.dataset),
+          val_fraction=np.float64(data.val_fraction))
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_npz(path: str) -> NpzData:
+  """Reads a file written by `save_npz`; errors name the path and how to (re)create it."""
+  hint = f'Create it with: {EXPORT_HINT.format(path=path)}'
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No .npz dataset at {path!r}. {hint}')
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      def split(prefix):
+        examples = Examples(f[f'{prefix}_id'], f[f'{prefix}_image'], f[f'{prefix}_label'])
+        n, s = len(examples), int(f['image_size'])
+        if (examples.images.shape != (n, s, s, 3) or examples.images.dtype != np.uint8
+            or examples.labels.shape != (n, s, s) or examples.labels.dtype != np.uint16):
+          raise ValueError(f'{prefix}_image {examples.images.dtype}{examples.images.shape} / '
+                           f'{prefix}_label {examples.labels.dtype}{examples.labels.shape} do not '
+                           f'match {n} examples at image_size {s}')
+        return examples
+      return NpzData(split('train'), split('val'), int(f['image_size']), str(f['dataset']),
+                     float(f['val_fraction']))
+  except (OSError, ValueError, KeyError) as e:  # Not a zip, truncated, missing keys, bad shapes.
+    raise ValueError(f'{path!r} is not a valid dataset .npz ({e}). {hint}') from e

@@ -1,0 +1,302 @@
+"""Native-size prediction from a training checkpoint.
+
+`load_variables` restores a checkpoint's parameters and BatchNorm statistics only (no optimizer is
+built). A strategy (`Resize`, `Pad`, `Tile`: one interface, `split`) turns an image of any size
+into fixed-shape network inputs and assembles their outputs; `Predictor` batches the inputs of
+consecutive images, runs the network (pruned to a level) and returns the probabilities of every
+head plus the final prediction, ensembled by the model's own `models.accurate_probability`.
+The model standardises each input, so in 'tile' mode the statistics are those of the tile.
+"""
+
+import collections
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+
+from unetpp_jax import models
+from unetpp_jax.heads import Heads
+
+STRATEGIES = ('auto', 'resize', 'pad', 'tile')
+MODES = ('accurate', 'fast')
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+  """How the network is run on native-size images (see `unetpp_jax.evaluation.evaluate`)."""
+  strategy: str = 'auto'
+  mode: str | None = None  # 'accurate' | 'fast'; None = config.predict.mode.
+  prune_level: int | None = None  # None: config.predict.head ('fast'), else the deepest head.
+  flips: bool = False
+  tile_size: int = 256
+  tile_overlap: int = 64
+  pad_multiple: int = 128
+  batch_size: int = 8  # Inputs per network call ('resize' and 'tile').
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint.
+
+
+def load_variables(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
+                   step: int | None = None) -> tuple[dict[str, Any], int]:
+  """({'params', 'batch_stats'}, step) of checkpoint `step` (default: the newest) in workdir.
+
+  Only these two entries of the saved train state are read (the optimizer state is not), into
+  the structure of `models.create_model(config.model)`'s variables.
+  """
+  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+    raise FileNotFoundError(f'No checkpoint in {directory}: train first (python -m '
+                            'unetpp_jax.main) or pass the workdir of a trained model.')
+  # Read-only: a training run may still be writing to (and pruning) this folder.
+  mngr = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    available = list(mngr.all_steps())
+    step = mngr.latest_step() if step is None else step
+    if step not in available:
+      raise FileNotFoundError(f'No checkpoint of step {step} in {directory} (found '
+                              f'{sorted(available)}).')
+    size = config.data.image_size
+    shapes = jax.eval_shape(models.create_model(config.model).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    # The train state is saved by train.save_checkpoint under Orbax's default item name.
+    item = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory / str(step) / 'default',
+        args=ocp.args.PyTreeRestore(
+            item=item, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                                 item),
+            partial_restore=True))
+  finally:
+    mngr.close()
+  return {'params': restored['params'], 'batch_stats': restored['batch_stats']}, int(step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategies: image -> fixed-shape network inputs, and outputs -> image-size probabilities.
+# Each `split` returns (inputs float32 in [0, 1], assemble(outputs) -> [P, H, W, c]).
+
+Assemble = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+  """The image resized to the training size (bilinear, antialiased, as the training pipeline);
+  probabilities resized back (bilinear). One compiled shape, the scale the model was trained on."""
+  name = 'resize'
+  size: int
+
+  def split(self, image: np.ndarray) -> tuple[list[np.ndarray], Assemble]:
+    height, width = image.shape[:2]
+    small = Image.fromarray(image).resize((self.size, self.size), Image.BILINEAR)
+
+    def assemble(outputs):
+      return np.stack([
+          np.stack([_resize_float(o, height, width) for o in np.moveaxis(pred, -1, 0)], -1)
+          for pred in outputs[0]])
+    return [np.asarray(small, np.float32) / 255], assemble
+
+
+@dataclasses.dataclass(frozen=True)
+class Pad:
+  """The whole image at native resolution, reflect-padded at the bottom/right to a multiple."""
+  name = 'pad'
+  multiple: int
+
+  def split(self, image: np.ndarray) -> tuple[list[np.ndarray], Assemble]:
+    height, width = image.shape[:2]
+    m = self.multiple
+    padded = _reflect_pad(image.astype(np.float32) / 255, -(-height // m) * m, -(-width // m) * m)
+    return [padded], lambda outputs: outputs[0][:, :height, :width]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  """Fixed tiles overlapping by `overlap` pixels (small images reflect-padded), blended with
+  weights that fall off linearly towards tile edges. One compiled shape, bounded memory."""
+  name = 'tile'
+  size: int
+  overlap: int
+
+  def split(self, image: np.ndarray) -> tuple[list[np.ndarray], Assemble]:
+    height, width = image.shape[:2]
+    size = self.size
+    padded = _reflect_pad(image.astype(np.float32) / 255, max(height, size), max(width, size))
+    corners = [(y, x0) for y in _tile_starts(padded.shape[0], size, self.overlap)
+               for x0 in _tile_starts(padded.shape[1], size, self.overlap)]
+    weight = _tile_weight(size, self.overlap)[None, :, :, None]
+
+    def assemble(outputs):
+      total = np.zeros((outputs[0].shape[0], *padded.shape[:2], outputs[0].shape[-1]), np.float32)
+      norm = np.zeros(padded.shape[:2], np.float32)
+      for (y, x0), out in zip(corners, outputs):
+        total[:, y:y + size, x0:x0 + size] += out * weight
+        norm[y:y + size, x0:x0 + size] += weight[0, :, :, 0]
+      return (total / norm[None, :, :, None])[:, :height, :width]
+    return [padded[y:y + size, x0:x0 + size] for y, x0 in corners], assemble
+
+
+def create_strategy(config: ml_collections.ConfigDict, options: InferenceOptions,
+                    level: int) -> Resize | Pad | Tile:
+  """The strategy named by options.strategy; 'auto' predicts at the scale the model was trained
+  at: 'resize' after data.train_preprocess='resize', 'pad' after 'crop'."""
+  strategy = options.strategy
+  if strategy == 'auto':
+    strategy = 'resize' if config.data.train_preprocess == 'resize' else 'pad'
+  if strategy not in STRATEGIES:
+    raise ValueError(f'--strategy must be one of {STRATEGIES}, got {strategy!r}.')
+  factor = 2**level
+  for name, value in (('tile_size', options.tile_size), ('pad_multiple', options.pad_multiple)):
+    if value <= 0 or value % factor:
+      raise ValueError(f'--{name}={value} must be a positive multiple of 2**prune_level = '
+                       f'{factor}.')
+  if not 0 <= options.tile_overlap < options.tile_size:
+    raise ValueError(f'--tile_overlap={options.tile_overlap} must be in [0, tile_size).')
+  if strategy == 'resize':
+    return Resize(config.data.image_size)
+  if strategy == 'pad':
+    return Pad(options.pad_multiple)
+  return Tile(options.tile_size, options.tile_overlap)
+
+
+def _resize_float(x: np.ndarray, height: int, width: int) -> np.ndarray:
+  return np.asarray(Image.fromarray(x.astype(np.float32), mode='F').resize(
+      (width, height), Image.BILINEAR))
+
+
+def _reflect_pad(x: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Pads at the bottom/right by mirroring (keeps the statistics that standardisation sees)."""
+  return np.pad(x, ((0, height - x.shape[0]), (0, width - x.shape[1]), (0, 0)), mode='reflect')
+
+
+def _tile_starts(length: int, size: int, overlap: int) -> list[int]:
+  """Evenly spread starts of tiles covering [0, length) that overlap by at least `overlap`."""
+  if length <= size:
+    return [0]
+  count = -(-(length - size) // (size - overlap)) + 1
+  return [int(round(s)) for s in np.linspace(0, length - size, count)]
+
+
+def _tile_weight(size: int, overlap: int) -> np.ndarray:
+  """[size, size] blending weight: 1 inside, falling linearly over overlap/2 pixels to the edge."""
+  ramp = max(overlap // 2, 1)
+  i = np.arange(size)
+  w = np.minimum(np.minimum(i + 1, size - i), ramp) / ramp
+  return np.outer(w, w).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The predictor.
+
+
+class Predictor:
+  """Runs the network on fixed-shape batches: probabilities of every head plus the final one."""
+
+  def __init__(self, config: ml_collections.ConfigDict, variables: Any,
+               options: InferenceOptions):
+    self.model = models.create_model(config.model)
+    self.variables = variables
+    self.options = options
+    self.mode = options.mode or config.predict.mode
+    if self.mode not in MODES:
+      raise ValueError(f"--mode must be 'accurate' or 'fast', got {self.mode!r}.")
+    levels = self.model.levels
+    supervised = sorted(int(h) for h in Heads.from_config(config).supervised)
+    default_level = config.predict.head if self.mode == 'fast' else max(supervised)
+    self.level = options.prune_level or default_level
+    if not 1 <= self.level <= levels:
+      raise ValueError(f'--prune_level={self.level} must be in 1..{levels}.')
+    if self.model.skips == 'plain' and self.level != levels:
+      raise ValueError(f'--prune_level={self.level}: a {config.model.name} has only head {levels} '
+                       'and cannot be pruned.')
+    self.heads = self.model.output_heads(self.level)
+    self.final_heads = ([self.level] if self.mode == 'fast'
+                        else [h for h in supervised if h <= self.level] or [self.level])
+    self.names = [f'head{j}' for j in self.heads] + [self.mode]
+    self.num_classes = config.model.num_classes
+    self._strategy = create_strategy(config, options, self.level)
+    self.strategy = self._strategy.name
+    self.batch_size = 1 if self.strategy == 'pad' else options.batch_size
+    self._forward = jax.jit(self._probabilities)
+
+  @property
+  def channels(self) -> int:
+    """Channels of each prediction: foreground, plus boundary for 3-class models."""
+    return 2 if self.num_classes == 3 else 1
+
+  def _probabilities(self, variables: Any, images: jax.Array) -> jax.Array:
+    """images [B, h, w, 3] -> [P, B, h, w, channels]: heads 1..k, then the final prediction."""
+    batch = images.shape[0]
+    if self.options.flips:  # Identity, left-right, up-down, both; undone after the network.
+      images = jnp.concatenate([images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]])
+    logits = self.model.apply(variables, images, prune_level=self.level)
+    heads = []
+    for head_logits in logits:
+      channels = [models.foreground_probability(head_logits)]
+      if self.num_classes == 3:
+        channels.append(jax.nn.softmax(head_logits, axis=-1)[..., 2])
+      heads.append(jnp.stack(channels, axis=-1))
+    # The final prediction's foreground is the model's own ensemble of the final heads; its
+    # boundary channel (3 classes) is averaged over the same heads.
+    final = [models.accurate_probability(logits, self.final_heads, self.heads)]
+    if self.num_classes == 3:
+      position = models.head_positions(self.heads, len(self.heads))
+      final.append(jnp.mean(jnp.stack([heads[position[h]][..., 1] for h in self.final_heads]),
+                            axis=0))
+    probs = jnp.stack(heads + [jnp.stack(final, axis=-1)])  # [k + 1, n * B, h, w, c]
+    if self.options.flips:  # The mean over flips commutes with the mean over heads.
+      g = probs.reshape(probs.shape[0], 4, batch, *probs.shape[2:])
+      probs = (g[:, 0] + g[:, 1, :, :, ::-1] + g[:, 2, :, ::-1] + g[:, 3, :, ::-1, ::-1]) / 4
+    return probs
+
+  def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """Probabilities [P, n, h, w, c] of n same-shape inputs, padded to one fixed batch size."""
+    batch = np.zeros((self.batch_size, *inputs[0].shape), np.float32)
+    batch[:len(inputs)] = np.stack(inputs)
+    return np.asarray(self._forward(self.variables, batch))[:, :len(inputs)]
+
+  def split(self, image: np.ndarray) -> tuple[list[np.ndarray], Assemble]:
+    """Network inputs (float32 in [0, 1]) of a uint8 image [H, W, 3], and their assembler."""
+    return self._strategy.split(image)
+
+  def predict(self, examples: Iterable[dict[str, Any]]
+              ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """Yields (example, probabilities [P, H, W, c]) in input order.
+
+    Inputs of consecutive images share batches, so small images do not each run a mostly empty
+    batch.
+    """
+    pending = collections.deque()  # [example, assemble, outputs (None until computed)]
+    queue = []  # (entry, index of the input within its image, input)
+
+    def flush():
+      outputs = self.run([q[2] for q in queue])
+      for (entry, index, _), out in zip(queue, np.moveaxis(outputs, 1, 0)):
+        entry[2][index] = out
+      queue.clear()
+
+    for example in examples:
+      inputs, assemble = self.split(example['image'])
+      entry = [example, assemble, [None] * len(inputs)]
+      pending.append(entry)
+      for index, x in enumerate(inputs):
+        if queue and (len(queue) == self.batch_size or x.shape != queue[0][2].shape):
+          flush()
+        queue.append((entry, index, x))
+      while pending and all(o is not None for o in pending[0][2]):
+        done = pending.popleft()
+        yield done[0], done[1](done[2])
+    if queue:
+      flush()
+    for done in pending:
+      yield done[0], done[1](done[2])

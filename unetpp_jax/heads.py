@@ -1,0 +1,69 @@
+"""One owner of the model's heads: which it outputs, which are supervised, how they are weighted
+and what the predictions are called. Built once from the config; used by the loss, the metrics,
+training, evaluation, the study and the benchmark."""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from unetpp_jax import losses, models
+from unetpp_jax import metrics as metrics_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+  """The heads of one configured model.
+
+  Attributes:
+    output: the heads the full model returns, in output order (`model.output_heads()`).
+    supervised: the heads whose losses are combined (config.loss.deep_supervision_heads); their
+      mean probability is the 'accurate' prediction.
+    weights: one loss weight per supervised head; empty = equal weights summing to 1.
+    bce_weight, dice_weight: the terms of each head's loss (`losses.head_loss`).
+  """
+  output: tuple[int, ...]
+  supervised: tuple[int, ...]
+  weights: tuple[float, ...]
+  bce_weight: float
+  dice_weight: float
+
+  @classmethod
+  def from_config(cls, config: Any) -> 'Heads':
+    return cls(
+        output=tuple(models.create_model(config.model).output_heads()),
+        supervised=tuple(config.loss.deep_supervision_heads),
+        weights=tuple(config.loss.head_weights),
+        bce_weight=config.loss.bce_weight,
+        dice_weight=config.loss.dice_weight,
+    )
+
+  @property
+  def prediction_names(self) -> list[str]:
+    """The predictions in metrics order: every output head, then the 'accurate' ensemble."""
+    return metrics_lib.prediction_names(self.output)
+
+  @property
+  def has_ensemble(self) -> bool:
+    """Whether 'accurate' differs from a single head (more than one head is supervised)."""
+    return len(self.supervised) > 1
+
+  def loss(self, logits: Sequence[jax.Array], label: jax.Array,
+           weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(total loss, per-head losses) of the model's output; see losses.deep_supervision_loss."""
+    return losses.deep_supervision_loss(
+        logits, label, weight, heads=self.supervised, head_weights=self.weights,
+        bce_weight=self.bce_weight, dice_weight=self.dice_weight, output_heads=self.output)
+
+  def metrics(self, *, logits: Sequence[jax.Array], label: jax.Array, loss: jax.Array,
+              head_losses: jax.Array, weight: jax.Array | None = None,
+              axis_name: str | None = None) -> metrics_lib.SegmentationMetrics:
+    """The metrics of one batch (see metrics.from_outputs)."""
+    return metrics_lib.from_outputs(
+        logits=logits, label=label, loss=loss, head_losses=head_losses, heads=self.supervised,
+        output_heads=self.output, weight=weight, axis_name=axis_name)
+
+  def summarize(self, collection: metrics_lib.SegmentationMetrics, prefix: str = '') -> dict:
+    """Flat {name: float} of accumulated metrics (see metrics.summarize)."""
+    return metrics_lib.summarize(collection, prefix=prefix, output_heads=self.output)

@@ -1,0 +1,142 @@
+"""TensorBoard summaries and progress reports without TensorFlow.
+
+clu 0.0.12's `metric_writers` package imports its TensorFlow summary writer when it is imported (and
+`clu.periodic_actions` imports that package), so neither can be used where TensorFlow is absent.
+`Writer` keeps the methods of clu's `MetricWriter` interface that this project calls
+(write_scalars, write_images, write_texts, write_hparams, flush, close) and writes TensorBoard event
+files through tensorboardX, in the format of `tf.summary` (a scalar is a float32 tensor of the
+'scalars' plugin), so TensorBoard and `tf.compat.v1.train.summary_iterator` read them as before.
+`ReportProgress` is clu's progress report (steps/s, ETA, time spent in named parts).
+"""
+
+import collections
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import tensorboardX
+from absl import logging
+from etils import epath
+from tensorboardX import summary as tbx_summary
+from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+
+def _scalar_summary(tag: str, value: float) -> summary_pb2.Summary:
+  """What tf.summary.scalar writes: a float32 scalar tensor tagged for the scalars plugin."""
+  tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[float(value)],
+                                  tensor_shape=tensor_shape_pb2.TensorShapeProto())
+  metadata = summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+  return summary_pb2.Summary(
+      value=[summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=metadata)])
+
+
+class Writer:
+  """Logs every value (absl INFO) and, given a logdir, writes TensorBoard event files there."""
+
+  def __init__(self, logdir: epath.PathLike | None = None):
+    self._events = None
+    if logdir is not None:
+      epath.Path(logdir).mkdir(parents=True, exist_ok=True)
+      self._events = tensorboardX.FileWriter(str(logdir), flush_secs=30)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    values = [f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}'
+              for k, v in sorted(scalars.items())]
+    logging.info('[%d] %s', step, ', '.join(values))
+    if self._events is not None:
+      for tag, value in scalars.items():
+        self._events.add_summary(_scalar_summary(tag, value), step)
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """images: uint8 [N, H, W, C] (or float in [0, 1]) per tag; the first of each is written."""
+    logging.info('[%d] Got images: %s.', step, {k: np.shape(v) for k, v in images.items()})
+    if self._events is not None:
+      for tag, value in images.items():
+        image = np.asarray(value)[0]
+        if image.dtype == np.uint8:
+          image = image.astype(np.float32) / 255  # tensorboardX scales floats in [0, 1].
+        self._events.add_summary(tbx_summary.image(tag, image, dataformats='HWC'), step)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    logging.info('[%d] Got texts: %s.', step, texts)
+    if self._events is not None:
+      for tag, text in texts.items():
+        self._events.add_summary(tbx_summary.text(tag, text), step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    logging.info('[Hyperparameters] %s', hparams)
+    if self._events is not None:
+      for proto in tbx_summary.hparams(dict(hparams), {}):
+        self._events.add_summary(proto)
+
+  def flush(self) -> None:
+    if self._events is not None:
+      self._events.flush()
+
+  def close(self) -> None:
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+
+
+def create_default_writer(logdir: epath.PathLike | None, *, just_logging: bool = False) -> Writer:
+  """As clu's create_default_writer: logging, plus event files in `logdir` unless just_logging."""
+  return Writer(None if just_logging else logdir)
+
+
+def _format_secs(secs: float) -> str:
+  return f'{int(secs // 3600)}h{int(secs % 3600 // 60):02d}m' if secs >= 3600 else (
+      f'{int(secs // 60)}m{int(secs % 60):02d}s')
+
+
+class ReportProgress:
+  """Logs steps/s, progress and ETA every `every_secs` and at the last step, and writes
+  'steps_per_sec' and 'uptime' to `writer`; `timed(name)` adds the share of time in a part."""
+
+  def __init__(self, *, num_train_steps: int | None = None, writer: Writer | None = None,
+               every_secs: float = 60.0):
+    self._num_train_steps = num_train_steps
+    self._writer = writer
+    self._every_secs = every_secs
+    self._time_per_part = collections.defaultdict(float)
+    self._t0 = time.monotonic()
+    self._previous: tuple[int, float] | None = None
+
+  def __call__(self, step: int) -> bool:
+    """Call after every step; returns whether it reported (never at the first call)."""
+    t = time.monotonic()
+    if self._previous is None:
+      self._previous = (step, t)
+      return False
+    previous_step, previous_time = self._previous
+    if step == previous_step or not (t - previous_time > self._every_secs
+                                     or step == self._num_train_steps):
+      return False
+    steps_per_sec = (step - previous_step) / (t - previous_time)
+    message = f'{steps_per_sec:.1f} steps/s'
+    if self._num_train_steps:
+      eta = (self._num_train_steps - step) / steps_per_sec
+      message += (f', {100 * step / self._num_train_steps:.1f}% ({step}/{self._num_train_steps}),'
+                  f' ETA: {_format_secs(eta)}')
+    if self._time_per_part:
+      total = t - self._t0
+      message += ' ({} : {})'.format(_format_secs(total), ', '.join(
+          f'{100 * dt / total:.1f}% {name}' for name, dt in sorted(self._time_per_part.items())))
+    logging.info('Progress: %s', message)
+    if self._writer is not None:
+      self._writer.write_scalars(step, {'steps_per_sec': steps_per_sec,
+                                        'uptime': t - self._t0})
+    self._previous = (step, t)
+    return True
+
+  @contextlib.contextmanager
+  def timed(self, name: str) -> Iterator[None]:
+    """Counts the wall time of the block as time spent in `name`."""
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self._time_per_part[name] += time.monotonic() - start
