@@ -16,6 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Run as a file from a clone that is not pip-installed: the root holds unetpp_jax and configs.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from unetpp_jax import runtime, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unetpp_jax.study import deep_supervision  # pylint: disable=g-import-not-at-top,wrong-import-position

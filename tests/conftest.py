@@ -1,17 +1,12 @@
 """Test setup: two fake CPU devices (so pmap and BatchNorm synchronisation are real) and a compile cache."""
 
 import os
-import pathlib
-import sys
 
 # Must happen before jax is imported anywhere.
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `configs` is imported as a package by the tests.
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 

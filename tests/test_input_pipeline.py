@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from configs import synthetic
+from unetpp_jax import data as data_sources
 from unetpp_jax.data import builders
 from unetpp_jax.data import tfds_source
 from unetpp_jax.data import contract, numpy_source
@@ -38,8 +39,7 @@ def _config(data, source='tfds', **overrides):
 
 
 def _create(config, **kwargs):
-  pipeline = input_pipeline if config.data.source == 'tfds' else numpy_pipeline
-  return pipeline.create_input(config, **kwargs)
+  return data_sources.create_input(config, **kwargs)  # The source named by config.data.source.
 
 
 def _take(iterator, n):
@@ -230,5 +230,5 @@ def test_tf_augment_matches_numpy_augment():
 def test_create_input_rejects_other_sources():
   config = synthetic.get_config()
   config.data.source = 'npz:/tmp/x.npz'
-  with pytest.raises(ValueError, match='numpy_pipeline'):
+  with pytest.raises(ValueError, match='numpy_source'):
     tfds_source.create_input(config)

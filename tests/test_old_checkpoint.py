@@ -7,7 +7,7 @@ evaluation and study existed):
     '--config.model.filters=(4,8,16,32)' --config.batch_size=4 --config.eval_batch_size=4 \
     --config.num_train_steps=2 --config.log_every_steps=1 --config.eval_every_steps=2 \
     --config.checkpoint_every_steps=2
-over the .npz `_make_npz` writes (events files left out). It holds the checkpoint of step 2 and
+over the .npz `test_reliability._make_npz(path, num_train=8)` writes (events files left out). It holds the checkpoint of step 2 and
 config.json, but no validation_ids.json.
 """
 
@@ -21,27 +21,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unetpp_jax import models, train
-from unetpp_jax.data import contract
 from unetpp_jax.evaluation import evaluate
 
+import test_reliability
+
 OLD = pathlib.Path(__file__).resolve().parent / 'data' / 'workdir_ccaebd1'
-
-
-def _make_npz(path: pathlib.Path) -> None:
-  """The .npz the old run trained on (8 training, 4 validation examples at 32x32)."""
-  rng = np.random.default_rng(0)
-
-  def examples(n, prefix):
-    images = (rng.random((n, 32, 32, 3)) * 80).astype(np.uint8)
-    labels = np.zeros((n, 32, 32), np.uint16)
-    for i in range(n):
-      y, x = rng.integers(0, 20, 2)
-      labels[i, y:y + 12, x:x + 12] = 1
-      images[i, y:y + 12, x:x + 12] += 150
-    return contract.Examples(np.array([f'{prefix}{i}' for i in range(n)]), images, labels)
-
-  contract.save_npz(str(path), contract.NpzData(examples(8, 'train'), examples(4, 'val'), 32,
-                                                'synthetic_nuclei', 0.2))
 
 
 def _copy(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -80,7 +64,7 @@ def test_old_checkpoint_restores_into_todays_state_and_prediction_variables(tmp_
 def test_old_workdir_resumes(tmp_path):
   workdir = _copy(tmp_path)
   npz = tmp_path / 'old_tiny.npz'
-  _make_npz(npz)
+  test_reliability._make_npz(npz, num_train=8)  # pylint: disable=protected-access
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
   before = _full_state(workdir, config)
   config.data.source = f'npz:{npz}'  # The old run's .npz was in /tmp.

@@ -41,8 +41,8 @@ OVERRIDES = {
 }
 
 
-def _make_npz(path: pathlib.Path) -> None:
-  """Squares on noise at 32x32: 16 training and 4 validation examples."""
+def _make_npz(path: pathlib.Path, num_train: int = 16) -> None:
+  """Squares on noise at 32x32: `num_train` training and 4 validation examples."""
   rng = np.random.default_rng(0)
 
   def examples(n, prefix):
@@ -56,7 +56,7 @@ def _make_npz(path: pathlib.Path) -> None:
 
   config = synthetic.get_config()
   contract.save_npz(str(path), contract.NpzData(
-      examples(16, 'train'), examples(4, 'val'), 32, config.data.dataset,
+      examples(num_train, 'train'), examples(4, 'val'), 32, config.data.dataset,
       config.data.val_fraction))
 
 

@@ -7,19 +7,22 @@ from typing import Any
 
 import jax
 
-from unetpp_jax import data
+from unetpp_jax import data, models
+from unetpp_jax.data import contract, release
 
+# The lists belong to the modules that implement the choices; the train loop's own choices
+# (failure policy, optimizer) are listed here.
 _CHOICES = {
-    'data.train_preprocess': ('resize', 'crop'),
-    'data.on_bad_example': ('error', 'skip'),
+    'data.train_preprocess': contract.PREPROCESS_MODES,
+    'data.on_bad_example': release.ON_BAD_EXAMPLE,
     'nonfinite_policy': ('halt', 'skip'),
-    'model.name': ('unetpp', 'unet', 'wide_unet'),
-    'model.norm': ('batch', 'none'),
-    'model.upsample': ('transpose', 'bilinear'),
-    'model.dtype': ('float32', 'bfloat16'),
+    'model.name': models.MODEL_NAMES,
+    'model.norm': models.NORMS,
+    'model.upsample': models.UPSAMPLES,
+    'model.dtype': models.DTYPES,
     'optimizer.name': ('adam', 'adamw', 'sgd'),
     'optimizer.schedule': ('constant', 'cosine'),
-    'predict.mode': ('accurate', 'fast'),
+    'predict.mode': models.PREDICTION_MODES,
 }
 
 

@@ -17,47 +17,42 @@ from configs import dsb
 from unetpp_jax.evaluation import evaluate, instances, predict
 
 FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-  """Defined only when run as a program: importing this module next to the other command
-  lines (main, export_npz: --workdir, --output) must not clash with their flags."""
-  flags.DEFINE_string('workdir', None, 'Training workdir: config.json and checkpoints/.')
-  flags.DEFINE_string('data', None, 'Kaggle-layout folder or zip (<id>/images/<id>.png, '
-                      'optional <id>/masks/*.png), e.g. stage1_train.zip.')
-  flags.DEFINE_string('output', None, 'Output folder (replaced once complete).')
-  flags.DEFINE_string('solution', None, 'Optional solution CSV (ImageId,EncodedPixels,Height,Width)'
-                      ' with the labels; overrides the masks in --data.')
-  flags.DEFINE_enum('split', 'all', evaluate.SPLITS, "Images to use: all of --data, or only the "
-                    "training run's train / validation split (validation: the ids the run recorded "
-                    'in its workdir).')
-  flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
-  flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES,
-                    'Native-size inference (see unetpp_jax.evaluation.evaluate).')
-  flags.DEFINE_enum('mode', None, predict.MODES, 'Final prediction; default '
-                    'config.predict.mode.')
-  flags.DEFINE_integer('prune_level', None, 'Network pruned to this level (heads 1..k); '
-                       "default: config.predict.head for 'fast', the deepest supervised head "
-                       "for 'accurate'.")
-  flags.DEFINE_bool('flips', False, 'Average the probabilities over 4 flips (test-time '
-                    'augmentation).')
-  flags.DEFINE_integer('tile_size', 256, "Tile size of --strategy=tile.")
-  flags.DEFINE_integer('tile_overlap', 64, 'Overlap of neighbouring tiles, in pixels.')
-  flags.DEFINE_integer('pad_multiple', 128, 'Images are padded to a multiple of this '
-                       '(--strategy=pad).')
-  flags.DEFINE_integer('batch_size', 8, 'Inputs per network call (resize/tile strategies).')
-  flags.DEFINE_enum('instances', 'watershed', instances.METHODS, 'Split touching nuclei by '
-                    'watershed, or plain connected components.')
-  flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, "Watershed seeds; auto = "
-                    "'boundary' for 3-class models, else 'distance'.")
-  flags.DEFINE_float('threshold', instances.InstanceOptions.threshold, 'Foreground probability '
-                     'threshold.')
-  flags.DEFINE_float('seed_h', instances.InstanceOptions.seed_h, "Minimum dynamic (pixels) of a "
-                     "'distance' seed.")
-  flags.DEFINE_integer('min_size', instances.InstanceOptions.min_size, 'Smallest nucleus kept, in '
-                       'pixels.')
-  flags.DEFINE_integer('num_overlays', 16, 'Images drawn with contours.')
-  flags.mark_flags_as_required(['workdir', 'data', 'output'])
+flags.DEFINE_string('workdir', None, 'Training workdir: config.json and checkpoints/.')
+flags.DEFINE_string('data', None, 'Kaggle-layout folder or zip (<id>/images/<id>.png, '
+                    'optional <id>/masks/*.png), e.g. stage1_train.zip.')
+flags.DEFINE_string('output', None, 'Output folder (replaced once complete).')
+flags.DEFINE_string('solution', None, 'Optional solution CSV (ImageId,EncodedPixels,Height,Width)'
+                    ' with the labels; overrides the masks in --data.')
+flags.DEFINE_enum('split', 'all', evaluate.SPLITS, "Images to use: all of --data, or only the "
+                  "training run's train / validation split (validation: the ids the run recorded "
+                  'in its workdir).')
+flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES,
+                  'Native-size inference (see unetpp_jax.evaluation.evaluate).')
+flags.DEFINE_enum('mode', None, predict.MODES, 'Final prediction; default '
+                  'config.predict.mode.')
+flags.DEFINE_integer('prune_level', None, 'Network pruned to this level (heads 1..k); '
+                     "default: config.predict.head for 'fast', the deepest supervised head "
+                     "for 'accurate'.")
+flags.DEFINE_bool('flips', False, 'Average the probabilities over 4 flips (test-time '
+                  'augmentation).')
+flags.DEFINE_integer('tile_size', 256, "Tile size of --strategy=tile.")
+flags.DEFINE_integer('tile_overlap', 64, 'Overlap of neighbouring tiles, in pixels.')
+flags.DEFINE_integer('pad_multiple', 128, 'Images are padded to a multiple of this '
+                     '(--strategy=pad).')
+flags.DEFINE_integer('batch_size', 8, 'Inputs per network call (resize/tile strategies).')
+flags.DEFINE_enum('instances', 'watershed', instances.METHODS, 'Split touching nuclei by '
+                  'watershed, or plain connected components.')
+flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, "Watershed seeds; auto = "
+                  "'boundary' for 3-class models, else 'distance'.")
+flags.DEFINE_float('threshold', instances.InstanceOptions.threshold, 'Foreground probability '
+                   'threshold.')
+flags.DEFINE_float('seed_h', instances.InstanceOptions.seed_h, "Minimum dynamic (pixels) of a "
+                   "'distance' seed.")
+flags.DEFINE_integer('min_size', instances.InstanceOptions.min_size, 'Smallest nucleus kept, in '
+                     'pixels.')
+flags.DEFINE_integer('num_overlays', 16, 'Images drawn with contours.')
+flags.mark_flags_as_required(['workdir', 'data', 'output'])
 
 
 def main(argv):
@@ -91,5 +86,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
   app.run(main)

@@ -181,6 +181,11 @@ class UNetPlusPlus(nn.Module):
 
 
 MODEL_NAMES = ('unetpp', 'unet', 'wide_unet')
+# Choices of the config.model fields of the same names, and of config.predict.mode.
+NORMS = ('batch', 'none')
+UPSAMPLES = ('transpose', 'bilinear')
+DTYPES = ('float32', 'bfloat16')
+PREDICTION_MODES = ('accurate', 'fast')
 
 
 def count_parameters(model: UNetPlusPlus, prune_level: int | None = None) -> int:

@@ -18,15 +18,10 @@ from absl import app, flags
 from unetpp_jax.evaluation import official_metric
 
 FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-  """Defined only when run as a program: importing this module next to the other command
-  lines (main, export_npz: --workdir, --output) must not clash with their flags."""
-  flags.DEFINE_string('submission', None, 'Submission CSV: ImageId,EncodedPixels.')
-  flags.DEFINE_string('solution', None, 'Solution CSV: ImageId,EncodedPixels,Height,Width[,Usage].')
-  flags.DEFINE_string('output', None, 'Optional path of a JSON file to write the metrics to.')
-  flags.mark_flags_as_required(['submission', 'solution'])
+flags.DEFINE_string('submission', None, 'Submission CSV: ImageId,EncodedPixels.')
+flags.DEFINE_string('solution', None, 'Solution CSV: ImageId,EncodedPixels,Height,Width[,Usage].')
+flags.DEFINE_string('output', None, 'Optional path of a JSON file to write the metrics to.')
+flags.mark_flags_as_required(['submission', 'solution'])
 
 
 def main(argv):
@@ -46,5 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
   app.run(main)

@@ -27,6 +27,7 @@ import numpy as np
 _PERMUTATION_STREAM = 1
 _AUGMENT_STREAM = 2
 
+PREPROCESS_MODES = ('resize', 'crop')  # config.data.train_preprocess (see tfds_source).
 EXPORT_HINT = 'python -m unetpp_jax.export_npz --config=configs/dsb.py --output={path}'
 
 

@@ -17,8 +17,7 @@ import tensorflow_datasets as tfds
 
 from unetpp_jax.data import builders, contract
 
-NAME = 'tfds'
-PREPROCESS_MODES = ('resize', 'crop')
+PREPROCESS_MODES = contract.PREPROCESS_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +228,8 @@ def create_input(
     process_count: number of processes (default jax.process_count()).
   """
   if config.data.source != 'tfds':
-    raise ValueError(f"config.data.source={config.data.source!r}: input_pipeline reads 'tfds'; "
-                     "'npz:PATH' is read by contract.")
+    raise ValueError(f"config.data.source={config.data.source!r}: this source reads 'tfds'; "
+                     "'npz:PATH' is read by numpy_source.")
   layout = contract.Layout.create(config, process_index, process_count)
   builder = builders.load_builder(config)
   ranges = split_ranges(builder, config.data.val_fraction)

@@ -26,7 +26,7 @@ from unetpp_jax import models
 from unetpp_jax.heads import Heads
 
 STRATEGIES = ('auto', 'resize', 'pad', 'tile')
-MODES = ('accurate', 'fast')
+MODES = models.PREDICTION_MODES
 
 
 @dataclasses.dataclass(frozen=True)
