@@ -45,7 +45,7 @@ def test_benchmark_prints_one_json_line(mode, extra, xla_flags, devices, tmp_pat
 
 
 def test_matmul_peak_reports_its_flop_rate():
-  from unetpp_jax import throughput  # pylint: disable=g-import-not-at-top
+  from unetpp_jax.study import throughput  # pylint: disable=g-import-not-at-top
   report = throughput.benchmark_matmul(size=128, steps=3, warmup=1)
   assert report['mode'] == 'matmul' and report['step_ms_median'] > 0
   assert report['achieved_gflops'] == pytest.approx(

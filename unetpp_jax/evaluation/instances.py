@@ -15,9 +15,8 @@
 3. Instances smaller than `min_size` pixels are dropped (they are mostly noise and each would be a
    false positive), and the rest renumbered 1..N.
 
-The defaults were chosen on the DSB2018 validation split (configs/dsb.py model, step 480, 'resize'
-inference): official score 0.433 with seed_h=0.5, 0.430 with 1, 0.417 with 2, and 0.367 for plain
-connected components; min_size between 5 and 30 changes it by less than 0.001.
+The defaults were chosen on the DSB2018 validation split; the scores behind them are in README.md
+("Evaluation as the DSB2018 leaderboard scores it").
 """
 
 import dataclasses

@@ -44,7 +44,7 @@ def default_manual_dir() -> pathlib.Path:
   """$DSB2018_DIR if set, else <repo root>/../shared/data/dsb2018."""
   if os.environ.get('DSB2018_DIR'):
     return pathlib.Path(os.environ['DSB2018_DIR'])
-  repo_root = pathlib.Path(__file__).resolve().parents[2]
+  repo_root = pathlib.Path(__file__).resolve().parents[3]  # unetpp_jax/data/builders/ -> root
   return repo_root.parent / 'shared' / 'data' / 'dsb2018'
 
 
