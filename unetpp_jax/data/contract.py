@@ -190,6 +190,7 @@ class TrainSchedule:
 
 
 def geometric(x: np.ndarray, flip_lr: bool, flip_ud: bool, rot90: int) -> np.ndarray:
+  """The geometric augmentation of [S, S, ...] `x`: left-right flip, up-down flip, then rot90."""
   if flip_lr:
     x = x[:, ::-1]
   if flip_ud:

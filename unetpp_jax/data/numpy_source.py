@@ -12,7 +12,7 @@ import numpy as np
 from unetpp_jax.data import contract
 from unetpp_jax.data.contract import Examples, Input, Layout, TrainSchedule
 
-NAME = 'npz'
+NAME = 'npz'  # Its name in the registry (unetpp_jax.data.SOURCES): 'npz:PATH'.
 
 
 def augment(

@@ -107,10 +107,10 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
           + 4 * params['rot90'])
   sources = tf.gather(tf.constant(contract.geometric_tables(images.shape[1])), code)
 
-  def geometric(x):
+  def gather_pixels(x):
     flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
     return tf.reshape(tf.gather(flat, sources, batch_dims=1), tf.shape(x))
-  images, labels = geometric(images), geometric(labels)
+  images, labels = gather_pixels(images), gather_pixels(labels)
   if jitter:  # Static: with jitter off the image stays bit-exact.
     images = tf.clip_by_value(images + per_example('brightness'), 0, 1)
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
