@@ -6,6 +6,7 @@ restoring in a multi-process job), train to step 4, and must agree with each oth
 reference; their step-4 checkpoint then restores in this single process.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -21,6 +22,7 @@ import pytest
 import summaries
 from configs import synthetic
 from unetpp_jax import models, train
+from unetpp_jax.evaluation import evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 420
@@ -107,6 +109,10 @@ def test_two_processes_match_one_process_and_share_checkpoints(tmp_path):
   config = synthetic.get_config()
   config.data.image_size = 32
   config.model.filters = (4, 8, 16, 32)
+  # Process 0 recorded both processes' validation ids, in the split's (the TFDS builder's) order.
+  config.data.tfds_data_dir = str(data_dir)
+  assert json.loads((job / 'validation_ids.json').read_text()) == evaluate.split_ids(
+      config, 'validation')
   template = train.create_train_state(config, jax.random.key(0), models.create_model(config.model))
   mngr = train.checkpoint_manager(job)
   assert mngr.latest_step() == 4

@@ -202,3 +202,14 @@ def test_export_npz_cli_round_trip(tmp_path):
   config.data.dataset = 'synthetic_nuclei'
   batch = next(numpy_source.create_input(config).train_iter)
   assert batch['image'].shape == (2, 2, 32, 32, 3)
+
+
+def test_registry_accepts_each_source_with_its_argument_only():
+  from unetpp_jax import data  # pylint: disable=g-import-not-at-top
+  assert data.source_error('tfds') is None and data.source_error('npz:/x.npz') is None
+  for bad in ('npz:', 'npz', 'tfds:x', 'csv:x', ''):
+    assert data.source_error(bad) == f"config.data.source={bad!r} must be 'tfds' or 'npz:PATH'."
+    config = synthetic.get_config()
+    config.data.source = bad
+    with pytest.raises(ValueError, match='must be'):
+      data.create_input(config)
