@@ -6,21 +6,29 @@ clu 0.0.12's `metric_writers` package imports its TensorFlow summary writer when
 (write_scalars, write_images, write_texts, write_hparams, flush, close) and writes TensorBoard event
 files through tensorboardX, in the format of `tf.summary` (a scalar is a float32 tensor of the
 'scalars' plugin), so TensorBoard and `tf.compat.v1.train.summary_iterator` read them as before.
-`ReportProgress` is clu's progress report (steps/s, ETA, time spent in named parts).
+Events are written synchronously (tensorboardX's `EventsWriter`, not its queued writer), so
+`flush()` means they are on disk: a run flushes before each checkpoint so that its summaries are
+never behind it. `ReportProgress` is clu's progress report (steps/s, ETA, time in named parts).
 """
 
 import collections
 import contextlib
+import itertools
+import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import tensorboardX
 from absl import logging
 from etils import epath
+from tensorboardX import event_file_writer
 from tensorboardX import summary as tbx_summary
-from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+# Distinguishes event files opened by one process within the same second (tensorboardX names
+# them by the second and the host only).
+_FILE_COUNTER = itertools.count()
 
 
 def _scalar_summary(tag: str, value: float) -> summary_pb2.Summary:
@@ -40,7 +48,15 @@ class Writer:
     self._events = None
     if logdir is not None:
       epath.Path(logdir).mkdir(parents=True, exist_ok=True)
-      self._events = tensorboardX.FileWriter(str(logdir), flush_secs=30)
+      self._events = event_file_writer.EventsWriter(
+          os.path.join(os.fspath(logdir), 'events'),
+          filename_suffix=f'.{os.getpid()}.{next(_FILE_COUNTER)}.v2')
+
+  def _write(self, summary: summary_pb2.Summary, step: int | None = None) -> None:
+    event = event_pb2.Event(wall_time=time.time(), summary=summary)
+    if step is not None:
+      event.step = int(step)
+    self._events.write_event(event)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = [f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}'
@@ -48,7 +64,7 @@ class Writer:
     logging.info('[%d] %s', step, ', '.join(values))
     if self._events is not None:
       for tag, value in scalars.items():
-        self._events.add_summary(_scalar_summary(tag, value), step)
+        self._write(_scalar_summary(tag, value), step)
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """images: uint8 [N, H, W, C] (or float in [0, 1]) per tag; the first of each is written."""
@@ -58,19 +74,19 @@ class Writer:
         image = np.asarray(value)[0]
         if image.dtype == np.uint8:
           image = image.astype(np.float32) / 255  # tensorboardX scales floats in [0, 1].
-        self._events.add_summary(tbx_summary.image(tag, image, dataformats='HWC'), step)
+        self._write(tbx_summary.image(tag, image, dataformats='HWC'), step)
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     logging.info('[%d] Got texts: %s.', step, texts)
     if self._events is not None:
       for tag, text in texts.items():
-        self._events.add_summary(tbx_summary.text(tag, text), step)
+        self._write(tbx_summary.text(tag, text), step)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     logging.info('[Hyperparameters] %s', hparams)
     if self._events is not None:
       for proto in tbx_summary.hparams(dict(hparams), {}):
-        self._events.add_summary(proto)
+        self._write(proto)
 
   def flush(self) -> None:
     if self._events is not None:
