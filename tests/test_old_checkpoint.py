@@ -7,8 +7,8 @@ evaluation and study existed):
     '--config.model.filters=(4,8,16,32)' --config.batch_size=4 --config.eval_batch_size=4 \
     --config.num_train_steps=2 --config.log_every_steps=1 --config.eval_every_steps=2 \
     --config.checkpoint_every_steps=2
-over the .npz `test_reliability._make_npz(path, num_train=8)` writes (events files left out). It holds the checkpoint of step 2 and
-config.json, but no validation_ids.json.
+over the .npz `test_reliability._make_npz(path, num_train=8)` writes (events files left out). It
+holds the checkpoint of step 2 and config.json, but no validation_ids.json.
 """
 
 import json

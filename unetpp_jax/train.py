@@ -1,4 +1,4 @@
-"""Training and evaluation: pure pmapped steps, clu metrics and writers, Orbax checkpoints.
+"""Training and evaluation: pure pmapped steps, clu metrics, TensorBoard writers, Orbax checkpoints.
 
 Exact resume: a checkpoint holds the step, parameters, optimizer state and BatchNorm statistics; the
 dropout RNG of a step is fold_in(seed, step) and the input stream is a pure function of

@@ -1,9 +1,9 @@
 """TFDS builder for the Data Science Bowl 2018 stage1_train release (BBBC038v1).
 
 670 microscopy images (fluorescence and brightfield, 256x256 up to 1040x1388) with 29,461
-hand-drawn nucleus masks, combined into one uint16 instance map per image (see `unetpp_jax.data.release`).
+hand-drawn nucleus masks, combined into one uint16 instance map per image (see `kaggle`).
 
-Bad examples (see `unetpp_jax.data.release`) raise or are skipped according to the builder's `on_bad_example`
+Bad examples (see `kaggle`) raise or are skipped according to the builder's `on_bad_example`
 ('error' or 'skip'; config.data.on_bad_example through `builders.load_builder`). The policy applies
 when the dataset is prepared: TFDS caches the prepared data in its data_dir and later runs reuse it
 whatever their policy (a failed preparation leaves nothing behind, so rerunning with 'skip' works).
