@@ -345,21 +345,34 @@ def train_and_evaluate(
   workdir = epath.Path(workdir)
   if not workdir.is_absolute():  # Orbax needs absolute paths (gs:// paths already are).
     workdir = workdir.absolute()
-  mngr = checkpoint_manager(workdir, config.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    _check_stored_config(workdir, config, allow_config_change)
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  try:
-    with _StopRequest() as stop:
-      return _train(config, workdir, input_fn, mngr, writer, stop)
-  finally:
-    # Also on errors: let an in-flight save finish, so the last checkpoint is a complete one.
-    mngr.wait_until_finished()
+  # Nothing is written to the workdir before the data is ready: a run that fails before it
+  # starts (a changed config, missing or bad data) leaves the workdir as it found it.
+  start_step = 0
+  if (workdir / 'checkpoints').exists():
+    mngr = checkpoint_manager(workdir, config.keep_checkpoints)
+    start_step = mngr.latest_step() or 0
+    if mngr.latest_step() is not None:
+      _check_stored_config(workdir, config, allow_config_change)
     mngr.close()
-    writer.flush()
+  with _StopRequest() as stop:
+    data = input_fn(config, start_step)
+    signum = _agreed_stop(stop.signum)
+    if signum is not None:  # Interrupted while preparing the data: nothing to save.
+      raise Interrupted(signum, start_step, workdir / 'checkpoints')
+    # _train asks for the data of the step it restores, which is `start_step`.
+    prepared = lambda c, step: data if step == start_step else input_fn(c, step)
+    mngr = checkpoint_manager(workdir, config.keep_checkpoints)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+      write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    try:
+      return _train(config, workdir, prepared, mngr, writer, stop)
+    finally:
+      # Also on errors: let an in-flight save finish, so the last checkpoint is a complete one.
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.flush()
 
 
 def _train(

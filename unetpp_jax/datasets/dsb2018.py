@@ -12,6 +12,7 @@ whatever their policy (a failed preparation leaves nothing behind, so rerunning 
 import io
 import os
 import pathlib
+import shutil
 from typing import Any
 
 from absl import logging
@@ -46,6 +47,27 @@ def default_manual_dir() -> pathlib.Path:
     return pathlib.Path(os.environ['DSB2018_DIR'])
   repo_root = pathlib.Path(__file__).resolve().parents[2]
   return repo_root.parent / 'shared' / 'data' / 'dsb2018'
+
+
+def explicit_manual_dir(manual_dir: str) -> pathlib.Path | None:
+  """The folder the user named (`manual_dir`, else $DSB2018_DIR), or None for the default one.
+
+  Only the default location falls back to a download: a folder the user named explicitly that
+  holds no release is a mistake to report at once (offline, TFDS retries a download for minutes).
+  """
+  named = manual_dir or os.environ.get('DSB2018_DIR')
+  return pathlib.Path(named) if named else None
+
+
+def release_not_found(directory: str | os.PathLike[str]) -> str:
+  """Why `directory` does not do as the manual dir, and what to put there."""
+  directory = pathlib.Path(directory)
+  problem = ('does not exist' if not directory.exists() else
+             'is not a folder' if not directory.is_dir() else 'holds no DSB2018 release')
+  return (f'The DSB2018 data folder {directory} {problem}: expected {_LAYOUT} (from '
+          f'{kaggle.DOWNLOAD_URL}, {kaggle.RELEASE_SIZE:,} bytes). Fix --config.data.manual_dir '
+          '(or $DSB2018_DIR), or leave both unset to read ../shared/data/dsb2018 beside the '
+          'repository (the release is downloaded if it is not there).')
 
 
 def find_release(directory: str | os.PathLike[str]) -> pathlib.Path | None:
@@ -101,6 +123,7 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
       try:
         release = dl_manager.download(kaggle.DOWNLOAD_URL)
       except Exception as e:  # Any download failure: explain how to provide the data instead.
+        _remove_partial_downloads(dl_manager.download_dir)
         raise FileNotFoundError(
             f'DSB2018 stage1_train not found in the manual dir {manual_dir} (expected {_LAYOUT}) '
             f'and downloading {kaggle.DOWNLOAD_URL} failed ({type(e).__name__}: {e}). Download '
@@ -113,6 +136,12 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
     for example in kaggle.iter_examples(
         release, map_fn=_encode_pngs, on_bad_example=self._on_bad_example):
       yield example['id'], example
+
+
+def _remove_partial_downloads(download_dir: os.PathLike[str]) -> None:
+  """Removes what a failed download of the release left (TFDS keeps `<name>.tmp.<uuid>/`)."""
+  for partial in pathlib.Path(download_dir).glob('*stage1_train*.tmp.*'):
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def _png(array: np.ndarray) -> bytes:
