@@ -4,7 +4,7 @@ A CLI calls `cli.quiet_native_logs()` before its first `import jax` / `tensorflo
 `cli.run(main)` instead of `absl.app.run(main)`. A user error (a config file that does not exist, a
 value that cannot be parsed, an invalid config, missing or damaged data, ...) is then printed as one
 line, `error: <what, where, how to fix>`, with exit code 1 and no traceback; `--verbose` shows the
-traceback. Errors of other kinds (bugs) keep their traceback.
+traceback (and the libraries' INFO lines). Errors of other kinds (bugs) keep their traceback.
 """
 
 import importlib.util
@@ -21,7 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 flags.DEFINE_bool('verbose', False,
-                  'On an error, print the full traceback, not only the one-line message.')
+                  'On an error, print the full traceback, not only the one-line message; also '
+                  'show the INFO lines of Orbax, TFDS and JAX that are filtered out by default.')
 
 EXIT_USER_ERROR = 1
 
@@ -127,7 +128,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """absl.app.run(main), with user errors as one line on stderr and exit code 1."""
 
   def wrapped(argv: list[str]) -> Any:
-    quiet_library_logs()
+    if not flags.FLAGS.verbose:
+      quiet_library_logs()
     try:
       return main(argv)
     except (UserError, *USER_ERRORS) as e:
