@@ -277,6 +277,9 @@ def test_dsb2018_builder_from_manual_zip(tmp_path):
   np.testing.assert_array_equal(examples['img_b']['image'], _RGBA[..., :3])
   assert examples['img_b']['label'].shape == (12, 10, 1)
   np.testing.assert_array_equal(np.unique(examples['img_b']['label']), [0, 1, 2])
+  # Once prepared, the release is not needed: a named folder without it is no error then.
+  config.data.manual_dir = str(tmp_path / 'moved_away')
+  assert datasets.load_builder(config).info.splits['train'].num_examples == 2
 
 
 def _offline(monkeypatch) -> list[str]:

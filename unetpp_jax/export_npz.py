@@ -15,6 +15,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from unetpp_jax import cli
 from unetpp_jax import datasets
 from unetpp_jax import input_pipeline
 from unetpp_jax import numpy_pipeline
@@ -40,10 +41,10 @@ def export(config: ml_collections.ConfigDict, output: str) -> numpy_pipeline.Npz
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  data = export(_CONFIG.value, _OUTPUT.value)
+  data = export(cli.loaded_config('config'), _OUTPUT.value)
   logging.info('Wrote %s: %d training and %d validation examples at %dx%d.', _OUTPUT.value,
                len(data.train), len(data.val), data.image_size, data.image_size)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)  # User errors (missing data, bad config file) as one line.

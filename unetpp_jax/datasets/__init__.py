@@ -30,8 +30,10 @@ def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   builder = tfds.builder(config.data.dataset, **kwargs)
   manual_dir = config.data.manual_dir or dsb2018.default_manual_dir()
   explicit = dsb2018.explicit_manual_dir(config.data.manual_dir)
-  if (config.data.dataset == 'dsb2018' and explicit is not None and not builder.is_prepared()
-      and dsb2018.find_release(explicit) is None):
+  # (Prepared data needs no release. builder.is_prepared() would warn about a missing folder.)
+  if (config.data.dataset == 'dsb2018' and explicit is not None
+      and dsb2018.find_release(explicit) is None
+      and not (builder.data_path / 'dataset_info.json').exists()):
     raise FileNotFoundError(dsb2018.release_not_found(explicit))
   # try_download_gcs=False: these datasets are not on TFDS's bucket, and asking it could hang
   # on a machine without internet.
