@@ -1,6 +1,7 @@
 """What every command line of the project shares: quiet start-up and one-line user errors.
 
-A CLI calls `cli.quiet_native_logs()` before its first `import jax` / `tensorflow`, then
+A CLI calls `cli.quiet_native_logs()` before its first `import jax`,
+`cli.import_tensorflow_quietly()` before anything imports tensorflow (where it needs it), and
 `cli.run(main)` instead of `absl.app.run(main)`. A user error (a config file that does not exist, a
 value that cannot be parsed, an invalid config, missing or damaged data, ...) is then printed as one
 line, `error: <what, where, how to fix>`, with exit code 1 and no traceback; `--verbose` shows the
@@ -49,15 +50,20 @@ _NATIVE_NOTICE = re.compile(
 
 
 def quiet_native_logs() -> None:
-  """Imports TensorFlow (when installed) without its C++ start-up notices; call before jax.
+  """Hides the C++ INFO lines of XLA (and TensorFlow's, where it still reads this); call before
+  importing jax. A value the user set is kept."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow, if installed, without its C++ start-up notices.
 
   Loading TensorFlow prints, twice (once per native library), absl's "All log messages before
   absl::InitializeLog() is called ..." banner and INFO lines ("oneDNN custom operations are on",
   the CPU-feature notice); TF_CPP_MIN_LOG_LEVEL no longer hides them, as TensorFlow logs through
   absl. So stderr is captured during the import and everything except those INFO lines is
-  passed on: warnings and errors still print.
+  passed on: warnings and errors still print. Later imports of TensorFlow are then free.
   """
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # XLA's C++ INFO lines.
   if 'tensorflow' in sys.modules or importlib.util.find_spec('tensorflow') is None:
     return
   sys.stderr.flush()

@@ -15,14 +15,14 @@ import sys
 
 from unetpp_jax import cli
 
-cli.quiet_native_logs()  # Before jax and tensorflow are imported (by train).
+cli.quiet_native_logs()  # Before jax is imported.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unetpp_jax import runtime, train
+from unetpp_jax import runtime
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -75,6 +75,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = cli.loaded_config('config')
+  if config.data.source == 'tfds':  # The npz source runs without tensorflow.
+    cli.import_tensorflow_quietly()
+  from unetpp_jax import train  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   if FLAGS.compilation_cache != 'none':
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
   runtime.use_cpu_cores_as_devices(config.batch_size, config.eval_batch_size,
