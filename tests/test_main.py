@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -141,3 +142,31 @@ def test_cli_truncated_zip_says_download_again_and_leaves_no_debris(tmp_path):
   assert kaggle.RELEASE_SIZE == 83_483_172
   assert sorted(p.name for p in workdir.iterdir()) == ['notes.txt']
   assert not list(tfds_dir.rglob('*.tmp.*'))
+
+
+def test_cli_sigterm_exit_is_quiet(tmp_path):
+  """After SIGTERM the run saves, says how to continue and exits 143, without TensorFlow's
+  "Error occurred when finalizing GeneratorDataset iterator" at interpreter shutdown."""
+  log = tmp_path / 'log.txt'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  with open(log, 'w') as f:
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'unetpp_jax.main', '--config=configs/synthetic.py',
+         f'--workdir={tmp_path / "work"}', f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
+         '--config.data.image_size=32', '--config.model.filters=(4,8,16,32)'],
+        cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 300
+    while 'Training from step 0' not in log.read_text():
+      assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 143, log.read_text()[-3000:]
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  output = log.read_text()
+  assert 'SIGTERM received: stopped at step' in output
+  for noise in _NOISE:
+    assert noise not in output, noise
