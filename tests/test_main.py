@@ -149,17 +149,20 @@ def test_cli_sigterm_exit_is_quiet(tmp_path):
   "Error occurred when finalizing GeneratorDataset iterator" at interpreter shutdown."""
   log = tmp_path / 'log.txt'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # As a user runs it (conftest.py's level 2 hides it).
   with open(log, 'w') as f:
     process = subprocess.Popen(
         [sys.executable, '-m', 'unetpp_jax.main', '--config=configs/synthetic.py',
          f'--workdir={tmp_path / "work"}', f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
-         '--config.data.image_size=32', '--config.model.filters=(4,8,16,32)'],
+         '--config.data.image_size=32', '--config.model.filters=(4,8,16,32)',
+         '--config.num_train_steps=2000'],
         cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
   try:
     deadline = time.monotonic() + 300
     while 'Training from step 0' not in log.read_text():
       assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
       time.sleep(0.05)
+    time.sleep(3)  # The first steps run, and the tf.data iterator with them.
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=300) == 143, log.read_text()[-3000:]
   finally:
