@@ -1,8 +1,11 @@
 """U-Net++ on DSB2018 stage1_train, as in the UNet++ paper (96x96 inputs, Adam 3e-4, filters 32..512).
 
 Run:
-  python -m unetpp_jax.main --config=configs/dsb.py            # workdir defaults to workdirs/dsb
-  python -m unetpp_jax.main --config=configs/dsb.py --config.num_train_steps=600 --config.batch_size=8
+  .venv/bin/python -m unetpp_jax.main --config=configs/dsb.py   # workdir defaults to workdirs/dsb
+  .venv/bin/python -m unetpp_jax.main --config=configs/dsb.py --config.num_train_steps=600 --config.batch_size=8
+
+The 20,000 steps take about 6 minutes on one H200 GPU but a day or more on 2 CPU cores (README.md,
+"How long"); on a CPU, configs/dsb_cpu.py runs the first 320 of them within the hour.
 
 The stage1_train release is read from `data.manual_dir` (default: $DSB2018_DIR, else
 ../shared/data/dsb2018 beside the repository) and prepared once into the TFDS data_dir.

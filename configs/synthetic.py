@@ -1,10 +1,11 @@
-"""Small U-Net++ on procedurally generated nuclei: the offline smoke run (about a minute on 2 CPU cores).
+"""Small U-Net++ on procedurally generated nuclei: the offline smoke run (minutes on 2 CPU cores).
 
 Run:
-  python -m unetpp_jax.main --config=configs/synthetic.py    # workdir defaults to workdirs/synthetic
+  .venv/bin/python -m unetpp_jax.main --config=configs/synthetic.py   # -> workdirs/synthetic
 
-Expected result: validation IoU of the last head well above the all-background baseline after
-300 steps (the exact figure is in README.md).
+Expected result: after 300 steps, a validation IoU of the last head (pooled, eval/iou/head3 in
+eval_metrics.json) of 0.90 to 0.95; the all-background prediction scores 0. README.md ("Running")
+quotes the measured figure, its machine and its run time (1.5 to 3 minutes on 2 CPU cores).
 """
 
 from configs import dsb

@@ -1,4 +1,4 @@
-"""Tests for unetpp_jax.datasets: the synthetic generator, the Kaggle reader and both builders."""
+"""Tests for unetpp_jax.data (builders and release reader): the synthetic generator, the Kaggle reader and both builders."""
 
 import io
 import os
@@ -277,25 +277,68 @@ def test_dsb2018_builder_from_manual_zip(tmp_path):
   np.testing.assert_array_equal(examples['img_b']['image'], _RGBA[..., :3])
   assert examples['img_b']['label'].shape == (12, 10, 1)
   np.testing.assert_array_equal(np.unique(examples['img_b']['label']), [0, 1, 2])
+  # Once prepared, the release is not needed: a named folder without it is no error then.
+  config.data.manual_dir = str(tmp_path / 'moved_away')
+  assert builders.load_builder(config).info.splits['train'].num_examples == 2
+
+
+def _offline(monkeypatch) -> list[str]:
+  """Makes downloads fail at once (offline, TFDS retries for minutes), leaving what TFDS leaves:
+  a `<name>.tmp.<uuid>/` folder in the downloads folder. Returns the URLs tried."""
+  tried = []
+
+  def offline_download(self, url_or_urls):
+    tried.append(url_or_urls)
+    partial = pathlib.Path(self.download_dir) / 'bbbc_BBBC038_stage1_train.zip.tmp.0123abcd'
+    partial.mkdir(parents=True)
+    (partial / 'stage1_train.zip').write_bytes(b'PK\x03\x04 partial')
+    raise ConnectionError(f'offline: {url_or_urls}')
+
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline_download)
+  return tried
 
 
 @pytest.mark.parametrize('make_dir', [True, False], ids=['empty', 'absent'])
 def test_dsb2018_missing_data_error(tmp_path, monkeypatch, make_dir):
-  # Offline TFDS retries for minutes before failing: make the download fail at once instead.
-  def offline_download(self, url_or_urls):
-    raise ConnectionError(f'offline: {url_or_urls}')
-
-  monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline_download)
+  # The default location (no data.manual_dir, no $DSB2018_DIR): download, then name the folder.
+  tried = _offline(monkeypatch)
   manual = tmp_path / 'manual'
   if make_dir:
     manual.mkdir()
+  monkeypatch.delenv('DSB2018_DIR', raising=False)
+  monkeypatch.setattr(dsb2018, 'default_manual_dir', lambda: manual)
   config = dsb_config.get_config()
   config.data.tfds_data_dir = str(tmp_path / 'tfds')
-  config.data.manual_dir = str(manual)
   with pytest.raises(FileNotFoundError) as error:
     builders.load_builder(config)
+  assert tried == [release.DOWNLOAD_URL]
   message = str(error.value)
   assert str(manual) in message
   assert 'stage1_train.zip' in message and 'images/<id>.png' in message
   assert release.DOWNLOAD_URL in message
   assert not os.path.exists(tmp_path / 'tfds' / 'dsb2018' / '1.0.0')
+  assert not list((tmp_path / 'tfds').rglob('*.tmp.*'))  # The failed download left nothing.
+
+
+@pytest.mark.parametrize('how', ['config', 'env'])
+@pytest.mark.parametrize('make_dir', [True, False], ids=['empty', 'absent'])
+def test_dsb2018_explicit_data_folder_without_release_fails_at_once(
+    tmp_path, monkeypatch, make_dir, how):
+  tried = _offline(monkeypatch)
+  manual = tmp_path / 'nope'
+  if make_dir:
+    manual.mkdir()
+  config = dsb_config.get_config()
+  config.data.tfds_data_dir = str(tmp_path / 'tfds')
+  if how == 'config':
+    config.data.manual_dir = str(manual)
+  else:
+    monkeypatch.setenv('DSB2018_DIR', str(manual))
+  with pytest.raises(FileNotFoundError) as error:
+    builders.load_builder(config)
+  assert not tried  # No download: the user named this folder.
+  message = str(error.value)
+  assert f'{manual} {"holds no DSB2018 release" if make_dir else "does not exist"}' in message
+  assert 'stage1_train.zip' in message and release.DOWNLOAD_URL in message
+  assert '--config.data.manual_dir' in message
+  assert not (tmp_path / 'tfds').exists()

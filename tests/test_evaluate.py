@@ -134,6 +134,9 @@ def test_cli_evaluates_validation_split_and_score_cli_agrees(setup, tmp_path):
   result = _run('evaluate', f'--workdir={setup.workdir}', f'--data={setup.data}',
                 f'--output={out}', '--split=validation', '--flips', '--num_overlays=3')
   assert result.returncode == 0, result.stderr[-3000:]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # As mkdir makes it, not mkdtemp's 0700.
   metrics = json.loads((out / 'metrics.json').read_text())
   assert metrics['num_images'] == 12 and metrics['checkpoint_step'] == 40
   assert metrics['final_prediction'] == 'accurate'
@@ -362,6 +365,12 @@ def test_workdir_without_checkpoints_or_config(setup, tmp_path):
   (empty / 'config.json').write_text((setup.workdir / 'config.json').read_text())
   _expect_failure(setup, tmp_path, FileNotFoundError, f'No checkpoint in {empty}/checkpoints',
                   workdir=empty)
+  # A run that failed on its data: "no checkpoint" is what to fix first, not the data error.
+  stored = json.loads((setup.workdir / 'config.json').read_text())
+  stored['data'].update(dataset='dsb2018', manual_dir=str(tmp_path / 'nope'))
+  (empty / 'config.json').write_text(json.dumps(stored))
+  _expect_failure(setup, tmp_path, FileNotFoundError, f'No checkpoint in {empty}/checkpoints',
+                  workdir=empty, split='validation')
   assert not (empty / 'checkpoints').exists()  # Evaluation never creates anything in a workdir.
 
 

@@ -358,9 +358,11 @@ def test_config_changes_lists_added_and_removed_fields():
     ('--config.batch_size=abc', 'parse', "--config.batch_size=abc: invalid literal for int"),
     ('--config.batch_size=2.5', 'parse', "--config.batch_size=2.5: invalid literal for int"),
     ('--config.data.augment=maybe', 'parse', 'Non-boolean argument to boolean flag'),
-    # Tuples take any elements; validation catches them.
-    ('--config.model.filters=(4,x)', ValueError, 'must list at least 2 positive channel counts'),
-    ('--config.loss.deep_supervision_heads=(1,x)', ValueError, 'distinct heads in 1..3'),
+    # A tuple Python cannot parse reaches the config as a string; validation says so, once.
+    ('--config.model.filters=(4,x)', ValueError,
+     'Invalid config: config.model.filters=(4,x) cannot be parsed'),
+    ('--config.loss.deep_supervision_heads=(1,x)', ValueError,
+     'Invalid config: config.loss.deep_supervision_heads=(1,x) cannot be parsed'),
     ('--config.optimizer.learning_rate=inf', ValueError, 'learning_rate=inf must be finite'),
     ('--config.data.val_fraction=nan', ValueError, 'val_fraction=nan must be finite'),
 ])

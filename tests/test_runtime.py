@@ -16,3 +16,13 @@ from unetpp_jax import runtime
 ])
 def test_cpu_device_count_divides_every_batch(batch_sizes, cores, expected):
   assert runtime.cpu_device_count(batch_sizes, cores) == expected
+
+
+def test_idle_cores_note_says_why_and_suggests_a_divisible_batch():
+  note = runtime.idle_cores_note((7, 16), cores=2, devices=1)
+  assert note.startswith('CPU backend: 1 of 2 cores used, as batch_size=7 is not divisible by 2')
+  assert '--config.batch_size=8' in note and 'eval_batch_size' not in note
+  note = runtime.idle_cores_note((12, 20), cores=8, devices=4)
+  assert 'batch_size=12 and eval_batch_size=20 are not divisible by 8' in note
+  assert '--config.batch_size=16 --config.eval_batch_size=24' in note
+  assert runtime.idle_cores_note((16, 32), cores=2, devices=2) is None

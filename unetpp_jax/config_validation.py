@@ -10,6 +10,13 @@ import jax
 from unetpp_jax import data, models
 from unetpp_jax.data import contract, release
 
+# Valid values shown when a tuple flag cannot be parsed.
+_TUPLE_EXAMPLES = {
+    'model.filters': '(32,64,128,256,512)',
+    'loss.deep_supervision_heads': '(1,2,3,4)',
+    'loss.head_weights': '(1.0,1.0,1.0,1.0)',
+}
+
 # The lists belong to the modules that implement the choices; the train loop's own choices
 # (failure policy, optimizer) are listed here.
 _CHOICES = {
@@ -52,9 +59,15 @@ def validate(config: Any) -> None:
     if not ok:
       errors.append(message)
 
+  unparsed = set()
   for field, value in _flatten(config.to_dict()).items():
     if isinstance(value, float):  # nan and inf would slip through range checks or break training.
       check(math.isfinite(value), f'config.{field}={value} must be finite.')
+    text = _unparsed_tuple(value)
+    if text is not None:
+      unparsed.add(field)
+      errors.append(f'config.{field}={text} cannot be parsed: write a tuple of numbers, e.g. '
+                    f'--config.{field}="{_TUPLE_EXAMPLES.get(field, "(1,2)")}".')
 
   for field, choices in _CHOICES.items():
     value = _get(config, field)
@@ -65,6 +78,10 @@ def validate(config: Any) -> None:
   check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')
   check(config.data.jitter >= 0, 'config.data.jitter must be >= 0.')
 
+  if unparsed & {'model.filters', 'loss.deep_supervision_heads', 'loss.head_weights'}:
+    # The checks below depend on these; with a value that is not a tuple of numbers they would
+    # only add knock-on errors about the heads and image size.
+    raise ValueError(_message(errors))
   filters = tuple(config.model.filters)
   check(
       len(filters) >= 2 and all(isinstance(f, int) and f > 0 for f in filters),
@@ -130,7 +147,24 @@ def validate(config: Any) -> None:
     check(config[field] > 0, f'config.{field} must be > 0.')
 
   if errors:
-    raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
+    raise ValueError(_message(errors))
+
+
+def _message(errors: list[str]) -> str:
+  if len(errors) == 1:
+    return f'Invalid config: {errors[0]}'
+  return 'Invalid config:\n  ' + '\n  '.join(errors)
+
+
+def _unparsed_tuple(value: Any) -> str | None:
+  """The flag text if `value` is what the flag parser made of a tuple it could not parse.
+
+  ml_collections parses `--config.model.filters=(4,x)` as the 1-tuple ('(4,x)',): a literal that
+  Python cannot evaluate is kept as a string.
+  """
+  if isinstance(value, (tuple, list)) and any(isinstance(v, str) for v in value):
+    return ','.join(str(v) for v in value)
+  return None
 
 
 _ABSENT = object()

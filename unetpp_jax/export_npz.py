@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from unetpp_jax import cli
 from unetpp_jax.data import tfds_source
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -25,10 +26,10 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  data = tfds_source.export_npz(_CONFIG.value, _OUTPUT.value)
+  data = tfds_source.export_npz(cli.loaded_config('config'), _OUTPUT.value)
   logging.info('Wrote %s: %d training and %d validation examples at %dx%d.', _OUTPUT.value,
                len(data.train), len(data.val), data.image_size, data.image_size)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)  # User errors (missing data, bad config file) as one line.

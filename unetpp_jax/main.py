@@ -3,18 +3,27 @@ r"""Trains U-Net++: python -m unetpp_jax.main --config=configs/dsb.py [--workdir
 The workdir defaults to workdirs/<config file name>; running the same command again resumes from the
 newest checkpoint there. SIGTERM or SIGINT (Ctrl-C) saves a checkpoint at the end of the current
 step and exits with code 128 + signal number (143 or 130). Resuming refuses a config that changes
-the model, data or optimisation unless --allow_config_change.
+the model, data or optimisation unless --allow_config_change. A user error (config file, flag
+value, invalid config, missing data) is one line on stderr and exit code 1; --verbose shows the
+traceback.
 """
 
+import gc
 import glob
 import os
 import sys
 
+from unetpp_jax import cli
+
+cli.quiet_native_logs()  # Before jax is imported.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unetpp_jax import runtime, train
+from unetpp_jax import runtime
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints and summaries; default workdirs/<config name>.')
@@ -65,9 +74,13 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = cli.loaded_config('config')
+  if config.data.source == 'tfds':  # The npz source runs without tensorflow.
+    cli.import_tensorflow_quietly()
+  from unetpp_jax import train  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   if FLAGS.compilation_cache != 'none':
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
-  runtime.use_cpu_cores_as_devices(FLAGS.config.batch_size, FLAGS.config.eval_batch_size,
+  runtime.use_cpu_cores_as_devices(config.batch_size, config.eval_batch_size,
                                    devices=FLAGS.cpu_devices)
   initialize_distributed()
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
@@ -75,10 +88,17 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   logging.info('Workdir: %s', workdir)
   try:
-    train.train_and_evaluate(FLAGS.config, workdir, allow_config_change=FLAGS.allow_config_change)
+    train.train_and_evaluate(config, workdir, allow_config_change=FLAGS.allow_config_change)
   except train.Interrupted as e:  # Already logged, with how to continue.
-    sys.exit(e.exit_code)
+    exit_code = e.exit_code
+  else:
+    return
+  # The exception held the train loop's frames: free them (and the tf.data iterators they hold)
+  # now, while Python can still run their finalizers; at interpreter shutdown TensorFlow logs a
+  # spurious "Error occurred when finalizing GeneratorDataset iterator".
+  gc.collect()
+  sys.exit(exit_code)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

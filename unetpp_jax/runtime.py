@@ -52,10 +52,28 @@ def use_cpu_cores_as_devices(*batch_sizes: int, devices: int | None = None) -> i
   if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
       or jax.config.jax_num_cpu_devices > 0):
     return None
+  cores = _usable_cores()
   if devices is None:
-    devices = cpu_device_count(batch_sizes, _usable_cores())
+    devices = cpu_device_count(batch_sizes, cores)
+    note = idle_cores_note(batch_sizes, cores, devices)
+    if note:
+      logging.warning('%s', note)
   if devices < 1:
     raise ValueError(f'CPU device count must be >= 1, got {devices}.')
   jax.config.update('jax_num_cpu_devices', devices)
-  logging.info('CPU backend: %d devices (one per core).', devices)
+  logging.info('CPU backend: %d devices (one per core, %d cores).', devices, cores)
   return devices
+
+
+def idle_cores_note(batch_sizes: tuple[int, ...], cores: int, devices: int) -> str | None:
+  """Why `devices` (< `cores`) CPU devices are used, and the batch sizes that would use them all."""
+  if devices >= cores:
+    return None
+  names = ('batch_size', 'eval_batch_size')
+  undivided = [f'{name}={size}' for name, size in zip(names, batch_sizes) if size % cores]
+  fixes = [f'--config.{name}={-(-size // cores) * cores}'
+           for name, size in zip(names, batch_sizes) if size % cores]
+  return (f'CPU backend: {devices} of {cores} cores used, as {" and ".join(undivided)} '
+          f'{"is" if len(undivided) == 1 else "are"} not divisible by {cores} (each device '
+          f'takes an equal share of a batch); training is slower. To use every core: '
+          f'{" ".join(fixes)} (or --cpu_devices to choose).')

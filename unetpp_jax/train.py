@@ -179,7 +179,9 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def checkpoint_manager(workdir: epath.PathLike, keep: int = 3) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  # create=False: the first save makes the folder, so a run that fails before it leaves no empty
+  # checkpoints/ behind.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
   return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options)
 
 
@@ -323,21 +325,33 @@ def train_and_evaluate(
   workdir = epath.Path(workdir)
   if not workdir.is_absolute():  # Orbax needs absolute paths (gs:// paths already are).
     workdir = workdir.absolute()
+  # Nothing is written to the workdir before the data is ready: a run that fails before it
+  # starts (a changed config, missing or bad data) leaves the workdir as it found it.
   mngr = checkpoint_manager(workdir, config.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    _check_stored_config(workdir, config, allow_config_change)
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
-  writer = writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer = None
   try:
+    start_step = mngr.latest_step() or 0
+    if mngr.latest_step() is not None:
+      _check_stored_config(workdir, config, allow_config_change)
     with _StopRequest() as stop:
-      return _train(config, workdir, input_fn, mngr, writer, stop)
+      data = input_fn(config, start_step)
+      signum = _agreed_stop(stop.signum)
+      if signum is not None:  # Interrupted while preparing the data: nothing to save.
+        raise Interrupted(signum, start_step, mngr.directory)
+      is_chief = jax.process_index() == 0
+      if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
+      writer = writers.create_default_writer(workdir, just_logging=not is_chief)
+      # _train asks for the data of the step it restores, which is `start_step`.
+      prepared = lambda c, step: data if step == start_step else input_fn(c, step)
+      return _train(config, workdir, prepared, mngr, writer, stop)
   finally:
     # Also on errors: let an in-flight save finish, so the last checkpoint is a complete one.
     mngr.wait_until_finished()
     mngr.close()
-    writer.flush()
+    if writer is not None:
+      writer.flush()
 
 
 def _train(

@@ -36,6 +36,9 @@ import numpy as np
 from PIL import Image
 
 DOWNLOAD_URL = 'https://data.broadinstitute.org/bbbc/BBBC038/stage1_train.zip'
+# The file at DOWNLOAD_URL: a copy that differs is damaged (e.g. an interrupted download).
+RELEASE_SIZE = 83_483_172
+RELEASE_SHA256 = '92489929747a4f42fdb23e2b20c60b2f5424a7f781adf1ac02e6ccb57c1aa229'
 
 # OS litter that may sit anywhere in a zip or folder.
 _IGNORED_NAMES = frozenset({'.DS_Store', 'Thumbs.db', 'desktop.ini', '__MACOSX'})
@@ -69,7 +72,7 @@ class _Source:
       try:
         self._zip = zipfile.ZipFile(self.path)
       except zipfile.BadZipFile as e:
-        raise ValueError(f'{self.path} is neither a folder nor a valid zip file.') from e
+        raise ValueError(_bad_zip_message(self.path)) from e
       self.names = [n for n in self._zip.namelist() if not n.endswith('/')]
     else:
       raise FileNotFoundError(f'{self.path} does not exist.')
@@ -91,6 +94,13 @@ class _Source:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _bad_zip_message(path: pathlib.Path) -> str:
+  size = path.stat().st_size
+  return (f'{path} is neither a folder nor a valid zip file ({size:,} bytes): damaged or '
+          f'incompletely downloaded? Download it again from {DOWNLOAD_URL}; the original '
+          f'stage1_train.zip has {RELEASE_SIZE:,} bytes and sha256 {RELEASE_SHA256}.')
 
 
 def _find_entries(source: _Source) -> tuple[list[_Entry], list[str]]:

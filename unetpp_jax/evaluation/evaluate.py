@@ -272,10 +272,11 @@ def evaluate(
   config = load_config(workdir, config_defaults)
   if not pathlib.Path(data).exists():
     raise FileNotFoundError(f'--data {data} does not exist.')
+  # The checkpoint first: a workdir without one is the error to report, not its data's.
+  variables, step = load_variables(workdir, config, step)
   truth = rle.read_csv(solution, require_shape=True) if solution else None
   wanted = None if split == 'all' else workdir_split_ids(workdir, config, split)
   ids = select_ids(data, wanted, truth, solution)
-  variables, step = load_variables(workdir, config, step)
   predictor = Predictor(config, variables, inference)
   if instance_options is None:
     seeds = 'boundary' if config.model.num_classes == 3 else 'distance'
@@ -286,6 +287,9 @@ def evaluate(
   output = pathlib.Path(output).absolute()
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.incomplete-', dir=output.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output folder's mode.
   try:
     overlay_ids = {ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, num_overlays).round()
                                              .astype(int))} if num_overlays > 0 else set()

@@ -29,6 +29,12 @@ def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     kwargs['on_bad_example'] = config.data.on_bad_example
   builder = tfds.builder(config.data.dataset, **kwargs)
   manual_dir = config.data.manual_dir or dsb2018.default_manual_dir()
+  explicit = dsb2018.explicit_manual_dir(config.data.manual_dir)
+  # (Prepared data needs no release. builder.is_prepared() would warn about a missing folder.)
+  if (config.data.dataset == 'dsb2018' and explicit is not None
+      and dsb2018.find_release(explicit) is None
+      and not (builder.data_path / 'dataset_info.json').exists()):
+    raise FileNotFoundError(dsb2018.release_not_found(explicit))
   # try_download_gcs=False: these datasets are not on TFDS's bucket, and asking it could hang
   # on a machine without internet.
   download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)

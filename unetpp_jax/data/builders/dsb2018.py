@@ -1,9 +1,9 @@
 """TFDS builder for the Data Science Bowl 2018 stage1_train release (BBBC038v1).
 
 670 microscopy images (fluorescence and brightfield, 256x256 up to 1040x1388) with 29,461
-hand-drawn nucleus masks, combined into one uint16 instance map per image (see `kaggle`).
+hand-drawn nucleus masks, combined into one uint16 instance map per image (see `release`).
 
-Bad examples (see `kaggle`) raise or are skipped according to the builder's `on_bad_example`
+Bad examples (see `release`) raise or are skipped according to the builder's `on_bad_example`
 ('error' or 'skip'; config.data.on_bad_example through `builders.load_builder`). The policy applies
 when the dataset is prepared: TFDS caches the prepared data in its data_dir and later runs reuse it
 whatever their policy (a failed preparation leaves nothing behind, so rerunning with 'skip' works).
@@ -12,6 +12,7 @@ whatever their policy (a failed preparation leaves nothing behind, so rerunning 
 import io
 import os
 import pathlib
+import shutil
 from typing import Any
 
 from absl import logging
@@ -20,7 +21,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from unetpp_jax.data.builders import features
-from unetpp_jax.data import release as kaggle  # The reader of the Kaggle-layout release.
+from unetpp_jax.data import release
 
 _LAYOUT = (
     'stage1_train.zip, or its unpacked stage1_train/ folder, or the <id>/ folders directly, where '
@@ -48,6 +49,27 @@ def default_manual_dir() -> pathlib.Path:
   return repo_root.parent / 'shared' / 'data' / 'dsb2018'
 
 
+def explicit_manual_dir(manual_dir: str) -> pathlib.Path | None:
+  """The folder the user named (`manual_dir`, else $DSB2018_DIR), or None for the default one.
+
+  Only the default location falls back to a download: a folder the user named explicitly that
+  holds no release is a mistake to report at once (offline, TFDS retries a download for minutes).
+  """
+  named = manual_dir or os.environ.get('DSB2018_DIR')
+  return pathlib.Path(named) if named else None
+
+
+def release_not_found(directory: str | os.PathLike[str]) -> str:
+  """Why `directory` does not do as the manual dir, and what to put there."""
+  directory = pathlib.Path(directory)
+  problem = ('does not exist' if not directory.exists() else
+             'is not a folder' if not directory.is_dir() else 'holds no DSB2018 release')
+  return (f'The DSB2018 data folder {directory} {problem}: expected {_LAYOUT} (from '
+          f'{release.DOWNLOAD_URL}, {release.RELEASE_SIZE:,} bytes). Fix --config.data.manual_dir '
+          '(or $DSB2018_DIR), or leave both unset to read ../shared/data/dsb2018 beside the '
+          'repository (the release is downloaded if it is not there).')
+
+
 def find_release(directory: str | os.PathLike[str]) -> pathlib.Path | None:
   """The stage1_train release inside `directory` (zip or unpacked), or None if absent."""
   directory = pathlib.Path(directory)
@@ -69,7 +91,7 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release: stage1_train, instance maps (later mask wins).'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Put the stage1_train release of the 2018 Data Science Bowl in the manual dir, as
-  {_LAYOUT}. It is available from {kaggle.DOWNLOAD_URL}
+  {_LAYOUT}. It is available from {release.DOWNLOAD_URL}
   (or from Kaggle's data-science-bowl-2018 competition). If the manual dir holds nothing, the
   builder downloads it from that URL.
   """
@@ -77,8 +99,8 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, on_bad_example: str = 'error', **kwargs: Any):
     """See tfds.core.DatasetBuilder; on_bad_example is 'error' or 'skip' (see the module doc)."""
     super().__init__(**kwargs)
-    if on_bad_example not in kaggle.ON_BAD_EXAMPLE:
-      raise ValueError(f'on_bad_example={on_bad_example!r} must be one of {kaggle.ON_BAD_EXAMPLE}.')
+    if on_bad_example not in release.ON_BAD_EXAMPLE:
+      raise ValueError(f'on_bad_example={on_bad_example!r} must be one of {release.ON_BAD_EXAMPLE}.')
     self._on_bad_example = on_bad_example
     self._original_state['on_bad_example'] = on_bad_example  # Restored when unpickled.
 
@@ -97,22 +119,29 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
     release = find_release(manual_dir) if manual_dir else None
     if release is None:
       logging.info('DSB2018 not found in the manual dir %s; downloading %s (TFDS retries for a '
-                   'few minutes before giving up when offline).', manual_dir, kaggle.DOWNLOAD_URL)
+                   'few minutes before giving up when offline).', manual_dir, release.DOWNLOAD_URL)
       try:
-        release = dl_manager.download(kaggle.DOWNLOAD_URL)
+        release = dl_manager.download(release.DOWNLOAD_URL)
       except Exception as e:  # Any download failure: explain how to provide the data instead.
+        _remove_partial_downloads(dl_manager.download_dir)
         raise FileNotFoundError(
             f'DSB2018 stage1_train not found in the manual dir {manual_dir} (expected {_LAYOUT}) '
-            f'and downloading {kaggle.DOWNLOAD_URL} failed ({type(e).__name__}: {e}). Download '
+            f'and downloading {release.DOWNLOAD_URL} failed ({type(e).__name__}: {e}). Download '
             'it elsewhere and put it in that folder, or point data.manual_dir / $DSB2018_DIR '
             'at a folder holding it.') from e
     return {'train': self._generate_examples(release)}
 
   def _generate_examples(self, release: pathlib.Path):
     # PNG-encoding in the reader's threads (TFDS would encode numpy arrays one at a time).
-    for example in kaggle.iter_examples(
+    for example in release.iter_examples(
         release, map_fn=_encode_pngs, on_bad_example=self._on_bad_example):
       yield example['id'], example
+
+
+def _remove_partial_downloads(download_dir: os.PathLike[str]) -> None:
+  """Removes what a failed download of the release left (TFDS keeps `<name>.tmp.<uuid>/`)."""
+  for partial in pathlib.Path(download_dir).glob('*stage1_train*.tmp.*'):
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def _png(array: np.ndarray) -> bytes:
