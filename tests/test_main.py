@@ -118,11 +118,11 @@ def test_cli_explicit_data_folder_without_release_fails_at_once(tmp_path):
 
 
 def test_cli_truncated_zip_says_download_again_and_leaves_no_debris(tmp_path):
-  release = REPO.parent / 'shared' / 'data' / 'dsb2018' / 'stage1_train.zip'
+  real_zip = REPO.parent / 'shared' / 'data' / 'dsb2018' / 'stage1_train.zip'
   manual, workdir, tfds_dir = tmp_path / 'manual', tmp_path / 'work', tmp_path / 'tfds'
   manual.mkdir()
-  if release.is_file():  # The first megabyte of the real release, as an interrupted download.
-    with open(release, 'rb') as f:
+  if real_zip.is_file():  # The first megabyte of the real release, as an interrupted download.
+    with open(real_zip, 'rb') as f:
       (manual / 'stage1_train.zip').write_bytes(f.read(1 << 20))
   else:
     with zipfile.ZipFile(manual / 'stage1_train.zip', 'w') as zf:

@@ -116,12 +116,12 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
     # The public `dl_manager.manual_dir` raises when the folder is empty or missing, and we want
     # to fall back to downloading (and to name the folder if that fails too).
     manual_dir = dl_manager._manual_dir  # pylint: disable=protected-access
-    release = find_release(manual_dir) if manual_dir else None
-    if release is None:
+    release_path = find_release(manual_dir) if manual_dir else None
+    if release_path is None:
       logging.info('DSB2018 not found in the manual dir %s; downloading %s (TFDS retries for a '
                    'few minutes before giving up when offline).', manual_dir, release.DOWNLOAD_URL)
       try:
-        release = dl_manager.download(release.DOWNLOAD_URL)
+        release_path = dl_manager.download(release.DOWNLOAD_URL)
       except Exception as e:  # Any download failure: explain how to provide the data instead.
         _remove_partial_downloads(dl_manager.download_dir)
         raise FileNotFoundError(
@@ -129,12 +129,12 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
             f'and downloading {release.DOWNLOAD_URL} failed ({type(e).__name__}: {e}). Download '
             'it elsewhere and put it in that folder, or point data.manual_dir / $DSB2018_DIR '
             'at a folder holding it.') from e
-    return {'train': self._generate_examples(release)}
+    return {'train': self._generate_examples(release_path)}
 
-  def _generate_examples(self, release: pathlib.Path):
+  def _generate_examples(self, release_path: pathlib.Path):
     # PNG-encoding in the reader's threads (TFDS would encode numpy arrays one at a time).
     for example in release.iter_examples(
-        release, map_fn=_encode_pngs, on_bad_example=self._on_bad_example):
+        release_path, map_fn=_encode_pngs, on_bad_example=self._on_bad_example):
       yield example['id'], example
 
 
