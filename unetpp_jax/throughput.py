@@ -5,11 +5,14 @@ Timed on in-memory arrays already on the devices, so this needs no tensorflow (e
 """
 
 import collections
+import dataclasses
 import functools
+import itertools
 import pathlib
 import re
 import resource
 import time
+import types
 
 import flax
 import jax
@@ -90,6 +93,7 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
   images_per_sec = batch / median
   result = dict(
       mode=mode, images_per_sec=images_per_sec, step_ms_median=1e3 * median,
+      step_ms_mean=1e3 * float(np.mean(times)),
       step_ms_p90=1e3 * float(np.percentile(times, 90)), compile_s=first_call - median,
       flops_per_image=flops_per_image, achieved_gflops=flops_per_image * images_per_sec / 1e9,
       peak_memory_bytes=peak_memory, peak_memory_source=memory_source,
@@ -153,3 +157,68 @@ def benchmark_input(config, *, batch, steps, warmup) -> dict:
   return dict(mode='input', images_per_sec=batch / median, step_ms_median=1e3 * median,
               step_ms_p90=1e3 * float(np.percentile(times, 90)), setup_s=setup_s,
               dataset=config.data.dataset, train_preprocess=config.data.train_preprocess)
+
+
+def benchmark_loop(config, *, batch, steps, warmup, source='arrays') -> dict:
+  """Speed of the real train loop (`train.train_and_evaluate`) against its bare step.
+
+  The loop runs warmup + steps + a margin of steps in a temporary workdir, with the config's
+  log_every_steps (metrics read back, progress) and no evaluation or checkpoint before its last
+  step; its time per step is taken between the input requests of batch `warmup` and batch
+  `warmup + steps`. The main thread syncs with the devices at every log step and the input runs
+  at most a few batches ahead, so over many log intervals this is the loop's sustained rate.
+  The bare step is `benchmark_model`'s (the same step on batches already on the devices, waited
+  for at every step). loop_vs_step = bare step time / loop step time (1.0: no host overhead).
+
+  Args:
+    source: 'arrays' (random in-memory numpy batches: the loop's own overhead, host-to-device
+      copies included) or 'config' (config.data's input pipeline, i.e. data preparation too).
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  step = benchmark_model(config, batch=batch, mode='train', prune_level=None, steps=steps,
+                         warmup=warmup)
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch
+  config.eval_batch_size = batch
+  # The input requests batches a few steps ahead of the loop (a bounded queue), so the timed window
+  # starts `margin` requests after the warm-up (the first step, with its compilation, is done) and
+  # ends `margin` steps before the last (evaluation and checkpoint).
+  margin = 8
+  config.num_train_steps = warmup + steps + 2 * margin
+  config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
+  if 'checkpoint_every_minutes' in config:
+    config.checkpoint_every_minutes = 0
+  requests = []
+
+  def timed(iterator):
+    for item in iterator:
+      requests.append(time.perf_counter())
+      yield item
+
+  def input_fn(config, start_step):
+    if source == 'config':
+      data = train.create_input(config, start_step)
+      return dataclasses.replace(data, train_iter=timed(data.train_iter))
+    devices, size = jax.local_device_count(), config.data.image_size
+    rng = np.random.default_rng(0)
+    image = rng.random((devices, batch // devices, size, size, 3), np.float32)
+    label = (rng.random((devices, batch // devices, size, size)) > 0.7).astype(np.int32)
+    weight = np.ones((devices, batch // devices), np.float32)
+    stream = ({'image': image.copy(), 'label': label.copy()} for _ in itertools.count())
+    return types.SimpleNamespace(train_iter=timed(stream),
+                                 eval_batches=[dict(image=image, label=label, weight=weight)])
+
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    train.train_and_evaluate(config, workdir, input_fn)
+    total_s = time.perf_counter() - start
+  first = warmup + margin
+  loop_s = (requests[first + steps] - requests[first]) / steps
+  step_s = step['step_ms_mean'] / 1e3
+  return dict(
+      mode='loop', source=source, steps=steps, log_every_steps=config.log_every_steps,
+      loop_images_per_sec=batch / loop_s, loop_step_ms=1e3 * loop_s,
+      step_images_per_sec=batch / step_s, step_ms_mean=step['step_ms_mean'],
+      step_ms_median=step['step_ms_median'], loop_vs_step=step_s / loop_s,
+      loop_total_s=total_s, flops_per_image=step['flops_per_image'])

@@ -22,8 +22,10 @@ Failures (see README.md, "Resuming and failures"):
 import functools
 import hashlib
 import json
+import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -185,14 +187,34 @@ def eval_step(
 
 def evaluate(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterable[Batch],
              output_heads: Sequence[int] | None = None) -> dict:
-  """Metrics over one full pass of `batches`, summed globally before any ratio is taken."""
+  """Metrics over one full pass of `batches`, summed globally before any ratio is taken.
+
+  The sums stay on the devices (each device holds the global sums, gathered inside the step) and
+  are read once at the end, so batches are dispatched without waiting for each other.
+  """
   total = None
   for batch in batches:
-    update = p_eval_step(state, batch).unreplicate()
-    total = update if total is None else total.merge(update)
+    update = p_eval_step(state, batch)
+    total = update if total is None else _p_merge(total, update)
   if total is None:
     raise ValueError('The validation split is empty.')
-  return metrics.summarize(total, prefix='eval/', output_heads=output_heads)
+  return metrics.summarize(flax.jax_utils.unreplicate(total), prefix='eval/',
+                           output_heads=output_heads)
+
+
+# Sums two replicated metric collections on their devices (no host transfer).
+_p_merge = jax.pmap(lambda a, b: a.merge(b), axis_name=AXIS)
+# A replicated tree (or host arrays with a leading device axis) as a pmap output.
+_p_copy = jax.pmap(lambda tree: tree, axis_name=AXIS)
+
+
+def _accumulating_train_step(state, totals, batch, **kwargs):
+  """`train_step` whose metrics are added to `totals` on the devices (runs under pmap).
+
+  The train loop then reads metrics only at log steps: no per-step host transfer or merge.
+  """
+  state, step_metrics, nonfinite = train_step(state, batch, **kwargs)
+  return state, totals.merge(step_metrics), nonfinite
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -276,6 +298,55 @@ class _StopRequest:
     self._previous = {}
 
 
+def format_duration(seconds: float) -> str:
+  """'2d03h', '1h05m', '4m07s', '12s': two units, so an ETA reads at a glance."""
+  seconds = max(int(round(seconds)), 0)
+  days, rest = divmod(seconds, 86400)
+  hours, rest = divmod(rest, 3600)
+  minutes, secs = divmod(rest, 60)
+  if days:
+    return f'{days}d{hours:02d}h'
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  if minutes:
+    return f'{minutes}m{secs:02d}s'
+  return f'{secs}s'
+
+
+class ReportProgress(periodic_actions.ReportProgress):
+  """clu's progress report (every minute and at the last step), logged as seconds per step and
+  images/s with three significant digits plus the ETA: a CPU step takes seconds, which clu's
+  '0.2 steps/s' rounds away. Rates are over the interval since the previous report, evaluation
+  and checkpoint time included (broken down at the end of the line), so the ETA accounts for them.
+  """
+
+  def __init__(self, *, num_train_steps: int, batch_size: int,
+               writer: metric_writers.MetricWriter | None = None, every_secs: float = 60.0):
+    super().__init__(num_train_steps=num_train_steps, writer=None, every_secs=every_secs)
+    self._batch_size = batch_size
+    self._metric_writer = writer
+    self.last_message = ''
+
+  def _apply(self, step: int, t: float) -> None:
+    seconds_per_step = (t - self._previous_time) / (step - self._previous_step)
+    images_per_sec = self._batch_size / max(seconds_per_step, 1e-12)
+    total = self._num_train_steps
+    message = (f'step {step}/{total} ({100 * step / total:.1f}%): {seconds_per_step:.3g} s/step, '
+               f'{images_per_sec:.3g} images/s, ETA {format_duration((total - step) * seconds_per_step)}')
+    if self._time_per_part:
+      elapsed = time.monotonic() - self._t0
+      message += ' (' + ', '.join(f'{100 * dt / elapsed:.1f}% {name}'
+                                  for name, dt in sorted(self._time_per_part.items())) + ')'
+    self.last_message = message
+    logging.info('%s', message)
+    if self._metric_writer is not None:
+      self._metric_writer.write_scalars(step, {
+          'steps_per_sec': 1 / max(seconds_per_step, 1e-12),
+          'train/seconds_per_step': seconds_per_step,
+          'train/images_per_sec': images_per_sec,
+      })
+
+
 def _check_stored_config(
     workdir: epath.Path, config: ml_collections.ConfigDict, allow_config_change: bool
 ) -> None:
@@ -308,12 +379,19 @@ def write_atomically(path: epath.Path, text: str) -> None:
   tmp.replace(path)
 
 
-def _agreed_stop(signum: int | None) -> int | None:
-  """The signal any process received (all processes must stop at the same step), or None."""
+def _agreed_stop(signum: int | None, time_due: bool = False) -> tuple[int | None, bool]:
+  """(the signal any process received, whether any process found a checkpoint due), agreed by
+  all processes (they must stop and checkpoint at the same step)."""
   if jax.process_count() == 1:
-    return signum
-  received = multihost_utils.process_allgather(np.int32(signum or 0))
-  return int(np.max(received)) or None
+    return signum, time_due
+  received = multihost_utils.process_allgather(np.array([signum or 0, int(time_due)], np.int32))
+  received = np.max(np.asarray(received).reshape(-1, 2), axis=0)
+  return int(received[0]) or None, bool(received[1])
+
+
+def _time_due(every_minutes: float, last_save: float) -> bool:
+  """Whether `every_minutes` (0 = never) have passed since `last_save` (time.monotonic())."""
+  return every_minutes > 0 and time.monotonic() - last_save >= 60 * every_minutes
 
 
 def train_and_evaluate(
@@ -382,48 +460,83 @@ def _train(
     logging.info('Parameters: %d', sum(x.size for x in jax.tree.leaves(state.params)))
 
   data = input_fn(config, start_step)
-  # Copies the next batches to the devices while the current step runs.
-  train_iter = flax.jax_utils.prefetch_to_device(data.train_iter, 2)
+  # Batches are prepared and copied to the devices on a background thread, ahead of the step.
+  train_iter = BackgroundInput(data.train_iter, size=2)
+  try:
+    return _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter,
+                       dropout_rng, start_step, is_chief)
+  finally:
+    train_iter.close()
+
+
+def _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter, dropout_rng,
+                start_step, is_chief) -> TrainState:
+  """Steps from `start_step` to config.num_train_steps with logging, evaluation and checkpoints.
+
+  Between log/eval/checkpoint steps nothing is read back from the devices: metrics are summed
+  inside the pmapped step and non-finite flags are kept as device arrays, so the host only
+  dispatches steps and the devices never wait for it.
+  """
   loss_kwargs = _loss_kwargs(config)
   skip_nonfinite = config.nonfinite_policy == 'skip'
   p_train_step = jax.pmap(
-      functools.partial(train_step, dropout_rng=dropout_rng, loss_kwargs=loss_kwargs,
-                        skip_nonfinite=skip_nonfinite),
+      functools.partial(_accumulating_train_step, dropout_rng=dropout_rng,
+                        loss_kwargs=loss_kwargs, skip_nonfinite=skip_nonfinite),
       axis_name=AXIS,
-      donate_argnums=(0,),
+      donate_argnums=(0, 1),
   )
   p_eval_step = jax.pmap(functools.partial(eval_step, loss_kwargs=loss_kwargs), axis_name=AXIS)
   schedule = learning_rate_schedule(config)
-  state = flax.jax_utils.replicate(state)
+  # State and metric sums enter the step in the layout it returns them in (a pmap output), so the
+  # step compiles once rather than again for its own outputs.
+  state = _p_copy(flax.jax_utils.replicate(state))
+  zero_metrics = None  # Replicated zero sums (host numpy), shaped at the first step.
 
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=config.num_train_steps, writer=writer
+  report_progress = ReportProgress(
+      num_train_steps=config.num_train_steps, batch_size=config.batch_size, writer=writer
   )
-  train_metrics = None
+  train_metrics = None  # Replicated sums since the last log step, on the devices.
   # Per-step non-finite flags, still on the devices: reading them at every step would stall the
   # pipelining of steps, so they are read at log/eval/checkpoint steps (before anything is
   # written or saved) and at a stop.
   nonfinite_flags = []
   skipped_updates = 0
+  last_save = time.monotonic()  # Of the last checkpoint, or the start (checkpoint_every_minutes).
+  evaluated = False  # Whether this run has evaluated yet.
   logging.info('Training from step %d to %d.', start_step, config.num_train_steps)
-  signum = _agreed_stop(stop.signum)
+  signum, _ = _agreed_stop(stop.signum)
   if signum is not None:  # Interrupted while preparing: there is nothing new to save.
     raise Interrupted(signum, start_step, mngr.directory)
   for step in range(start_step + 1, config.num_train_steps + 1):
+    batch = next(train_iter)
+    if zero_metrics is None:  # Traced, not compiled.
+      shapes = jax.eval_shape(
+          jax.pmap(functools.partial(train_step, dropout_rng=dropout_rng, loss_kwargs=loss_kwargs),
+                   axis_name=AXIS), state, batch)[1]
+      zero_metrics = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    if train_metrics is None:
+      train_metrics = _p_copy(zero_metrics)
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, update, nonfinite = p_train_step(state, next(train_iter))
+      state, train_metrics, nonfinite = p_train_step(state, train_metrics, batch)
     nonfinite_flags.append((step, nonfinite))
-    update = update.unreplicate()  # Gathered inside pmap: every device holds the global sums.
-    train_metrics = update if train_metrics is None else train_metrics.merge(update)
     report_progress(step)
     is_last = step == config.num_train_steps
     is_log = step % config.log_every_steps == 0 or is_last
     is_eval = step % config.eval_every_steps == 0 or is_last
-    # Several processes must agree on the stopping step: they do so at log steps only.
+    # Several processes must agree on the stopping step and on time-based checkpoints: they do so
+    # at log steps only, on process 0's clock.
     signum = None if is_last else stop.signum
-    if jax.process_count() > 1:
-      signum = _agreed_stop(signum) if is_log else None
-    is_checkpoint = step % config.checkpoint_every_steps == 0 or is_last or signum is not None
+    time_due = False
+    if is_log and not is_last:
+      time_due = is_chief and _time_due(config.checkpoint_every_minutes, last_save)
+      if jax.process_count() > 1:
+        signum, time_due = _agreed_stop(signum, time_due)
+    elif jax.process_count() > 1:
+      signum = None
+    if time_due and not evaluated:  # A first validation number within the time interval.
+      is_eval = True
+    is_checkpoint = (step % config.checkpoint_every_steps == 0 or is_last or signum is not None
+                     or time_due)
 
     if is_log or is_eval or is_checkpoint:
       values = jax.device_get([flag for _, flag in nonfinite_flags])
@@ -442,7 +555,7 @@ def _train(
       skipped_updates += len(bad)
 
     if is_log:
-      scalars = metrics.summarize(train_metrics, prefix='train/',
+      scalars = metrics.summarize(flax.jax_utils.unreplicate(train_metrics), prefix='train/',
                                   output_heads=loss_kwargs['output_heads'])
       scalars['train/learning_rate'] = float(schedule(step - 1))
       scalars['train/skipped_updates'] = skipped_updates
@@ -451,6 +564,7 @@ def _train(
       skipped_updates = 0
 
     if is_eval:
+      evaluated = True
       with report_progress.timed('eval'):
         eval_scalars = evaluate(p_eval_step, state, data.eval_batches, loss_kwargs['output_heads'])
       writer.write_scalars(step, eval_scalars)
@@ -461,8 +575,13 @@ def _train(
 
     if is_checkpoint:
       writer.flush()  # Summaries are kept as durably as checkpoints: a kill loses neither before.
+      if time_due:
+        logging.info('Checkpoint at step %d: %.3g minutes since the last one '
+                     '(checkpoint_every_minutes=%g).', step, (time.monotonic() - last_save) / 60,
+                     config.checkpoint_every_minutes)
       with report_progress.timed('checkpoint'):
         save_checkpoint(mngr, step, state)
+      last_save = time.monotonic()
 
     if signum is not None:
       mngr.wait_until_finished()
@@ -474,6 +593,70 @@ def _train(
   logging.info('Process %d finished at step %d; parameter digest %s.', jax.process_index(),
                int(state.step), parameter_digest(state.params))
   return state
+
+
+class BackgroundInput:
+  """An iterator of batches prepared and put on the local devices by a daemon thread.
+
+  The thread runs at most `size` batches ahead of the consumer (a bounded queue), so preparing a
+  batch in Python (the numpy source) or waiting for tf.data overlaps with the running step, and
+  the host-to-device copy is off the main thread too. Batches come out in the source's order, laid
+  out for pmap (leading axis over `jax.local_devices()`); an exception in the source is raised by
+  `next`. `close()` stops the thread without waiting for the source (a daemon thread never delays
+  the process's exit, e.g. after SIGTERM).
+  """
+
+  _DONE = object()
+
+  def __init__(self, source: Iterable[Batch], size: int = 2):
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',))
+    self._sharding = jax.NamedSharding(mesh, jax.P('devices'))
+    self._source = iter(source)
+    self._queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, name='BackgroundInput', daemon=True)
+    self._thread.start()
+
+  def _put(self, item: Any) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def _produce(self) -> None:
+    try:
+      for batch in self._source:
+        if not self._put(jax.device_put(batch, self._sharding)):
+          return
+      self._put(self._DONE)
+    except BaseException as e:  # pylint: disable=broad-except  # Re-raised in the consumer.
+      self._put(e)
+
+  def __iter__(self) -> 'BackgroundInput':
+    return self
+
+  def __next__(self) -> Batch:
+    item = self._queue.get()
+    if item is self._DONE:
+      self._queue.put(item)
+      raise StopIteration
+    if isinstance(item, BaseException):
+      self._queue.put(item)
+      raise item
+    return item
+
+  def close(self, timeout: float = 1.0) -> None:
+    """Stops the thread; waits at most `timeout` seconds for a batch being prepared."""
+    self._stop.set()
+    while True:  # Unblocks a pending put and frees the queued device buffers.
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout)
 
 
 def parameter_digest(params: Any) -> str:
