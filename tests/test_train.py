@@ -136,6 +136,29 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
                          state.batch_stats['X0_0']['BatchNorm_0']['mean'])
 
 
+@pytest.mark.parametrize('minutes,checkpoints,evaluated', [
+    (1e-9, [2, 4, 6], [2, 6]),  # Due at every log step: checkpoints there, a first evaluation.
+    (0.0, [6], [6]),  # Off: the step interval (here beyond the run) and the last step only.
+])
+def test_time_based_checkpoints(minutes, checkpoints, evaluated, tmp_path):
+  import summaries  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.update(checkpoint_every_minutes=minutes, checkpoint_every_steps=100,
+                eval_every_steps=100, keep_checkpoints=10)
+  train.train_and_evaluate(config, tmp_path, array_input_fn)
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
+                if p.name.isdigit()) == checkpoints
+  assert sorted(summaries.scalars(tmp_path, 'eval/loss')) == evaluated
+
+
+def test_progress_line_reads_seconds_per_step_images_per_sec_and_eta():
+  progress = train.ReportProgress(num_train_steps=20_000, batch_size=16, every_secs=30)
+  assert not progress(12, t=100.0)  # The first call only starts the clock.
+  assert progress(24, t=160.0)  # 12 steps in 60 s.
+  assert progress.last_message == ('step 24/20000 (0.1%): 5 s/step, 3.2 images/s, ETA 1d03h')
+  assert train.format_duration(3725) == '1h02m' and train.format_duration(42) == '42s'
+
+
 @pytest.mark.parametrize(
     'field,value,message',
     [
@@ -147,6 +170,7 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
         ('batch_size', 3, 'multiple of the device count \\(2\\)'),
         ('model.norm', 'group', "must be one of \\('batch', 'none'\\)"),
         ('data.source', 'csv:x', "'tfds' or 'npz:PATH'"),
+        ('checkpoint_every_minutes', -1.0, 'checkpoint_every_minutes must be >= 0'),
     ],
 )
 def test_invalid_config_is_rejected_before_compiling(field, value, message):
