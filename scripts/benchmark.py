@@ -4,8 +4,10 @@ r"""Throughput of the U-Net++ train step or inference on in-memory arrays (no te
       [--dtype=float32|bfloat16] [--mode=train|infer|input|matmul|loop] [--prune_level=k] \
       [--steps=N] [--profile_dir=DIR] [--loop_source=arrays|config]
 
-Prints one JSON line: images_per_sec, step_ms_median, step_ms_p90, compile_s, flops_per_image (XLA
-cost analysis of the compiled step), achieved_gflops, peak_memory_bytes, backend, device_count,
+Prints one JSON line: images_per_sec, step_ms_median, step_ms_p90, compile_s, flops_per_image
+(convolution and matmul FLOPs of the traced step, the same on every backend; xla_flops_per_image is
+XLA's cost analysis of the lowered step, where the backend has one), achieved_gflops, peak_flops (datasheet figure of
+the device kind; on CPU a measured matmul) and mfu, peak_memory_bytes, backend, device_count,
 dtype, batch, ... `--mode=input` instead times the tf.data pipeline alone (decoded, augmented,
 batched examples of config.data.dataset), to tell whether input keeps up with the step.
 `--mode=loop` times the real train loop (train_and_evaluate) over --steps steps against the bare
@@ -64,6 +66,10 @@ def main(argv):
     result = throughput.benchmark_model(config, batch=FLAGS.batch, mode=FLAGS.mode,
                                         prune_level=FLAGS.prune_level, steps=FLAGS.steps,
                                         warmup=FLAGS.warmup, profile_dir=FLAGS.profile_dir)
+  if FLAGS.mode in ('train', 'infer', 'loop'):
+    if FLAGS.mode == 'loop':  # MFU of the loop, not of the bare step.
+      result['achieved_gflops'] = result['flops_per_image'] * result['loop_images_per_sec'] / 1e9
+    throughput.add_mfu(result, config.model.dtype)
   result.update(backend=jax.default_backend(), device_count=jax.device_count(),
                 device_kind=jax.devices()[0].device_kind, dtype=config.model.dtype,
                 batch=FLAGS.batch, image_size=config.data.image_size,

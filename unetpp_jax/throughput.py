@@ -18,7 +18,7 @@ import flax
 import jax
 import numpy as np
 
-from unetpp_jax import models, train
+from unetpp_jax import flops, models, train
 
 
 def _flops(lowered) -> float:
@@ -74,7 +74,11 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
           model.apply(variables, batch['image'], prune_level=prune_level)[-1])
     step = jax.pmap(infer, axis_name=train.AXIS)
 
-  flops_per_device = _flops(step.lower(replicated, batch_arrays))
+  # One device's program (its batch // devices images): counted on the traced program, the same on
+  # every backend; XLA's cost analysis of the lowered program for comparison (0 where the backend
+  # has none).
+  flops_per_device = flops.count_flops(step, replicated, batch_arrays)
+  xla_flops_per_device = _flops(step.lower(replicated, batch_arrays))
 
   def run():
     nonlocal replicated
@@ -88,7 +92,6 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
   times = _time_steps(run, steps, warmup)
   median = float(np.median(times))
   peak_memory, memory_source = _peak_memory()
-  # cost_analysis describes one device's program, which processes batch / devices images.
   flops_per_image = flops_per_device / (batch // devices)
   images_per_sec = batch / median
   result = dict(
@@ -96,6 +99,7 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
       step_ms_mean=1e3 * float(np.mean(times)),
       step_ms_p90=1e3 * float(np.percentile(times, 90)), compile_s=first_call - median,
       flops_per_image=flops_per_image, achieved_gflops=flops_per_image * images_per_sec / 1e9,
+      xla_flops_per_image=xla_flops_per_device / (batch // devices),
       peak_memory_bytes=peak_memory, peak_memory_source=memory_source,
       params=models.count_parameters(model, prune_level),
       prune_level=prune_level or model.levels,
@@ -142,6 +146,29 @@ def benchmark_matmul(*, size: int, steps: int, warmup: int) -> dict:
   median = float(np.median(times))
   return dict(mode='matmul', size=size, step_ms_median=1e3 * median,
               achieved_gflops=2 * size**3 / median / 1e9)
+
+
+def add_mfu(result: dict, dtype: str) -> dict:
+  """Adds the peak FLOP/s of the devices used and the MFU (achieved / peak) to a benchmark result.
+
+  Accelerators: the datasheet peak of the device kind (flops.PEAK_FLOPS) times the device count.
+  CPU: there is no datasheet figure, so the peak is measured: a 2048x2048 float32 matmul, which
+  XLA:CPU runs on all cores (the practical peak of the whole CPU, whatever the device count).
+  Device kinds missing from the table get peak_flops / mfu None.
+  """
+  devices = jax.local_devices()
+  if devices[0].platform == 'cpu':
+    peak = benchmark_matmul(size=2048, steps=5, warmup=1)['achieved_gflops'] * 1e9
+    source = 'measured: 2048x2048 float32 matmul on this CPU (all cores)'
+  else:
+    per_device = flops.peak_flops_per_device(devices[0].device_kind, dtype)
+    peak = per_device * len(devices) if per_device else None
+    source = (f'datasheet: {devices[0].device_kind}, {dtype}, dense, x{len(devices)} devices'
+              if peak else f'unknown device kind {devices[0].device_kind!r}: add it to flops.PEAK_FLOPS')
+  if 'achieved_gflops' in result:
+    result['mfu'] = flops.mfu(result['achieved_gflops'] * 1e9, peak)
+  result.update(peak_flops=peak, peak_flops_source=source)
+  return result
 
 
 def benchmark_input(config, *, batch, steps, warmup) -> dict:
