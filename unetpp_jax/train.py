@@ -327,6 +327,10 @@ class ReportProgress(periodic_actions.ReportProgress):
     self._metric_writer = writer
     self.last_message = ''
 
+  def close(self) -> None:
+    """Ends clu's timing thread, a non-daemon thread that interpreter exit would wait for."""
+    self._executor.shutdown(wait=True, cancel_futures=True)  # At most a step: nothing queued.
+
   def _apply(self, step: int, t: float) -> None:
     seconds_per_step = (t - self._previous_time) / (step - self._previous_step)
     images_per_sec = self._batch_size / max(seconds_per_step, 1e-12)
@@ -462,15 +466,20 @@ def _train(
   data = input_fn(config, start_step)
   # Batches are prepared and copied to the devices on a background thread, ahead of the step.
   train_iter = BackgroundInput(data.train_iter, size=2)
+  report_progress = ReportProgress(
+      num_train_steps=config.num_train_steps, batch_size=config.batch_size, writer=writer
+  )
   try:
     return _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter,
-                       dropout_rng, start_step, is_chief)
+                       report_progress, dropout_rng, start_step, is_chief)
   finally:
+    # Helper threads end here rather than at interpreter exit, which would wait for them.
     train_iter.close()
+    report_progress.close()
 
 
-def _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter, dropout_rng,
-                start_step, is_chief) -> TrainState:
+def _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter, report_progress,
+                dropout_rng, start_step, is_chief) -> TrainState:
   """Steps from `start_step` to config.num_train_steps with logging, evaluation and checkpoints.
 
   Between log/eval/checkpoint steps nothing is read back from the devices: metrics are summed
@@ -491,10 +500,6 @@ def _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter, dr
   # step compiles once rather than again for its own outputs.
   state = _p_copy(flax.jax_utils.replicate(state))
   zero_metrics = None  # Replicated zero sums (host numpy), shaped at the first step.
-
-  report_progress = ReportProgress(
-      num_train_steps=config.num_train_steps, batch_size=config.batch_size, writer=writer
-  )
   train_metrics = None  # Replicated sums since the last log step, on the devices.
   # Per-step non-finite flags, still on the devices: reading them at every step would stall the
   # pipelining of steps, so they are read at log/eval/checkpoint steps (before anything is
