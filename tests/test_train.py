@@ -184,6 +184,7 @@ def test_invalid_config_is_rejected_before_compiling(field, value, message):
 
 
 def test_shipped_configs_are_valid():
-  from configs import dsb  # pylint: disable=g-import-not-at-top
+  from configs import dsb, dsb_accelerator  # pylint: disable=g-import-not-at-top
   config_validation.validate(dsb.get_config())
+  config_validation.validate(dsb_accelerator.get_config())
   config_validation.validate(synthetic.get_config())
