@@ -188,3 +188,23 @@ def test_shipped_configs_are_valid():
   config_validation.validate(dsb.get_config())
   config_validation.validate(dsb_accelerator.get_config())
   config_validation.validate(synthetic.get_config())
+
+
+def test_background_input_keeps_order_raises_source_errors_and_stops():
+  def source():
+    for i in range(5):
+      yield {'x': np.full((jax.local_device_count(), 2), i, np.float32)}
+    raise OSError('disk gone')
+
+  batches = train.BackgroundInput(source(), size=2)
+  got = [int(next(batches)['x'][0, 0]) for _ in range(5)]
+  assert got == [0, 1, 2, 3, 4]
+  with pytest.raises(OSError, match='disk gone'):
+    next(batches)
+  batches.close()
+
+  endless = train.BackgroundInput(({'x': np.zeros((jax.local_device_count(), 1))}
+                                   for _ in iter(int, 1)), size=2)
+  assert next(endless)['x'].sharding.device_set == set(jax.local_devices())
+  endless.close()  # Its producer is blocked on the full queue: close must still end it.
+  assert not endless._thread.is_alive()  # pylint: disable=protected-access

@@ -202,6 +202,8 @@ def evaluate(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterab
                            output_heads=output_heads)
 
 
+_STEPS_IN_FLIGHT = 2  # Train steps dispatched but not finished, at most.
+
 # Sums two replicated metric collections on their devices (no host transfer).
 _p_merge = jax.pmap(lambda a, b: a.merge(b), axis_name=AXIS)
 # A replicated tree (or host arrays with a leading device axis) as a pmap output.
@@ -524,6 +526,11 @@ def _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter, re
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, train_metrics, nonfinite = p_train_step(state, train_metrics, batch)
     nonfinite_flags.append((step, nonfinite))
+    if len(nonfinite_flags) > _STEPS_IN_FLIGHT:
+      # Waits for an earlier step, not this one: the devices keep a queue of work, but a bounded
+      # one. XLA:CPU aborts when dozens of pmapped steps with collectives are queued (a stuck
+      # all-gather rendezvous).
+      nonfinite_flags[-1 - _STEPS_IN_FLIGHT][1].block_until_ready()
     report_progress(step)
     is_last = step == config.num_train_steps
     is_log = step % config.log_every_steps == 0 or is_last
