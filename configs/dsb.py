@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50  # Train metrics / progress.
   config.eval_every_steps = 1000  # Validation on the whole validation split.
   config.checkpoint_every_steps = 1000  # Orbax save interval (the final step is always saved).
+  # Also checkpoint at the first log step after this many minutes since the last checkpoint (process
+  # 0's clock, agreed by all processes), so a kill loses minutes on any hardware; 0 = off. The first
+  # such checkpoint of a run also evaluates, so a validation number appears within this interval.
+  config.checkpoint_every_minutes = 10.0
   config.keep_checkpoints = 3  # Keep the newest K checkpoints.
   # Non-finite loss or gradients: 'halt' stops with an error naming the step (checked at log, eval
   # and checkpoint steps; a bad state is never saved); 'skip' drops that update and counts it

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from unetpp_jax import config_validation, models, train
+from unetpp_jax import config_validation, models, train, writers
 from unetpp_jax.heads import Heads
 
 
@@ -137,6 +137,29 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
                          state.batch_stats['X0_0']['BatchNorm_0']['mean'])
 
 
+@pytest.mark.parametrize('minutes,checkpoints,evaluated', [
+    (1e-9, [2, 4, 6], [2, 6]),  # Due at every log step: checkpoints there, a first evaluation.
+    (0.0, [6], [6]),  # Off: the step interval (here beyond the run) and the last step only.
+])
+def test_time_based_checkpoints(minutes, checkpoints, evaluated, tmp_path):
+  import summaries  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.update(checkpoint_every_minutes=minutes, checkpoint_every_steps=100,
+                eval_every_steps=100, keep_checkpoints=10)
+  train.train_and_evaluate(config, tmp_path, array_input_fn)
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
+                if p.name.isdigit()) == checkpoints
+  assert sorted(summaries.scalars(tmp_path, 'eval/loss')) == evaluated
+
+
+def test_progress_line_reads_seconds_per_step_images_per_sec_and_eta():
+  progress = writers.ReportProgress(num_train_steps=20_000, batch_size=16, every_secs=30)
+  assert not progress(12, t=100.0)  # The first call only starts the clock.
+  assert progress(24, t=160.0)  # 12 steps in 60 s.
+  assert progress.last_message == ('step 24/20000 (0.1%): 5 s/step, 3.2 images/s, ETA 1d03h')
+  assert writers.format_duration(3725) == '1h02m' and writers.format_duration(42) == '42s'
+
+
 @pytest.mark.parametrize(
     'field,value,message',
     [
@@ -148,6 +171,7 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
         ('batch_size', 3, 'multiple of the device count \\(2\\)'),
         ('model.norm', 'group', "must be one of \\('batch', 'none'\\)"),
         ('data.source', 'csv:x', "'tfds' or 'npz:PATH'"),
+        ('checkpoint_every_minutes', -1.0, 'checkpoint_every_minutes must be >= 0'),
     ],
 )
 def test_invalid_config_is_rejected_before_compiling(field, value, message):
@@ -161,7 +185,28 @@ def test_invalid_config_is_rejected_before_compiling(field, value, message):
 
 
 def test_shipped_configs_are_valid():
-  from configs import dsb, dsb_cpu  # pylint: disable=g-import-not-at-top
+  from configs import dsb, dsb_accelerator, dsb_cpu  # pylint: disable=g-import-not-at-top
   config_validation.validate(dsb.get_config())
+  config_validation.validate(dsb_accelerator.get_config())
   config_validation.validate(dsb_cpu.get_config())
   config_validation.validate(synthetic.get_config())
+
+
+def test_background_input_keeps_order_raises_source_errors_and_stops():
+  def source():
+    for i in range(5):
+      yield {'x': np.full((jax.local_device_count(), 2), i, np.float32)}
+    raise OSError('disk gone')
+
+  batches = train.BackgroundInput(source(), size=2)
+  got = [int(next(batches)['x'][0, 0]) for _ in range(5)]
+  assert got == [0, 1, 2, 3, 4]
+  with pytest.raises(OSError, match='disk gone'):
+    next(batches)
+  batches.close()
+
+  endless = train.BackgroundInput(({'x': np.zeros((jax.local_device_count(), 1))}
+                                   for _ in iter(int, 1)), size=2)
+  assert next(endless)['x'].sharding.device_set == set(jax.local_devices())
+  endless.close()  # Its producer is blocked on the full queue: close must still end it.
+  assert not endless._thread.is_alive()  # pylint: disable=protected-access

@@ -22,8 +22,10 @@ Failures (see README.md, "Resuming and failures"):
 import functools
 import hashlib
 import json
+import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -163,14 +165,36 @@ def eval_step(state: TrainState, batch: Batch, *, heads: Heads) -> metrics.Segme
 
 def evaluate(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterable[Batch],
              output_heads: Sequence[int] | None = None) -> dict:
-  """Metrics over one full pass of `batches`, summed globally before any ratio is taken."""
+  """Metrics over one full pass of `batches`, summed globally before any ratio is taken.
+
+  The sums stay on the devices (each device holds the global sums, gathered inside the step) and
+  are read once at the end, so batches are dispatched without waiting for each other.
+  """
   total = None
   for batch in batches:
-    update = p_eval_step(state, batch).unreplicate()
-    total = update if total is None else total.merge(update)
+    update = p_eval_step(state, batch)
+    total = update if total is None else _p_merge(total, update)
   if total is None:
     raise ValueError('The validation split is empty.')
-  return metrics.summarize(total, prefix='eval/', output_heads=output_heads)
+  return metrics.summarize(flax.jax_utils.unreplicate(total), prefix='eval/',
+                           output_heads=output_heads)
+
+
+_STEPS_IN_FLIGHT = 2  # Train steps dispatched but not finished, at most.
+
+# Sums two replicated metric collections on their devices (no host transfer).
+_p_merge = jax.pmap(lambda a, b: a.merge(b), axis_name=AXIS)
+# A replicated tree (or host arrays with a leading device axis) as a pmap output.
+_p_copy = jax.pmap(lambda tree: tree, axis_name=AXIS)
+
+
+def _accumulating_train_step(state, totals, batch, **kwargs):
+  """`train_step` whose metrics are added to `totals` on the devices (runs under pmap).
+
+  The train loop then reads metrics only at log steps: no per-step host transfer or merge.
+  """
+  state, step_metrics, nonfinite = train_step(state, batch, **kwargs)
+  return state, totals.merge(step_metrics), nonfinite
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -288,12 +312,19 @@ def write_atomically(path: epath.Path, text: str) -> None:
   tmp.replace(path)
 
 
-def _agreed_stop(signum: int | None) -> int | None:
-  """The signal any process received (all processes must stop at the same step), or None."""
+def _agreed_stop(signum: int | None, time_due: bool = False) -> tuple[int | None, bool]:
+  """(the signal any process received, whether any process found a checkpoint due), agreed by
+  all processes (they must stop and checkpoint at the same step)."""
   if jax.process_count() == 1:
-    return signum
-  received = multihost_utils.process_allgather(np.int32(signum or 0))
-  return int(np.max(received)) or None
+    return signum, time_due
+  received = multihost_utils.process_allgather(np.array([signum or 0, int(time_due)], np.int32))
+  received = np.max(np.asarray(received).reshape(-1, 2), axis=0)
+  return int(received[0]) or None, bool(received[1])
+
+
+def _time_due(every_minutes: float, last_save: float) -> bool:
+  """Whether `every_minutes` (0 = never) have passed since `last_save` (time.monotonic())."""
+  return every_minutes > 0 and time.monotonic() - last_save >= 60 * every_minutes
 
 
 def train_and_evaluate(
@@ -375,48 +406,88 @@ def _train(
 
   data = input_fn(config, start_step)
   _write_validation_ids(workdir, data.eval_batches)
-  # Copies the next batches to the devices while the current step runs.
-  train_iter = flax.jax_utils.prefetch_to_device(data.train_iter, 2)
+  # Batches are prepared and copied to the devices on a background thread, ahead of the step.
+  train_iter = BackgroundInput(data.train_iter, size=2)
+  report_progress = writers.ReportProgress(
+      num_train_steps=config.num_train_steps, batch_size=config.batch_size, writer=writer
+  )
+  try:
+    return _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter,
+                       report_progress, dropout_rng, start_step, is_chief)
+  finally:
+    # Helper threads end here rather than at interpreter exit, which would wait for them.
+    train_iter.close()
+
+
+def _train_loop(config, workdir, mngr, writer, stop, state, data, train_iter, report_progress,
+                dropout_rng, start_step, is_chief) -> TrainState:
+  """Steps from `start_step` to config.num_train_steps with logging, evaluation and checkpoints.
+
+  Between log/eval/checkpoint steps nothing is read back from the devices: metrics are summed
+  inside the pmapped step and non-finite flags are kept as device arrays, so the host only
+  dispatches steps and the devices never wait for it.
+  """
   heads = Heads.from_config(config)
   skip_nonfinite = config.nonfinite_policy == 'skip'
   p_train_step = jax.pmap(
-      functools.partial(train_step, dropout_rng=dropout_rng, heads=heads,
-                        skip_nonfinite=skip_nonfinite),
+      functools.partial(_accumulating_train_step, dropout_rng=dropout_rng,
+                        heads=heads, skip_nonfinite=skip_nonfinite),
       axis_name=AXIS,
-      donate_argnums=(0,),
+      donate_argnums=(0, 1),
   )
   p_eval_step = jax.pmap(functools.partial(eval_step, heads=heads), axis_name=AXIS)
   schedule = learning_rate_schedule(config)
-  state = flax.jax_utils.replicate(state)
-
-  report_progress = writers.ReportProgress(
-      num_train_steps=config.num_train_steps, writer=writer
-  )
-  train_metrics = None
+  # State and metric sums enter the step in the layout it returns them in (a pmap output), so the
+  # step compiles once rather than again for its own outputs.
+  state = _p_copy(flax.jax_utils.replicate(state))
+  zero_metrics = None  # Replicated zero sums (host numpy), shaped at the first step.
+  train_metrics = None  # Replicated sums since the last log step, on the devices.
   # Per-step non-finite flags, still on the devices: reading them at every step would stall the
   # pipelining of steps, so they are read at log/eval/checkpoint steps (before anything is
   # written or saved) and at a stop.
   nonfinite_flags = []
   skipped_updates = 0
+  last_save = time.monotonic()  # Of the last checkpoint, or the start (checkpoint_every_minutes).
+  evaluated = False  # Whether this run has evaluated yet.
   logging.info('Training from step %d to %d.', start_step, config.num_train_steps)
-  signum = _agreed_stop(stop.signum)
+  signum, _ = _agreed_stop(stop.signum)
   if signum is not None:  # Interrupted while preparing: there is nothing new to save.
     raise Interrupted(signum, start_step, mngr.directory)
   for step in range(start_step + 1, config.num_train_steps + 1):
+    batch = next(train_iter)
+    if zero_metrics is None:  # Traced, not compiled.
+      shapes = jax.eval_shape(
+          jax.pmap(functools.partial(train_step, dropout_rng=dropout_rng, heads=heads),
+                   axis_name=AXIS), state, batch)[1]
+      zero_metrics = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    if train_metrics is None:
+      train_metrics = _p_copy(zero_metrics)
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, update, nonfinite = p_train_step(state, next(train_iter))
+      state, train_metrics, nonfinite = p_train_step(state, train_metrics, batch)
     nonfinite_flags.append((step, nonfinite))
-    update = update.unreplicate()  # Gathered inside pmap: every device holds the global sums.
-    train_metrics = update if train_metrics is None else train_metrics.merge(update)
+    if len(nonfinite_flags) > _STEPS_IN_FLIGHT:
+      # Waits for an earlier step, not this one: the devices keep a queue of work, but a bounded
+      # one. XLA:CPU aborts when dozens of pmapped steps with collectives are queued (a stuck
+      # all-gather rendezvous).
+      nonfinite_flags[-1 - _STEPS_IN_FLIGHT][1].block_until_ready()
     report_progress(step)
     is_last = step == config.num_train_steps
     is_log = step % config.log_every_steps == 0 or is_last
     is_eval = step % config.eval_every_steps == 0 or is_last
-    # Several processes must agree on the stopping step: they do so at log steps only.
+    # Several processes must agree on the stopping step and on time-based checkpoints: they do so
+    # at log steps only, on process 0's clock.
     signum = None if is_last else stop.signum
-    if jax.process_count() > 1:
-      signum = _agreed_stop(signum) if is_log else None
-    is_checkpoint = step % config.checkpoint_every_steps == 0 or is_last or signum is not None
+    time_due = False
+    if is_log and not is_last:
+      time_due = is_chief and _time_due(config.checkpoint_every_minutes, last_save)
+      if jax.process_count() > 1:
+        signum, time_due = _agreed_stop(signum, time_due)
+    elif jax.process_count() > 1:
+      signum = None
+    if time_due and not evaluated:  # A first validation number within the time interval.
+      is_eval = True
+    is_checkpoint = (step % config.checkpoint_every_steps == 0 or is_last or signum is not None
+                     or time_due)
 
     if is_log or is_eval or is_checkpoint:
       values = jax.device_get([flag for _, flag in nonfinite_flags])
@@ -435,7 +506,7 @@ def _train(
       skipped_updates += len(bad)
 
     if is_log:
-      scalars = heads.summarize(train_metrics, prefix='train/')
+      scalars = heads.summarize(flax.jax_utils.unreplicate(train_metrics), prefix='train/')
       scalars['train/learning_rate'] = float(schedule(step - 1))
       scalars['train/skipped_updates'] = skipped_updates
       writer.write_scalars(step, scalars)
@@ -443,6 +514,7 @@ def _train(
       skipped_updates = 0
 
     if is_eval:
+      evaluated = True
       with report_progress.timed('eval'):
         eval_scalars = evaluate(p_eval_step, state, data.eval_batches, heads.output)
       writer.write_scalars(step, eval_scalars)
@@ -453,8 +525,13 @@ def _train(
 
     if is_checkpoint:
       writer.flush()  # Summaries are kept as durably as checkpoints: a kill loses neither before.
+      if time_due:
+        logging.info('Checkpoint at step %d: %.3g minutes since the last one '
+                     '(checkpoint_every_minutes=%g).', step, (time.monotonic() - last_save) / 60,
+                     config.checkpoint_every_minutes)
       with report_progress.timed('checkpoint'):
         save_checkpoint(mngr, step, state)
+      last_save = time.monotonic()
 
     if signum is not None:
       mngr.wait_until_finished()
@@ -485,6 +562,70 @@ def _write_validation_ids(workdir: epath.Path, eval_batches: Any) -> None:
   if jax.process_index() == 0:
     write_atomically(workdir / 'validation_ids.json',
                      json.dumps([str(i) for i in local if i], indent=0))
+
+
+class BackgroundInput:
+  """An iterator of batches prepared and put on the local devices by a daemon thread.
+
+  The thread runs at most `size` batches ahead of the consumer (a bounded queue), so preparing a
+  batch in Python (the numpy source) or waiting for tf.data overlaps with the running step, and
+  the host-to-device copy is off the main thread too. Batches come out in the source's order, laid
+  out for pmap (leading axis over `jax.local_devices()`); an exception in the source is raised by
+  `next`. `close()` stops the thread without waiting for the source (a daemon thread never delays
+  the process's exit, e.g. after SIGTERM).
+  """
+
+  _DONE = object()
+
+  def __init__(self, source: Iterable[Batch], size: int = 2):
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',))
+    self._sharding = jax.NamedSharding(mesh, jax.P('devices'))
+    self._source = iter(source)
+    self._queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, name='BackgroundInput', daemon=True)
+    self._thread.start()
+
+  def _put(self, item: Any) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def _produce(self) -> None:
+    try:
+      for batch in self._source:
+        if not self._put(jax.device_put(batch, self._sharding)):
+          return
+      self._put(self._DONE)
+    except BaseException as e:  # pylint: disable=broad-except  # Re-raised in the consumer.
+      self._put(e)
+
+  def __iter__(self) -> 'BackgroundInput':
+    return self
+
+  def __next__(self) -> Batch:
+    item = self._queue.get()
+    if item is self._DONE:
+      self._queue.put(item)
+      raise StopIteration
+    if isinstance(item, BaseException):
+      self._queue.put(item)
+      raise item
+    return item
+
+  def close(self, timeout: float = 1.0) -> None:
+    """Stops the thread; waits at most `timeout` seconds for a batch being prepared."""
+    self._stop.set()
+    while True:  # Unblocks a pending put and frees the queued device buffers.
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout)
 
 
 def parameter_digest(params: Any) -> str:

@@ -8,7 +8,7 @@ files through tensorboardX, in the format of `tf.summary` (a scalar is a float32
 'scalars' plugin), so TensorBoard and `tf.compat.v1.train.summary_iterator` read them as before.
 Events are written synchronously (tensorboardX's `EventsWriter`, not its queued writer), so
 `flush()` means they are on disk: a run flushes before each checkpoint so that its summaries are
-never behind it. `ReportProgress` is clu's progress report (steps/s, ETA, time in named parts).
+never behind it. `ReportProgress` logs progress (seconds per step, images/s, ETA, time in named parts).
 """
 
 import collections
@@ -103,27 +103,44 @@ def create_default_writer(logdir: epath.PathLike | None, *, just_logging: bool =
   return Writer(None if just_logging else logdir)
 
 
-def _format_secs(secs: float) -> str:
-  return f'{int(secs // 3600)}h{int(secs % 3600 // 60):02d}m' if secs >= 3600 else (
-      f'{int(secs // 60)}m{int(secs % 60):02d}s')
+def format_duration(seconds: float) -> str:
+  """'2d03h', '1h05m', '4m07s', '12s': two units, so an ETA reads at a glance."""
+  seconds = max(int(round(seconds)), 0)
+  days, rest = divmod(seconds, 86400)
+  hours, rest = divmod(rest, 3600)
+  minutes, secs = divmod(rest, 60)
+  if days:
+    return f'{days}d{hours:02d}h'
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  if minutes:
+    return f'{minutes}m{secs:02d}s'
+  return f'{secs}s'
 
 
 class ReportProgress:
-  """Logs steps/s, progress and ETA every `every_secs` and at the last step, and writes
-  'steps_per_sec' and 'uptime' to `writer`; `timed(name)` adds the share of time in a part."""
+  """Logs progress every `every_secs` and at the last step, as seconds per step and images/s with
+  three significant digits plus the ETA (a CPU step takes seconds, which '0.2 steps/s' would round
+  away). Rates are over the interval since the previous report, evaluation and checkpoint time
+  included (`timed(name)` breaks them down at the end of the line), so the ETA accounts for them.
+  Writes 'steps_per_sec', 'train/seconds_per_step' and 'train/images_per_sec' to `writer`.
+  Synchronous: no thread, so nothing delays the process's exit."""
 
-  def __init__(self, *, num_train_steps: int | None = None, writer: Writer | None = None,
+  def __init__(self, *, num_train_steps: int, batch_size: int, writer: Writer | None = None,
                every_secs: float = 60.0):
     self._num_train_steps = num_train_steps
+    self._batch_size = batch_size
     self._writer = writer
     self._every_secs = every_secs
     self._time_per_part = collections.defaultdict(float)
     self._t0 = time.monotonic()
     self._previous: tuple[int, float] | None = None
+    self.last_message = ''
 
-  def __call__(self, step: int) -> bool:
-    """Call after every step; returns whether it reported (never at the first call)."""
-    t = time.monotonic()
+  def __call__(self, step: int, t: float | None = None) -> bool:
+    """Call after every step (`t`: time.monotonic() unless given); returns whether it reported
+    (never at the first call)."""
+    t = time.monotonic() if t is None else t
     if self._previous is None:
       self._previous = (step, t)
       return False
@@ -131,22 +148,27 @@ class ReportProgress:
     if step == previous_step or not (t - previous_time > self._every_secs
                                      or step == self._num_train_steps):
       return False
-    steps_per_sec = (step - previous_step) / (t - previous_time)
-    message = f'{steps_per_sec:.1f} steps/s'
-    if self._num_train_steps:
-      eta = (self._num_train_steps - step) / steps_per_sec
-      message += (f', {100 * step / self._num_train_steps:.1f}% ({step}/{self._num_train_steps}),'
-                  f' ETA: {_format_secs(eta)}')
-    if self._time_per_part:
-      total = t - self._t0
-      message += ' ({} : {})'.format(_format_secs(total), ', '.join(
-          f'{100 * dt / total:.1f}% {name}' for name, dt in sorted(self._time_per_part.items())))
-    logging.info('Progress: %s', message)
-    if self._writer is not None:
-      self._writer.write_scalars(step, {'steps_per_sec': steps_per_sec,
-                                        'uptime': t - self._t0})
+    self.report(step, (t - previous_time) / (step - previous_step), t - self._t0)
     self._previous = (step, t)
     return True
+
+  def report(self, step: int, seconds_per_step: float, elapsed: float) -> None:
+    images_per_sec = self._batch_size / max(seconds_per_step, 1e-12)
+    total = self._num_train_steps
+    message = (f'step {step}/{total} ({100 * step / total:.1f}%): {seconds_per_step:.3g} s/step, '
+               f'{images_per_sec:.3g} images/s, '
+               f'ETA {format_duration((total - step) * seconds_per_step)}')
+    if self._time_per_part:
+      message += ' (' + ', '.join(f'{100 * dt / elapsed:.1f}% {name}'
+                                  for name, dt in sorted(self._time_per_part.items())) + ')'
+    self.last_message = message
+    logging.info('%s', message)
+    if self._writer is not None:
+      self._writer.write_scalars(step, {
+          'steps_per_sec': 1 / max(seconds_per_step, 1e-12),
+          'train/seconds_per_step': seconds_per_step,
+          'train/images_per_sec': images_per_sec,
+      })
 
   @contextlib.contextmanager
   def timed(self, name: str) -> Iterator[None]:

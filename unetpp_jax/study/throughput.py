@@ -5,11 +5,14 @@ Timed on in-memory arrays already on the devices, so this needs no tensorflow (e
 """
 
 import collections
+import dataclasses
 import functools
+import itertools
 import pathlib
 import re
 import resource
 import time
+import types
 
 import flax
 import jax
@@ -17,6 +20,7 @@ import numpy as np
 
 from unetpp_jax import models, train
 from unetpp_jax.heads import Heads
+from unetpp_jax.study import flops
 
 
 def _flops(lowered) -> float:
@@ -72,27 +76,44 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
           model.apply(variables, batch['image'], prune_level=prune_level)[-1])
     step = jax.pmap(infer, axis_name=train.AXIS)
 
-  flops_per_device = _flops(step.lower(replicated, batch_arrays))
+  # One device's program (its batch // devices images): counted on the traced program, the same on
+  # every backend; XLA's cost analysis of the lowered program for comparison (0 where the backend
+  # has none).
+  flops_per_device = flops.count_flops(step, replicated, batch_arrays)
+  xla_flops_per_device = _flops(step.lower(replicated, batch_arrays))
 
-  def run():
+  def run(wait=True):
     nonlocal replicated
     if mode == 'train':
       replicated, out, _ = step(replicated, batch_arrays)  # The old state was donated.
     else:
       out = step(replicated, batch_arrays)
-    jax.block_until_ready(out)
+    if wait:
+      jax.block_until_ready(out)
+    return out
 
   first_call = _time_steps(run, 1, 0)[0]  # Compilation plus one step.
   times = _time_steps(run, steps, warmup)
+  # The same steps dispatched back to back, waited for once: what a loop without host work reaches.
+  # At most two steps in flight, as in the train loop (deep queues of collectives abort XLA:CPU).
+  start = time.perf_counter()
+  in_flight = collections.deque()
+  for _ in range(steps):
+    in_flight.append(run(wait=False))  # Outputs other than the state are not donated.
+    if len(in_flight) > 2:
+      jax.block_until_ready(in_flight.popleft())
+  jax.block_until_ready(replicated)
+  pipelined = (time.perf_counter() - start) / steps
   median = float(np.median(times))
   peak_memory, memory_source = _peak_memory()
-  # cost_analysis describes one device's program, which processes batch / devices images.
   flops_per_image = flops_per_device / (batch // devices)
   images_per_sec = batch / median
   result = dict(
       mode=mode, images_per_sec=images_per_sec, step_ms_median=1e3 * median,
+      step_ms_mean=1e3 * float(np.mean(times)), step_ms_pipelined=1e3 * pipelined,
       step_ms_p90=1e3 * float(np.percentile(times, 90)), compile_s=first_call - median,
       flops_per_image=flops_per_image, achieved_gflops=flops_per_image * images_per_sec / 1e9,
+      xla_flops_per_image=xla_flops_per_device / (batch // devices),
       peak_memory_bytes=peak_memory, peak_memory_source=memory_source,
       params=models.count_parameters(model, prune_level),
       prune_level=prune_level or model.levels,
@@ -141,6 +162,29 @@ def benchmark_matmul(*, size: int, steps: int, warmup: int) -> dict:
               achieved_gflops=2 * size**3 / median / 1e9)
 
 
+def add_mfu(result: dict, dtype: str) -> dict:
+  """Adds the peak FLOP/s of the devices used and the MFU (achieved / peak) to a benchmark result.
+
+  Accelerators: the datasheet peak of the device kind (flops.PEAK_FLOPS) times the device count.
+  CPU: there is no datasheet figure, so the peak is measured: a 2048x2048 float32 matmul, which
+  XLA:CPU runs on all cores (the practical peak of the whole CPU, whatever the device count).
+  Device kinds missing from the table get peak_flops / mfu None.
+  """
+  devices = jax.local_devices()
+  if devices[0].platform == 'cpu':
+    peak = benchmark_matmul(size=2048, steps=5, warmup=1)['achieved_gflops'] * 1e9
+    source = 'measured: 2048x2048 float32 matmul on this CPU (all cores)'
+  else:
+    per_device = flops.peak_flops_per_device(devices[0].device_kind, dtype)
+    peak = per_device * len(devices) if per_device else None
+    source = (f'datasheet: {devices[0].device_kind}, {dtype}, dense, x{len(devices)} devices'
+              if peak else f'unknown device kind {devices[0].device_kind!r}: add it to flops.PEAK_FLOPS')
+  if 'achieved_gflops' in result:
+    result['mfu'] = flops.mfu(result['achieved_gflops'] * 1e9, peak)
+  result.update(peak_flops=peak, peak_flops_source=source)
+  return result
+
+
 def benchmark_input(config, *, batch, steps, warmup) -> dict:
   """Images/s of the tf.data training stream alone (decode, augment, batch)."""
   from unetpp_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -154,3 +198,69 @@ def benchmark_input(config, *, batch, steps, warmup) -> dict:
   return dict(mode='input', images_per_sec=batch / median, step_ms_median=1e3 * median,
               step_ms_p90=1e3 * float(np.percentile(times, 90)), setup_s=setup_s,
               dataset=config.data.dataset, train_preprocess=config.data.train_preprocess)
+
+
+def benchmark_loop(config, *, batch, steps, warmup, source='arrays') -> dict:
+  """Speed of the real train loop (`train.train_and_evaluate`) against its bare step.
+
+  The loop runs warmup + steps + a margin of steps in a temporary workdir, with the config's
+  log_every_steps (metrics read back, progress) and no evaluation or checkpoint before its last
+  step; its time per step is taken between the input requests of batch `warmup` and batch
+  `warmup + steps`. The main thread syncs with the devices at every log step and the input runs
+  at most a few batches ahead, so over many log intervals this is the loop's sustained rate.
+  The bare step is `benchmark_model`'s: the same step on a batch already on the devices, `steps`
+  calls dispatched back to back and waited for once (step_ms_pipelined; step_ms_mean waits for
+  each step). loop_vs_step = bare step time / loop step time (1.0: no host overhead).
+
+  Args:
+    source: 'arrays' (random in-memory numpy batches: the loop's own overhead, host-to-device
+      copies included) or 'config' (config.data's input pipeline, i.e. data preparation too).
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  step = benchmark_model(config, batch=batch, mode='train', prune_level=None, steps=steps,
+                         warmup=warmup)
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch
+  config.eval_batch_size = batch
+  # The input requests batches a few steps ahead of the loop (a bounded queue), so the timed window
+  # starts `margin` requests after the warm-up (the first step, with its compilation, is done) and
+  # ends `margin` steps before the last (evaluation and checkpoint).
+  margin = 8
+  config.num_train_steps = warmup + steps + 2 * margin
+  config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
+  if 'checkpoint_every_minutes' in config:
+    config.checkpoint_every_minutes = 0
+  requests = []
+
+  def timed(iterator):
+    for item in iterator:
+      requests.append(time.perf_counter())
+      yield item
+
+  def input_fn(config, start_step):
+    if source == 'config':
+      data = train.create_input(config, start_step)
+      return dataclasses.replace(data, train_iter=timed(data.train_iter))
+    devices, size = jax.local_device_count(), config.data.image_size
+    rng = np.random.default_rng(0)
+    image = rng.random((devices, batch // devices, size, size, 3), np.float32)
+    label = (rng.random((devices, batch // devices, size, size)) > 0.7).astype(np.int32)
+    weight = np.ones((devices, batch // devices), np.float32)
+    stream = ({'image': image.copy(), 'label': label.copy()} for _ in itertools.count())
+    return types.SimpleNamespace(train_iter=timed(stream),
+                                 eval_batches=[dict(image=image, label=label, weight=weight)])
+
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    train.train_and_evaluate(config, workdir, input_fn)
+    total_s = time.perf_counter() - start
+  first = warmup + margin
+  loop_s = (requests[first + steps] - requests[first]) / steps
+  step_s = step['step_ms_pipelined'] / 1e3
+  return dict(
+      mode='loop', source=source, steps=steps, log_every_steps=config.log_every_steps,
+      loop_images_per_sec=batch / loop_s, loop_step_ms=1e3 * loop_s,
+      step_images_per_sec=batch / step_s, step_ms_pipelined=step['step_ms_pipelined'],
+      step_ms_mean=step['step_ms_mean'], loop_vs_step=step_s / loop_s,
+      loop_total_s=total_s, flops_per_image=step['flops_per_image'])
