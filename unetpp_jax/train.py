@@ -366,7 +366,7 @@ def train_and_evaluate(
       _check_stored_config(workdir, config, allow_config_change)
     with _StopRequest() as stop:
       data = input_fn(config, start_step)
-      signum = _agreed_stop(stop.signum)
+      signum, _ = _agreed_stop(stop.signum)
       if signum is not None:  # Interrupted while preparing the data: nothing to save.
         raise Interrupted(signum, start_step, mngr.directory)
       is_chief = jax.process_index() == 0
