@@ -7,7 +7,7 @@ Expected result: validation IoU of the last head well above the all-background b
 300 steps (the exact figure is in README.md).
 """
 
-from configs import dsb
+from configs import dsb_paper as dsb
 
 
 def get_config():

@@ -101,6 +101,28 @@ def validate(config: Any) -> None:
       config.loss.bce_weight >= 0 and config.loss.dice_weight >= 0,
       'config.loss.bce_weight and dice_weight must be >= 0.',
   )
+  contact_width = config.loss.get('contact_width', 0)
+  check(isinstance(contact_width, int) and contact_width >= 0,
+        f'config.loss.contact_width={contact_width} must be an integer >= 0 (pixels).')
+  class_weights = tuple(config.loss.get('class_weights', ()))
+  check(
+      not class_weights or (config.model.num_classes > 1
+                            and len(class_weights) == config.model.num_classes
+                            and all(isinstance(w, (int, float)) and w > 0 for w in class_weights)),
+      f'config.loss.class_weights={class_weights} must be empty or one positive weight per class '
+      f'of a softmax model (model.num_classes={config.model.num_classes}).',
+  )
+  scale_range = tuple(config.data.get('scale_range', (1.0, 1.0)))
+  check(
+      len(scale_range) == 2 and all(isinstance(v, (int, float)) for v in scale_range)
+      and 0 < scale_range[0] <= scale_range[1],
+      f'config.data.scale_range={scale_range} must be (lo, hi) with 0 < lo <= hi.',
+  )
+  check(
+      scale_range == (1.0, 1.0) or config.data.train_preprocess == 'crop',
+      f'config.data.scale_range={scale_range} zooms native-resolution crops: it needs '
+      "config.data.train_preprocess='crop' (or scale_range=(1, 1)).",
+  )
   check(
       1 <= config.predict.head <= levels,
       f'config.predict.head={config.predict.head} must be in 1..{levels}.',

@@ -5,7 +5,7 @@ r"""Evaluates a trained U-Net++ as the DSB2018 leaderboard does: full-size image
       [--flips] [--strategy=auto|resize|pad|tile] [--step=N]
 
 The command line of `unetpp_jax.evaluation.evaluate` (which documents the strategies, predictions
-and outputs). Fields missing from an older run's config.json take configs/dsb.py's values.
+and outputs). Fields missing from an older run's config.json take configs/dsb_paper.py's values.
 """
 
 import json
@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from configs import dsb
+from configs import dsb_paper as dsb
 from unetpp_jax.evaluation import evaluate, instances, predict
 
 FLAGS = flags.FLAGS
