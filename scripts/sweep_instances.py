@@ -1,0 +1,94 @@
+r"""Chooses the instance post-processing on the validation split: predicts once, scores a grid.
+
+  python scripts/sweep_instances.py --workdir=workdirs/dsb_recipe_cpu \
+      --data=../shared/data/dsb2018/stage1_train.zip [--noflips] [--strategy=auto|pad|tile]
+
+Runs the network once over the run's validation split (the ids training held out; never a test
+set), keeps every prediction's probabilities, then prints as JSON the official score of every
+prediction (heads and 'accurate') at the default `InstanceOptions`, and of the final prediction
+with one option at a time changed to each value of `GRID` (a full grid costs too many watersheds on
+a CPU), plus the distance-seed watershed and plain connected components. The chosen values become the defaults in
+`unetpp_jax/evaluation/instances.py` (README.md quotes the sweep).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import dsb_paper  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax.evaluation import evaluate, instances, predict  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir.')
+flags.DEFINE_string('data', None, 'Kaggle-layout folder or zip holding the validation images.')
+flags.DEFINE_bool('flips', True, 'Flip test-time augmentation.')
+flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES, 'Native-size inference.')
+flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+flags.DEFINE_integer('limit', 0, 'Only the first N validation images (a quick check); 0 = all.')
+flags.mark_flags_as_required(['workdir', 'data'])
+
+GRID = {
+    'threshold': (0.4, 0.5, 0.6),
+    'marker_threshold': (0.3, 0.5, 0.7),
+    'min_size': (5, 15, 30),
+    'fill_holes': (True, False),
+}
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  config = evaluate.load_config(FLAGS.workdir, dsb_paper.get_config().to_dict())
+  ids = evaluate.select_ids(FLAGS.data, evaluate.workdir_split_ids(FLAGS.workdir, config,
+                                                                   'validation'), None, None)
+  ids = ids[:FLAGS.limit] if FLAGS.limit else ids
+  variables, step = evaluate.load_variables(FLAGS.workdir, config, FLAGS.step)
+  predictor = predict.Predictor(config, variables, predict.InferenceOptions(
+      strategy=FLAGS.strategy, flips=FLAGS.flips))
+  boundary_seeds = predictor.channels == 2
+  stored = []  # (true label, probabilities [P, H, W, c] as float16)
+  for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None)):  # pylint: disable=protected-access
+    stored.append((example['label'].astype(np.int32), probs.astype(np.float16)))
+  predict_seconds = time.time() - start
+
+  def score(index, options):
+    acc = evaluate.Accumulator()
+    for label, probs in stored:
+      p = probs[index].astype(np.float32)
+      pred = instances.to_instances(p[..., 0], p[..., 1] if boundary_seeds else None, options)
+      acc.add(p[..., 0] > options.threshold, label > 0, pred, label)
+    return {k: round(v, 4) for k, v in acc.summary().items()
+            if k in ('score', 'ap50', 'iou', 'iou_per_image')}
+
+  seeds = 'boundary' if boundary_seeds else 'distance'
+  default = instances.InstanceOptions(seeds=seeds)
+  result = {'checkpoint_step': step, 'num_images': len(stored), 'strategy': predictor.strategy,
+            'flips': FLAGS.flips, 'predict_seconds': round(predict_seconds),
+            'default_options': str(default),
+            'predictions': {name: score(i, default) for i, name in enumerate(predictor.names)}}
+  final = len(predictor.names) - 1
+  grid = []
+  for field, values in GRID.items():
+    for value in values:
+      if value == getattr(default, field) or (field == 'marker_threshold' and not boundary_seeds):
+        continue
+      options = dataclasses.replace(default, **{field: value})
+      grid.append({field: value, **score(final, options)})
+  if boundary_seeds:  # The distance-transform watershed on the same probabilities.
+    grid.append({'seeds': 'distance', **score(final, instances.InstanceOptions())})
+  grid.append({'method': 'components', **score(final, dataclasses.replace(
+      default, method='components'))})
+  result['grid'] = sorted(grid, key=lambda r: -r['score'])
+  result['seconds'] = round(time.time() - start)
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)
