@@ -20,7 +20,7 @@ def get_config():
   config.batch_size = 8
   config.eval_batch_size = 16
   config.optimizer.warmup_steps = 100
-  config.num_train_steps = 1_500
+  config.num_train_steps = 1_200
   config.log_every_steps = 25
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 100  # A few minutes of CPU time: little is lost on a stop.

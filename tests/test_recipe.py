@@ -2,6 +2,7 @@
 (equal batches, exact resume), the release source."""
 
 import io
+import json
 import zipfile
 
 import jax.numpy as jnp
@@ -212,3 +213,16 @@ def test_tfds_order_and_split_sizes():
   assert sorted(release_source.tfds_order(ids)) == ids and release_source.tfds_order(ids) != ids
   assert release_source.num_train_examples(670, 0.2) == 536
   assert release_source.num_train_examples(240, 0.2) == 192
+
+
+def test_runs_recorded_before_the_recipe_fields_resume_without_a_config_change():
+  from configs import dsb_paper  # pylint: disable=g-import-not-at-top
+  config = dsb_paper.get_config()
+  stored = json.loads(config.to_json_best_effort())  # As config.json holds it.
+  for section, field in (('data', 'scale_range'), ('loss', 'contact_width'),
+                         ('loss', 'class_weights')):
+    del stored[section][field]
+  assert config_validation.config_changes(stored, config) == []
+  config.loss.contact_width = 2  # A real change is still reported.
+  assert config_validation.config_changes(stored, config) == [
+      'loss.contact_width: (absent) -> 2']

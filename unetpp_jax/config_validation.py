@@ -36,6 +36,14 @@ RESUMABLE_CHANGES = (
     'data.manual_dir', 'data.on_bad_example', 'predict',
 )
 
+# Fields added after runs were recorded, with the value that reproduces what those runs did (as
+# JSON): a config.json without the field equals a config holding this value.
+ADDED_FIELDS = {
+    'data.scale_range': [1.0, 1.0],
+    'loss.contact_width': 0,
+    'loss.class_weights': [],
+}
+
 
 def _get(config: Any, dotted: str) -> Any:
   value = config
@@ -181,7 +189,7 @@ def config_changes(stored: Mapping[str, Any], config: Any) -> list[str]:
   for key in sorted(old.keys() | new.keys()):
     if any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES):
       continue
-    before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+    before, after = old.get(key, ADDED_FIELDS.get(key, _ABSENT)), new.get(key, _ABSENT)
     if before != after:
       show = lambda v: '(absent)' if v is _ABSENT else repr(v)
       changes.append(f'{key}: {show(before)} -> {show(after)}')
