@@ -225,4 +225,4 @@ def test_runs_recorded_before_the_recipe_fields_resume_without_a_config_change()
   assert config_validation.config_changes(stored, config) == []
   config.loss.contact_width = 2  # A real change is still reported.
   assert config_validation.config_changes(stored, config) == [
-      'loss.contact_width: (absent) -> 2']
+      'loss.contact_width: 0 -> 2']  # Absent means what those runs did: 0.
