@@ -4,15 +4,16 @@ r"""Chooses the instance post-processing on the validation split: predicts once,
       --data=../shared/data/dsb2018/stage1_train.zip [--noflips] [--strategy=auto|pad|tile]
 
 Runs the network once over the run's validation split (the ids training held out; never a test
-set), keeps every prediction's probabilities, then prints as JSON the official score of every
-prediction (heads and 'accurate') at the default `InstanceOptions`, and of the final prediction
-with one option at a time changed to each value of `GRID` (a full grid costs too many watersheds on
-a CPU), plus the distance-seed watershed and plain connected components. The chosen values become the defaults in
+set), keeps the final prediction's probabilities, then prints as JSON its official score with the
+default `InstanceOptions` and with one option at a time changed to each value of `GRID` (a full
+grid costs too many watersheds on a CPU), plus the distance-seed watershed and plain connected
+components. Per-head scores come from `python -m unetpp_jax.evaluate`. The chosen values become the defaults in
 `unetpp_jax/evaluation/instances.py` (README.md quotes the sweep).
 """
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ flags.DEFINE_string('data', None, 'Kaggle-layout folder or zip holding the valid
 flags.DEFINE_bool('flips', True, 'Flip test-time augmentation.')
 flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES, 'Native-size inference.')
 flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+flags.DEFINE_integer('processes', 2, 'Scoring processes.')
 flags.DEFINE_integer('limit', 0, 'Only the first N validation images (a quick check); 0 = all.')
 flags.mark_flags_as_required(['workdir', 'data'])
 
@@ -53,41 +55,47 @@ def main(argv):
   predictor = predict.Predictor(config, variables, predict.InferenceOptions(
       strategy=FLAGS.strategy, flips=FLAGS.flips))
   boundary_seeds = predictor.channels == 2
-  stored = []  # (true label, probabilities [P, H, W, c] as float16)
-  for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None)):  # pylint: disable=protected-access
-    stored.append((example['label'].astype(np.int32), probs.astype(np.float16)))
+  final = len(predictor.names) - 1
+  global _STORED
+  _STORED = [  # (true label, final probabilities [H, W, c] as float16)
+      (example['label'].astype(np.int32), probs[final].astype(np.float16))
+      for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
   predict_seconds = time.time() - start
-
-  def score(index, options):
-    acc = evaluate.Accumulator()
-    for label, probs in stored:
-      p = probs[index].astype(np.float32)
-      pred = instances.to_instances(p[..., 0], p[..., 1] if boundary_seeds else None, options)
-      acc.add(p[..., 0] > options.threshold, label > 0, pred, label)
-    return {k: round(v, 4) for k, v in acc.summary().items()
-            if k in ('score', 'ap50', 'iou', 'iou_per_image')}
 
   seeds = 'boundary' if boundary_seeds else 'distance'
   default = instances.InstanceOptions(seeds=seeds)
-  result = {'checkpoint_step': step, 'num_images': len(stored), 'strategy': predictor.strategy,
-            'flips': FLAGS.flips, 'predict_seconds': round(predict_seconds),
-            'default_options': str(default),
-            'predictions': {name: score(i, default) for i, name in enumerate(predictor.names)}}
-  final = len(predictor.names) - 1
-  grid = []
+  variants = [{}]
   for field, values in GRID.items():
-    for value in values:
-      if value == getattr(default, field) or (field == 'marker_threshold' and not boundary_seeds):
-        continue
-      options = dataclasses.replace(default, **{field: value})
-      grid.append({field: value, **score(final, options)})
+    if field == 'marker_threshold' and not boundary_seeds:
+      continue  # Distance seeds ignore it.
+    variants += [{field: v} for v in values if v != getattr(default, field)]
   if boundary_seeds:  # The distance-transform watershed on the same probabilities.
-    grid.append({'seeds': 'distance', **score(final, instances.InstanceOptions())})
-  grid.append({'method': 'components', **score(final, dataclasses.replace(
-      default, method='components'))})
-  result['grid'] = sorted(grid, key=lambda r: -r['score'])
-  result['seconds'] = round(time.time() - start)
-  print(json.dumps(result, indent=1))
+    variants.append({'seeds': 'distance'})
+  variants.append({'method': 'components'})
+  options = [dataclasses.replace(default, **v) for v in variants]
+  # Fork: the workers share the stored probabilities; one variant per task.
+  with multiprocessing.get_context('fork').Pool(FLAGS.processes) as pool:
+    scores = pool.map(_score, options)
+  print(json.dumps({
+      'checkpoint_step': step, 'num_images': len(_STORED), 'strategy': predictor.strategy,
+      'flips': FLAGS.flips, 'prediction': predictor.names[final],
+      'predict_seconds': round(predict_seconds), 'default': str(default),
+      'variants': sorted(({'change': v or 'default', **r} for v, r in zip(variants, scores)),
+                         key=lambda r: -r['score']),
+      'seconds': round(time.time() - start)}, indent=1, default=str))
+
+
+_STORED = []
+
+
+def _score(options: instances.InstanceOptions) -> dict[str, float]:
+  acc = evaluate.Accumulator()
+  for label, probs in _STORED:
+    p = probs.astype(np.float32)
+    pred = instances.to_instances(p[..., 0], p[..., 1] if p.shape[-1] == 2 else None, options)
+    acc.add(p[..., 0] > options.threshold, label > 0, pred, label)
+  return {k: round(v, 4) for k, v in acc.summary().items()
+          if k in ('score', 'ap50', 'iou', 'iou_per_image')}
 
 
 if __name__ == '__main__':
