@@ -32,6 +32,9 @@ flags.DEFINE_string('data', None, 'Kaggle-layout folder or zip holding the valid
 flags.DEFINE_bool('flips', True, 'Flip test-time augmentation.')
 flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES, 'Native-size inference.')
 flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, "Base watershed seeds; auto = "
+                  "'boundary' for 3-class models.")
+flags.DEFINE_float('threshold', instances.InstanceOptions.threshold, 'Base foreground threshold.')
 flags.DEFINE_integer('processes', 2, 'Scoring processes.')
 flags.DEFINE_integer('limit', 0, 'Only the first N validation images (a quick check); 0 = all.')
 flags.mark_flags_as_required(['workdir', 'data'])
@@ -62,8 +65,10 @@ def main(argv):
       for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
   predict_seconds = time.time() - start
 
-  seeds = 'boundary' if boundary_seeds else 'distance'
-  default = instances.InstanceOptions(seeds=seeds)
+  seeds = FLAGS.seeds if FLAGS.seeds != 'auto' else 'boundary' if boundary_seeds else 'distance'
+  default = instances.InstanceOptions(seeds=seeds, threshold=FLAGS.threshold)
+  if seeds == 'distance':
+    boundary_seeds = False  # Variants of the distance watershed only.
   variants = [{}]
   for field, values in GRID.items():
     if field == 'marker_threshold' and not boundary_seeds:
