@@ -10,7 +10,7 @@ cores. On a GPU, run the study with configs/dsb.py instead. Expected result: the
 README.md ("Deep-supervision study").
 """
 
-from configs import dsb
+from configs import dsb_paper as dsb
 
 
 def get_config():

@@ -8,7 +8,7 @@ eval_metrics.json) of 0.90 to 0.95; the all-background prediction scores 0. READ
 quotes the measured figure, its machine and its run time (1.5 to 3 minutes on 2 CPU cores).
 """
 
-from configs import dsb
+from configs import dsb_paper as dsb
 
 
 def get_config():

@@ -122,3 +122,28 @@ def test_seeds_are_repeated_and_summarised(study, tmp_path):
   assert head2['seeds'] == 2 and head2['iou_std'] > 0
   assert head2['iou'] == pytest.approx((seeds[0, 'head2']['iou'] + seeds[1, 'head2']['iou']) / 2)
   assert '±' in (tmp_path / 'results.md').read_text()
+
+
+def test_study_runs_with_the_recipe(tmp_path):
+  # The recipe (native-scale crops with zoom, contact-aware 3 classes): every head is scored with
+  # the official metric, at native size ('pad') with instances from the boundary markers.
+  config = test_evaluate._tiny_config(tmp_path / 'tfds')  # pylint: disable=protected-access
+  config.data.train_preprocess = 'crop'
+  config.data.scale_range = (0.75, 1.33)
+  config.model.num_classes = 3
+  config.loss.contact_width = 2
+  config.loss.class_weights = (1.0, 1.0, 3.0)
+  config.num_train_steps = config.eval_every_steps = STEPS
+  config.checkpoint_every_steps = config.log_every_steps = STEPS
+  val_indices = sorted(int(i.rsplit('_', 1)[1]) for i in evaluate.split_ids(config, 'validation'))
+  data = test_evaluate._write_kaggle_zip(tmp_path / 'train.zip', val_indices)  # pylint: disable=protected-access
+  results = deep_supervision.run_study(config, tmp_path / 'study', arms=['unetpp_ds2'],
+                                       data=str(data), bench_batch=4, bench_steps=2)
+  rows = {r['prediction']: r for r in results['rows']}
+  assert set(rows) == {'head1', 'head2', 'accurate'}
+  for row in rows.values():
+    assert 0 <= row['score'] <= 1 and 0 <= row['iou'] <= 1
+  official = json.loads(
+      (tmp_path / 'study' / 'unetpp_ds2' / 'seed0' / 'official' / 'metrics.json').read_text())
+  assert official['inference']['strategy'] == 'pad'
+  assert official['instances']['seeds'] == 'boundary'

@@ -380,3 +380,33 @@ def test_cli_reports_bad_input_without_traceback(setup, tmp_path):
   assert result.returncode == 1
   assert f'Error: {tmp_path}/config.json not found' in result.stderr
   assert 'Traceback' not in result.stderr and not (tmp_path / 'out').exists()
+
+
+def test_native_size_inference_reproduces_training_size_predictions(setup):
+  # A crop-trained model is evaluated at native size ('auto' -> 'pad'); where the native input
+  # coincides with a training-size input (an image of the crop size, or one tile of a larger
+  # image), the probabilities are those of the training-size forward pass (eval_step's).
+  from unetpp_jax import models  # pylint: disable=g-import-not-at-top
+  config = setup.config.copy_and_resolve_references()
+  config.data.train_preprocess = 'crop'
+  variables, _ = evaluate.load_variables(setup.workdir, config)
+  model = models.create_model(config.model)
+  image = synthetic_nuclei.generate_example(5)['image'][:2 * SIZE, :2 * SIZE]
+
+  def training_size(x):  # Foreground probability of every head, [heads, SIZE, SIZE].
+    logits = model.apply(variables, x[None].astype(np.float32) / 255, train=False)
+    return np.stack([np.asarray(models.foreground_probability(l))[0] for l in logits])
+
+  predictor = evaluate.Predictor(config, variables, evaluate.InferenceOptions(pad_multiple=SIZE))
+  assert predictor.strategy == 'pad'
+  (_, probs), = predictor.predict([{'id': 'a', 'image': image[:SIZE, :SIZE]}])
+  np.testing.assert_allclose(probs[:-1, ..., 0], training_size(image[:SIZE, :SIZE]), atol=1e-5)
+  tiles = evaluate.Predictor(config, variables, evaluate.InferenceOptions(
+      strategy='tile', tile_size=SIZE, tile_overlap=0))
+  (_, probs), = tiles.predict([{'id': 'b', 'image': image}])
+  for y in (0, SIZE):
+    for x in (0, SIZE):
+      # Tiles run in batches of 8, the reference alone: XLA's float32 convolutions then sum in
+      # a different order (differences up to ~1e-4).
+      np.testing.assert_allclose(probs[:-1, y:y + SIZE, x:x + SIZE, 0],
+                                 training_size(image[y:y + SIZE, x:x + SIZE]), atol=3e-4)

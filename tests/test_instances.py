@@ -54,3 +54,21 @@ def test_boundary_seeds_follow_the_predicted_boundary():
 def test_rejects_unknown_options():
   with pytest.raises(ValueError, match='method'):
     instances.InstanceOptions(method='magic')
+
+
+def test_holes_are_filled_and_marker_threshold_applies():
+  ring = _disk(30, 30, 15) & ~_disk(30, 30, 5)  # A nucleus with a pale centre.
+  label = instances.to_instances(ring.astype(np.float32))
+  assert label.max() == 1 and label[30, 30] == 1
+  unfilled = instances.to_instances(ring.astype(np.float32),
+                                    options=instances.InstanceOptions(fill_holes=False))
+  assert unfilled[30, 30] == 0
+  # Two nuclei whose shared boundary is uncertain (p = 0.4, so p(nucleus) = 0.6 there): markers
+  # at p(nucleus) > 0.5 (the default, = threshold) merge across it, markers at > 0.7 do not.
+  foreground = (_disk(30, 30, 15) | _disk(30, 52, 15)).astype(np.float32)
+  boundary = np.zeros_like(foreground)
+  boundary[:, 40:43] = 0.4 * foreground[:, 40:43]
+  merged = instances.to_instances(foreground, boundary, instances.InstanceOptions(seeds='boundary'))
+  split = instances.to_instances(foreground, boundary, instances.InstanceOptions(
+      seeds='boundary', marker_threshold=0.7))
+  assert split.max() == 2 and merged.max() == 1

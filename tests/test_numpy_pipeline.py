@@ -207,8 +207,10 @@ def test_export_npz_cli_round_trip(tmp_path):
 def test_registry_accepts_each_source_with_its_argument_only():
   from unetpp_jax import data  # pylint: disable=g-import-not-at-top
   assert data.source_error('tfds') is None and data.source_error('npz:/x.npz') is None
-  for bad in ('npz:', 'npz', 'tfds:x', 'csv:x', ''):
-    assert data.source_error(bad) == f"config.data.source={bad!r} must be 'tfds' or 'npz:PATH'."
+  assert data.source_error('release:/x.zip') is None
+  for bad in ('npz:', 'npz', 'tfds:x', 'csv:x', '', 'release'):
+    assert data.source_error(bad) == (f"config.data.source={bad!r} must be 'tfds' or 'npz:PATH' "
+                                      "or 'release:PATH'.")
     config = synthetic.get_config()
     config.data.source = bad
     with pytest.raises(ValueError, match='must be'):

@@ -43,6 +43,14 @@ RESUMABLE_CHANGES = (
     'data.manual_dir', 'data.on_bad_example', 'predict',
 )
 
+# Fields added after runs were recorded, with the value that reproduces what those runs did (as
+# JSON): a config.json without the field equals a config holding this value.
+ADDED_FIELDS = {
+    'data.scale_range': [1.0, 1.0],
+    'loss.contact_width': 0,
+    'loss.class_weights': [],
+}
+
 
 def _get(config: Any, dotted: str) -> Any:
   value = config
@@ -117,6 +125,28 @@ def validate(config: Any) -> None:
   check(
       config.loss.bce_weight >= 0 and config.loss.dice_weight >= 0,
       'config.loss.bce_weight and dice_weight must be >= 0.',
+  )
+  contact_width = config.loss.get('contact_width', 0)
+  check(isinstance(contact_width, int) and contact_width >= 0,
+        f'config.loss.contact_width={contact_width} must be an integer >= 0 (pixels).')
+  class_weights = tuple(config.loss.get('class_weights', ()))
+  check(
+      not class_weights or (config.model.num_classes > 1
+                            and len(class_weights) == config.model.num_classes
+                            and all(isinstance(w, (int, float)) and w > 0 for w in class_weights)),
+      f'config.loss.class_weights={class_weights} must be empty or one positive weight per class '
+      f'of a softmax model (model.num_classes={config.model.num_classes}).',
+  )
+  scale_range = tuple(config.data.get('scale_range', (1.0, 1.0)))
+  check(
+      len(scale_range) == 2 and all(isinstance(v, (int, float)) for v in scale_range)
+      and 0 < scale_range[0] <= scale_range[1],
+      f'config.data.scale_range={scale_range} must be (lo, hi) with 0 < lo <= hi.',
+  )
+  check(
+      scale_range == (1.0, 1.0) or config.data.train_preprocess == 'crop',
+      f'config.data.scale_range={scale_range} zooms native-resolution crops: it needs '
+      "config.data.train_preprocess='crop' (or scale_range=(1, 1)).",
   )
   check(
       1 <= config.predict.head <= levels,
@@ -195,7 +225,7 @@ def config_changes(stored: Mapping[str, Any], config: Any) -> list[str]:
   for key in sorted(old.keys() | new.keys()):
     if any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES):
       continue
-    before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+    before, after = old.get(key, ADDED_FIELDS.get(key, _ABSENT)), new.get(key, _ABSENT)
     if before != after:
       show = lambda v: '(absent)' if v is _ABSENT else repr(v)
       changes.append(f'{key}: {show(before)} -> {show(after)}')

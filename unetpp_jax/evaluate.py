@@ -2,10 +2,10 @@ r"""Evaluates a trained U-Net++ as the DSB2018 leaderboard does: full-size image
 
   python -m unetpp_jax.evaluate --workdir=W --data=PATH --output=DIR \
       [--solution=SOL.csv] [--split=all|train|validation] [--mode=accurate|fast] [--prune_level=k] \
-      [--flips] [--strategy=auto|resize|pad|tile] [--step=N]
+      [--noflips] [--strategy=auto|resize|pad|tile] [--step=N]
 
 The command line of `unetpp_jax.evaluation.evaluate` (which documents the strategies, predictions
-and outputs). Fields missing from an older run's config.json take configs/dsb.py's values.
+and outputs). Fields missing from an older run's config.json take configs/dsb_paper.py's values.
 """
 
 import json
@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from configs import dsb
+from configs import dsb_paper as dsb
 from unetpp_jax.evaluation import evaluate, instances, predict
 
 FLAGS = flags.FLAGS
@@ -34,8 +34,8 @@ flags.DEFINE_enum('mode', None, predict.MODES, 'Final prediction; default '
 flags.DEFINE_integer('prune_level', None, 'Network pruned to this level (heads 1..k); '
                      "default: config.predict.head for 'fast', the deepest supervised head "
                      "for 'accurate'.")
-flags.DEFINE_bool('flips', False, 'Average the probabilities over 4 flips (test-time '
-                  'augmentation).')
+flags.DEFINE_bool('flips', True, 'Average the probabilities over 4 flips (test-time '
+                  'augmentation; --noflips: off, 4x faster).')
 flags.DEFINE_integer('tile_size', 256, "Tile size of --strategy=tile.")
 flags.DEFINE_integer('tile_overlap', 64, 'Overlap of neighbouring tiles, in pixels.')
 flags.DEFINE_integer('pad_multiple', 128, 'Images are padded to a multiple of this '
@@ -51,6 +51,10 @@ flags.DEFINE_float('seed_h', instances.InstanceOptions.seed_h, "Minimum dynamic 
                    "'distance' seed.")
 flags.DEFINE_integer('min_size', instances.InstanceOptions.min_size, 'Smallest nucleus kept, in '
                      'pixels.')
+flags.DEFINE_float('marker_threshold', None, "'boundary' seeds: threshold of p(nucleus) for the "
+                   'markers; default --threshold.')
+flags.DEFINE_bool('fill_holes', instances.InstanceOptions.fill_holes, 'Fill holes of the '
+                  'foreground mask before splitting it.')
 flags.DEFINE_integer('num_overlays', 16, 'Images drawn with contours.')
 flags.mark_flags_as_required(['workdir', 'data', 'output'])
 
@@ -73,7 +77,8 @@ def main(argv):
             pad_multiple=FLAGS.pad_multiple, batch_size=FLAGS.batch_size),
         instance_options=instances.InstanceOptions(
             threshold=FLAGS.threshold, method=FLAGS.instances, seeds=seeds, seed_h=FLAGS.seed_h,
-            min_size=FLAGS.min_size),
+            min_size=FLAGS.min_size, marker_threshold=FLAGS.marker_threshold,
+            fill_holes=FLAGS.fill_holes),
         num_overlays=FLAGS.num_overlays, config_defaults=defaults)
   except (OSError, ValueError) as e:
     sys.exit(f'Error: {e}')

@@ -22,12 +22,16 @@ class Heads:
       mean probability is the 'accurate' prediction.
     weights: one loss weight per supervised head; empty = equal weights summing to 1.
     bce_weight, dice_weight: the terms of each head's loss (`losses.head_loss`).
+    contact_width, class_weights: the 3-class target's contact band and the per-class
+      cross-entropy weights (`losses.semantic_target`, `losses.head_loss`).
   """
   output: tuple[int, ...]
   supervised: tuple[int, ...]
   weights: tuple[float, ...]
   bce_weight: float
   dice_weight: float
+  contact_width: int = 0
+  class_weights: tuple[float, ...] = ()
 
   @classmethod
   def from_config(cls, config: Any) -> 'Heads':
@@ -37,6 +41,8 @@ class Heads:
         weights=tuple(config.loss.head_weights),
         bce_weight=config.loss.bce_weight,
         dice_weight=config.loss.dice_weight,
+        contact_width=config.loss.get('contact_width', 0),
+        class_weights=tuple(config.loss.get('class_weights', ())),
     )
 
   @property
@@ -54,7 +60,8 @@ class Heads:
     """(total loss, per-head losses) of the model's output; see losses.deep_supervision_loss."""
     return losses.deep_supervision_loss(
         logits, label, weight, heads=self.supervised, head_weights=self.weights,
-        bce_weight=self.bce_weight, dice_weight=self.dice_weight, output_heads=self.output)
+        bce_weight=self.bce_weight, dice_weight=self.dice_weight, output_heads=self.output,
+        contact_width=self.contact_width, class_weights=self.class_weights)
 
   def metrics(self, *, logits: Sequence[jax.Array], label: jax.Array, loss: jax.Array,
               head_losses: jax.Array, weight: jax.Array | None = None,

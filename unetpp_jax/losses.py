@@ -1,4 +1,4 @@
-"""Per-head BCE + soft Dice losses and their deep-supervision combination.
+"""Per-head cross-entropy + soft Dice, the 3-class contact-aware target, deep supervision.
 
 Every per-image quantity is averaged over the images of the batch with example weights, so the loss of
 a global batch split over N devices (then averaged with pmean) equals the loss of the whole batch on
@@ -16,11 +16,14 @@ from unetpp_jax import models
 DICE_SMOOTH = 1.0  # As in the original UNet++ Keras code; keeps empty images finite.
 
 
-def semantic_target(label: jax.Array, num_classes: int) -> jax.Array:
+def semantic_target(label: jax.Array, num_classes: int, contact_width: int = 0) -> jax.Array:
   """Class map [B, H, W] from an instance map: 0 background, 1 nucleus, 2 boundary (3 classes).
 
-  With three classes, a nucleus pixel whose 4-neighbour belongs to another instance or to the
-  background is 'boundary': the class that separates touching nuclei.
+  With three classes, 'boundary' is every nucleus pixel whose 4-neighbour belongs to another
+  instance or to the background (a 1-pixel rim around each nucleus), plus, with contact_width = r
+  > 0, every nucleus pixel within r pixels (Chebyshev) of a pixel of another nucleus: a band about
+  2r pixels wide where nuclei touch or nearly touch, the class that separates them. The boundary
+  stays inside the nuclei, so nucleus + boundary is exactly the union of the masks.
   """
   foreground = (label > 0).astype(jnp.int32)
   if num_classes <= 2:
@@ -28,6 +31,17 @@ def semantic_target(label: jax.Array, num_classes: int) -> jax.Array:
   padded = jnp.pad(label, ((0, 0), (1, 1), (1, 1)), mode='edge')
   neighbours = [padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]
   edge = jnp.any(jnp.stack([n != label for n in neighbours]), axis=0)
+  if contact_width > 0:
+    # Another instance within the window: the largest or the smallest nonzero id there differs.
+    ids = label.astype(jnp.int32)
+    window = (1, 2 * contact_width + 1, 2 * contact_width + 1)
+    lowest = jnp.iinfo(jnp.int32).min
+
+    def window_max(x):
+      return jax.lax.reduce_window(x, lowest, jax.lax.max, window, (1, 1, 1), 'SAME')
+    largest = window_max(ids)
+    smallest = -window_max(jnp.where(ids > 0, -ids, lowest))
+    edge = edge | (largest != ids) | (smallest != ids)
   return jnp.where(edge & (label > 0), 2, foreground)
 
 
@@ -42,6 +56,7 @@ def head_loss(
     *,
     bce_weight: float,
     dice_weight: float,
+    class_weights: Sequence[float] = (),
 ) -> jax.Array:
   """bce_weight * cross-entropy + dice_weight * (1 - soft Dice) for one head.
 
@@ -52,6 +67,8 @@ def head_loss(
     bce_weight: Weight of the pixel-mean cross-entropy.
     dice_weight: Weight of the soft Dice loss, computed per image (over the foreground classes
       when softmax) and averaged over images.
+    class_weights: softmax only: each pixel's cross-entropy is weighted by its target class's
+      weight (keeps a thin class such as the boundary from vanishing); () = all 1.
   """
   if logits.shape[-1] == 1:
     logits = logits[..., 0]
@@ -60,6 +77,8 @@ def head_loss(
     onehot = target[..., None].astype(logits.dtype)
   else:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+    if class_weights:
+      ce = ce * jnp.asarray(class_weights, ce.dtype)[target]
     # Dice over the foreground classes only: background Dice is near 1 and would dilute it.
     probs = jax.nn.softmax(logits, axis=-1)[..., 1:]
     onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)[..., 1:]
@@ -80,6 +99,8 @@ def deep_supervision_loss(
     bce_weight: float,
     dice_weight: float,
     output_heads: Sequence[int] | None = None,
+    contact_width: int = 0,
+    class_weights: Sequence[float] = (),
 ) -> tuple[jax.Array, jax.Array]:
   """Weighted sum of the supervised heads' losses.
 
@@ -92,13 +113,16 @@ def deep_supervision_loss(
     bce_weight: See `head_loss`.
     dice_weight: See `head_loss`.
     output_heads: The head of each entry of `logits` (`model.output_heads()`); None = 1..k.
+    contact_width: See `semantic_target`.
+    class_weights: See `head_loss`.
 
   Returns:
     (total loss, per-head losses [k] of every returned head, supervised or not).
   """
-  target = semantic_target(label, logits[0].shape[-1])
+  target = semantic_target(label, logits[0].shape[-1], contact_width)
   per_head = jnp.stack([
-      head_loss(l, target, weight, bce_weight=bce_weight, dice_weight=dice_weight) for l in logits
+      head_loss(l, target, weight, bce_weight=bce_weight, dice_weight=dice_weight,
+                class_weights=class_weights) for l in logits
   ])
   if not head_weights:
     head_weights = [1.0 / len(heads)] * len(heads)

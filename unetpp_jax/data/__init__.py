@@ -3,6 +3,7 @@
   contract      what every source returns (`Input`) and what they share (schedule, layout, .npz)
   tfds_source   'tfds': tf.data over the TFDS builders in `builders` (needs tensorflow)
   numpy_source  'npz:PATH': numpy only, over an .npz written by `python -m unetpp_jax.export_npz`
+  release_source 'release:PATH': numpy only, the Kaggle-layout zip/folder read directly (crops)
   builders      the TFDS builders 'dsb2018' and 'synthetic_nuclei'
   release       the reader of the Kaggle-layout release (folders or zip; PIL only)
 
@@ -26,6 +27,7 @@ class Source:
 SOURCES = {
     'tfds': Source('unetpp_jax.data.tfds_source'),
     'npz': Source('unetpp_jax.data.numpy_source', argument='PATH'),
+    'release': Source('unetpp_jax.data.release_source', argument='PATH'),
 }
 
 

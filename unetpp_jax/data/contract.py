@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from PIL import Image
 
 # Distinguishes the random streams derived from config.seed.
 _PERMUTATION_STREAM = 1
@@ -122,7 +123,8 @@ def shard_range(num_examples: int, process_index: int, process_count: int) -> tu
 
 
 def augment_params(
-    seed: int, positions: np.ndarray, *, augment: bool, jitter: float
+    seed: int, positions: np.ndarray, *, augment: bool, jitter: float,
+    scale_range: tuple[float, float] = (1.0, 1.0),
 ) -> dict[str, np.ndarray]:
   """Per-example augmentation parameters, each a pure function of (seed, global position).
 
@@ -134,14 +136,20 @@ def augment_params(
     positions: int [N] global stream positions.
     augment: whether to flip / rotate.
     jitter: photometric jitter strength s (0 = off).
+    scale_range: (lo, hi) of the random zoom of native-resolution crops (log-uniform; (1, 1) =
+      off).
 
   Returns:
     Arrays [N]: 'flip_lr', 'flip_ud' (bool), 'rot90' (int32 quarter turns, counter-clockwise),
     'brightness' (added, in [-s, s]), 'contrast' (factor in [1-s, 1+s]), 'gamma' (exponent in
-    [exp(-s), exp(s)]), 'crop_y', 'crop_x' (float32 in [0, 1): relative random-crop offsets).
+    [exp(-s), exp(s)]), 'crop_y', 'crop_x' (float32 in [0, 1): relative random-crop offsets),
+    'zoom' (float32 in scale_range: magnification of the crop, see `crop`).
   """
-  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(8)
-                for p in positions], np.float64).reshape(-1, 8)
+  # A generator's first 8 numbers do not depend on how many follow: adding 'zoom' (the 9th) left
+  # the other parameters of every position unchanged.
+  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(9)
+                for p in positions], np.float64).reshape(-1, 9)
+  lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
   symmetric = jitter * (2 * u[:, 3:6] - 1)  # U(-s, s)
   return {
       'flip_lr': (u[:, 0] < 0.5) & augment,
@@ -152,7 +160,47 @@ def augment_params(
       'gamma': np.exp(symmetric[:, 2]).astype(np.float32),
       'crop_y': u[:, 6].astype(np.float32),
       'crop_x': u[:, 7].astype(np.float32),
+      'zoom': np.exp(lo + (hi - lo) * u[:, 8]).astype(np.float32),
   }
+
+
+def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
+         zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+  """A size x size training window of a native-resolution example, shared by every source.
+
+  The window covers round(size / zoom) source pixels (zoom > 1 magnifies), at relative offsets
+  fy, fx in [0, 1], and is resized to size (image bilinear, label nearest). An image smaller than
+  the window is first reflect-padded at the bottom/right, its label with it (the mirrored nuclei
+  are labelled like the ones they mirror), so that the window never sees an artificial border.
+
+  Args:
+    image: uint8 [H, W, 3].
+    label: uint16 [H, W] instance ids.
+    size: output size S.
+    fy, fx: relative offsets (`augment_params`' 'crop_y', 'crop_x'; 0.5, 0.5 is the centre).
+    zoom: magnification (`augment_params`' 'zoom').
+
+  Returns:
+    uint8 [S, S, 3] and uint16 [S, S].
+  """
+  window = max(1, int(round(size / float(zoom))))
+  height, width = max(image.shape[0], window), max(image.shape[1], window)
+  pad = ((0, height - image.shape[0]), (0, width - image.shape[1]))
+  if any(p for _, p in pad):
+    # 'symmetric' repeats the edge row, so it also works for a 1-pixel-wide image.
+    image, label = np.pad(image, pad + ((0, 0),), mode='symmetric'), np.pad(label, pad,
+                                                                              mode='symmetric')
+
+  def offset(f, extent):
+    return min(int(float(f) * (extent - window + 1)), extent - window)
+  y, x = offset(fy, height), offset(fx, width)
+  image, label = image[y:y + window, x:x + window], label[y:y + window, x:x + window]
+  if window != size:
+    image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size),
+                                                                           Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label.astype(np.int32)).resize((size, size),
+                                                                     Image.NEAREST))
+  return np.ascontiguousarray(image, np.uint8), np.ascontiguousarray(label, np.uint16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +212,7 @@ class TrainSchedule:
   layout: Layout
   augment: bool
   jitter: float
+  scale_range: tuple[float, float] = (1.0, 1.0)
 
   def __post_init__(self):
     if self.num_examples <= 0:
@@ -183,7 +232,8 @@ class TrainSchedule:
       mask = epochs == epoch
       indices[mask] = rng.permutation(self.num_examples)[offsets[mask]]
     positions = step * self.batch_size + self.layout.process_index * b + np.arange(b)
-    return indices, augment_params(self.seed, positions, augment=self.augment, jitter=self.jitter)
+    return indices, augment_params(self.seed, positions, augment=self.augment, jitter=self.jitter,
+                                   scale_range=self.scale_range)
 
   def iterate_from(self, start_step: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     return (self.step(s) for s in itertools.count(start_step))

@@ -70,20 +70,13 @@ def _resize(image: tf.Tensor, label: tf.Tensor, size: int) -> tuple[tf.Tensor, t
   return image, tf.image.resize(label, [size, size], 'nearest')
 
 
-def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: tf.Tensor, fx: tf.Tensor
+def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: Any, fx: Any, zoom: Any = 1.0
           ) -> tuple[tf.Tensor, tf.Tensor]:
-  """size x size window at relative offsets fy, fx in [0, 1] (images smaller than size are
-  zero-padded at the bottom/right first; the label pads with background)."""
-  shape = tf.shape(image)
-  height, width = tf.maximum(shape[0], size), tf.maximum(shape[1], size)
-
-  def offset(f, extent):
-    return tf.minimum(tf.cast(f * tf.cast(extent - size + 1, tf.float32), tf.int32), extent - size)
-
-  def crop(t):
-    padded = tf.image.pad_to_bounding_box(t, 0, 0, height, width)
-    return tf.image.crop_to_bounding_box(padded, offset(fy, height), offset(fx, width), size, size)
-  return crop(image), crop(label)
+  """`contract.crop` (the one crop every source shares), as a tf.data op."""
+  image, label = tf.numpy_function(
+      lambda i, l, y, x, z: contract.crop(i, l[..., 0], size, y, x, z),
+      [image, label, fy, fx, zoom], [tf.uint8, tf.uint16], stateful=False)
+  return tf.ensure_shape(image, [size, size, 3]), tf.ensure_shape(label, [size, size])[..., None]
 
 
 def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], jitter: float
@@ -172,7 +165,8 @@ def train_dataset(
   else:
     def decode_and_crop(index, params):
       image, label = _decode(tf.gather(images, index), tf.gather(labels, index))
-      return (*_crop(image, label, size, params['crop_y'], params['crop_x']), params)
+      return (*_crop(image, label, size, params['crop_y'], params['crop_x'], params['zoom']),
+              params)
     ds = ds.unbatch().map(decode_and_crop, tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
 
@@ -201,7 +195,8 @@ def create_input_from_examples(
   if mode not in PREPROCESS_MODES:
     raise ValueError(f'config.data.train_preprocess={mode!r} is not one of {PREPROCESS_MODES}.')
   schedule = contract.TrainSchedule(len(train), config.seed, config.batch_size, layout,
-                                          config.data.augment, config.data.jitter)
+                                    config.data.augment, config.data.jitter,
+                                    tuple(config.data.get('scale_range', (1.0, 1.0))))
   source = preprocess(train, mode, size) if mode == 'resize' else train
   return contract.Input(
       train_iter=train_dataset(source, schedule, size=size, start_step=start_step)

@@ -1,6 +1,7 @@
 """Semantic probabilities -> nucleus instances (a label map: 0 = background, 1..N = nuclei).
 
-1. Foreground = probability > threshold (0.5, as `metrics.THRESHOLD`).
+1. Foreground = probability > threshold (0.5, as `metrics.THRESHOLD`), with holes filled (a
+   nucleus is simply connected; a hole is a pale centre the network missed).
 2. Split touching nuclei ('watershed'), or keep connected components as they are ('components',
    4-connectivity). The watershed floods the foreground from one seed per nucleus:
    * 'distance' seeds: the h-maxima of the (Gaussian-smoothed) Euclidean distance to the background,
@@ -8,8 +9,8 @@
      whose dynamic exceeds `seed_h` pixels. The flooding follows the inverted distance map.
    * 'boundary' seeds (3-class models: background / nucleus / boundary, see
      `losses.semantic_target`): the connected components of the nucleus-interior prediction
-     p(nucleus) > threshold; the flooding follows p(boundary), so lines between touching nuclei
-     become the watershed lines.
+     p(nucleus) > marker_threshold (default: threshold); the flooding follows p(boundary), so the
+     contact bands between touching nuclei become the watershed lines.
    Foreground pieces that no seed reaches (e.g. thin slivers without an h-maximum) are kept as
    instances of their own.
 3. Instances smaller than `min_size` pixels are dropped (they are mostly noise and each would be a
@@ -38,6 +39,8 @@ class InstanceOptions:
   seed_h: float = 0.5  # Minimum dynamic (in pixels of distance) of a 'distance' seed.
   smooth: float = 1.0  # Gaussian sigma applied to the distance map before finding seeds.
   min_size: int = 15  # Instances with fewer pixels are removed.
+  fill_holes: bool = True  # Fill holes of the foreground mask first.
+  marker_threshold: float | None = None  # 'boundary' seeds: p(nucleus) threshold; None = threshold.
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -69,6 +72,8 @@ def to_instances(
     options: See `InstanceOptions`.
   """
   mask = foreground > options.threshold
+  if options.fill_holes:
+    mask = ndimage.binary_fill_holes(mask)
   if options.method == 'components' or not mask.any():
     labels, _ = ndimage.label(mask)
     return _relabel(labels, options.min_size)
@@ -76,7 +81,9 @@ def to_instances(
   if options.seeds == 'boundary':
     if boundary is None:
       raise ValueError("'boundary' seeds need a model with a boundary class (num_classes=3).")
-    interior = (foreground - boundary) > options.threshold  # p(nucleus) = p(fg) - p(boundary).
+    marker_threshold = (options.threshold if options.marker_threshold is None
+                        else options.marker_threshold)
+    interior = (foreground - boundary) > marker_threshold  # p(nucleus) = p(fg) - p(boundary).
     markers, _ = ndimage.label(interior & mask)
     surface = boundary
   else:

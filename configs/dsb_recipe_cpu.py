@@ -1,0 +1,28 @@
+"""The DSB2018 recipe (configs/dsb.py) on a CPU budget: about an hour on 2 CPU cores.
+
+Run:
+  python -m unetpp_jax.main --config=configs/dsb_recipe_cpu.py     # -> workdirs/dsb_recipe_cpu
+  python -m unetpp_jax.evaluate --workdir=workdirs/dsb_recipe_cpu \
+      --data=../shared/data/dsb2018/stage1_train.zip --split=validation --output=/tmp/eval_recipe_cpu
+
+Same data, targets, loss and evaluation as configs/dsb.py; half the filters (a quarter of the
+FLOPs), 128x128 crops, batch 8 and 1,200 steps (about 18 epochs of crops of the 536 training
+images), so that CI-class machines can show the recipe works. Measured result and time: README.md
+("The recipe").
+"""
+
+from configs import dsb
+
+
+def get_config():
+  config = dsb.get_config()
+  config.data.image_size = 128  # Native-resolution crops; a multiple of 2**4.
+  config.model.filters = (16, 32, 64, 128, 256)  # Half of the paper's widths; L = 4.
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.optimizer.warmup_steps = 100
+  config.num_train_steps = 1_200
+  config.log_every_steps = 25
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 100  # A few minutes of CPU time: little is lost on a stop.
+  return config

@@ -1,0 +1,107 @@
+r"""Chooses the instance post-processing on the validation split: predicts once, scores a grid.
+
+  python scripts/sweep_instances.py --workdir=workdirs/dsb_recipe_cpu \
+      --data=../shared/data/dsb2018/stage1_train.zip [--noflips] [--strategy=auto|pad|tile]
+
+Runs the network once over the run's validation split (the ids training held out; never a test
+set), keeps the final prediction's probabilities, then prints as JSON its official score with the
+default `InstanceOptions` and with one option at a time changed to each value of `GRID` (a full
+grid costs too many watersheds on a CPU), plus the distance-seed watershed and plain connected
+components. Per-head scores come from `python -m unetpp_jax.evaluate`. The chosen values become the defaults in
+`unetpp_jax/evaluation/instances.py` (README.md quotes the sweep).
+"""
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import dsb_paper  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax.evaluation import evaluate, instances, predict  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir.')
+flags.DEFINE_string('data', None, 'Kaggle-layout folder or zip holding the validation images.')
+flags.DEFINE_bool('flips', True, 'Flip test-time augmentation.')
+flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES, 'Native-size inference.')
+flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, "Base watershed seeds; auto = "
+                  "'boundary' for 3-class models.")
+flags.DEFINE_float('threshold', instances.InstanceOptions.threshold, 'Base foreground threshold.')
+flags.DEFINE_integer('processes', 2, 'Scoring processes.')
+flags.DEFINE_integer('limit', 0, 'Only the first N validation images (a quick check); 0 = all.')
+flags.mark_flags_as_required(['workdir', 'data'])
+
+GRID = {
+    'threshold': (0.4, 0.5, 0.6),
+    'marker_threshold': (0.3, 0.5, 0.7),
+    'min_size': (5, 15, 30),
+    'fill_holes': (True, False),
+}
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  config = evaluate.load_config(FLAGS.workdir, dsb_paper.get_config().to_dict())
+  ids = evaluate.select_ids(FLAGS.data, evaluate.workdir_split_ids(FLAGS.workdir, config,
+                                                                   'validation'), None, None)
+  ids = ids[:FLAGS.limit] if FLAGS.limit else ids
+  variables, step = evaluate.load_variables(FLAGS.workdir, config, FLAGS.step)
+  predictor = predict.Predictor(config, variables, predict.InferenceOptions(
+      strategy=FLAGS.strategy, flips=FLAGS.flips))
+  boundary_seeds = predictor.channels == 2
+  final = len(predictor.names) - 1
+  global _STORED
+  _STORED = [  # (true label, final probabilities [H, W, c] as float16)
+      (example['label'].astype(np.int32), probs[final].astype(np.float16))
+      for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
+  predict_seconds = time.time() - start
+
+  seeds = FLAGS.seeds if FLAGS.seeds != 'auto' else 'boundary' if boundary_seeds else 'distance'
+  default = instances.InstanceOptions(seeds=seeds, threshold=FLAGS.threshold)
+  if seeds == 'distance':
+    boundary_seeds = False  # Variants of the distance watershed only.
+  variants = [{}]
+  for field, values in GRID.items():
+    if field == 'marker_threshold' and not boundary_seeds:
+      continue  # Distance seeds ignore it.
+    variants += [{field: v} for v in values if v != getattr(default, field)]
+  if boundary_seeds:  # The distance-transform watershed on the same probabilities.
+    variants.append({'seeds': 'distance'})
+  variants.append({'method': 'components'})
+  options = [dataclasses.replace(default, **v) for v in variants]
+  # Fork: the workers share the stored probabilities; one variant per task.
+  with multiprocessing.get_context('fork').Pool(FLAGS.processes) as pool:
+    scores = pool.map(_score, options)
+  print(json.dumps({
+      'checkpoint_step': step, 'num_images': len(_STORED), 'strategy': predictor.strategy,
+      'flips': FLAGS.flips, 'prediction': predictor.names[final],
+      'predict_seconds': round(predict_seconds), 'default': str(default),
+      'variants': sorted(({'change': v or 'default', **r} for v, r in zip(variants, scores)),
+                         key=lambda r: -r['score']),
+      'seconds': round(time.time() - start)}, indent=1, default=str))
+
+
+_STORED = []
+
+
+def _score(options: instances.InstanceOptions) -> dict[str, float]:
+  acc = evaluate.Accumulator()
+  for label, probs in _STORED:
+    p = probs.astype(np.float32)
+    pred = instances.to_instances(p[..., 0], p[..., 1] if p.shape[-1] == 2 else None, options)
+    acc.add(p[..., 0] > options.threshold, label > 0, pred, label)
+  return {k: round(v, 4) for k, v in acc.summary().items()
+          if k in ('score', 'ap50', 'iou', 'iou_per_image')}
+
+
+if __name__ == '__main__':
+  app.run(main)

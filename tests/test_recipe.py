@@ -1,0 +1,228 @@
+"""The DSB2018 recipe's pieces: contact-aware targets, native-scale crops with zoom in every source
+(equal batches, exact resume), the release source."""
+
+import io
+import json
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from configs import dsb, dsb_recipe_cpu, synthetic
+from unetpp_jax import config_validation, losses
+from unetpp_jax import data as data_sources
+from unetpp_jax.data import contract, release_source
+
+S = 64  # configs/synthetic.py image size.
+
+
+def _touching_pair():
+  """Two 8x7 nuclei sharing a vertical edge, plus a separate one 1 px away from the second."""
+  label = np.zeros((1, 14, 24), np.int32)
+  label[0, 2:10, 1:8] = 1
+  label[0, 2:10, 8:15] = 2
+  label[0, 2:10, 16:23] = 3  # Column 15 is a 1-pixel background gap.
+  return label
+
+
+def test_contact_band_lies_between_touching_nuclei_and_splits_interiors():
+  label = _touching_pair()
+  target = np.asarray(losses.semantic_target(jnp.asarray(label), 3, contact_width=2))[0]
+  assert set(np.unique(target)) == {0, 1, 2}
+  np.testing.assert_array_equal(target > 0, label[0] > 0)  # Boundary stays inside nuclei.
+  # Where 1 meets 2: two columns on each side of the contact line are boundary on every row.
+  assert (target[2:10, 6:10] == 2).all()
+  # A near-contact across a 1-pixel gap gets a band too: with width 3, the pixels within 3 px of
+  # the other nucleus (columns 13-14 and 16-17), not just the rims (14 and 16).
+  wider = np.asarray(losses.semantic_target(jnp.asarray(label), 3, contact_width=3))[0]
+  assert (wider[2:10, 13:15] == 2).all() and (wider[2:10, 16:18] == 2).all()
+  assert (target[3:9, 13] == 1).all()
+  # Away from other nuclei only the 1-pixel rim is boundary: the far sides keep their interior.
+  assert (target[3:9, 2] == 1).all() and (target[3:9, 21] == 1).all()
+  # The interiors are separate components, one inside each nucleus.
+  interiors, count = ndimage.label(target == 1)
+  assert count == 3
+  for k in range(1, 4):
+    assert len(np.unique(label[0][interiors == k])) == 1
+  # Without the band (contact_width 0) interiors 1 and 2 are separated only by their 1-px rims.
+  rim = np.asarray(losses.semantic_target(jnp.asarray(label), 3))[0]
+  assert (rim[3:9, 6] == 1).all() and ((target == 2).sum() > (rim == 2).sum())
+  # An image without nuclei and a nucleus covering the whole image are valid.
+  assert not np.asarray(losses.semantic_target(jnp.zeros((1, 5, 5), jnp.int32), 3, 2)).any()
+  full = np.asarray(losses.semantic_target(jnp.ones((1, 5, 5), jnp.int32), 3, 2))[0]
+  assert (full == 1).all()  # No other instance and no background: all interior.
+
+
+def test_class_weights_weigh_the_boundary_pixels():
+  label = _touching_pair()
+  target = losses.semantic_target(jnp.asarray(label), 3, contact_width=2)
+  logits = jnp.zeros(label.shape + (3,))  # Uniform prediction.
+  kwargs = dict(bce_weight=1.0, dice_weight=0.0)
+  plain = float(losses.head_loss(logits, target, jnp.ones(1), **kwargs))
+  weighted = float(losses.head_loss(logits, target, jnp.ones(1), class_weights=(1.0, 1.0, 3.0),
+                                    **kwargs))
+  fraction = float(np.mean(np.asarray(target) == 2))
+  np.testing.assert_allclose(weighted, plain * (1 + 2 * fraction), rtol=1e-5)
+
+
+def test_recipe_configs_validate_and_bad_fields_are_named():
+  for module in (dsb, dsb_recipe_cpu):
+    config = module.get_config()
+    config_validation.validate(config)
+    assert config.data.train_preprocess == 'crop' and config.model.num_classes == 3
+  for field, value, message in [
+      ('data.image_size', 120, 'config.data.image_size=120'),
+      ('loss.class_weights', (1.0, 2.0), 'config.loss.class_weights'),
+      ('data.scale_range', (1.5, 1.0), 'config.data.scale_range'),
+      ('loss.contact_width', -1, 'config.loss.contact_width'),
+  ]:
+    config = dsb_recipe_cpu.get_config()
+    config.update_from_flattened_dict({field: value})
+    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('[', r'\[')):
+      config_validation.validate(config)
+  config = dsb_recipe_cpu.get_config()
+  config.data.train_preprocess = 'resize'
+  with pytest.raises(ValueError, match='config.data.scale_range'):
+    config_validation.validate(config)
+
+
+def _coded(height, width, seed):
+  """uint8 image whose red channel is (7 * label) % 256, with blocky labels, and the label."""
+  rng = np.random.default_rng(seed)
+  label = np.zeros((height, width), np.uint16)
+  for i in range(1, 7):
+    y, x = rng.integers(0, height - 3), rng.integers(0, width - 3)
+    label[y:y + rng.integers(6, 30), x:x + rng.integers(6, 30)] = i * 30
+  image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+  image[..., 0] = (7 * label.astype(np.int64)) % 256
+  return image, label
+
+
+@pytest.mark.parametrize('shape', [(90, 120), (40, 50), (64, 64), (130, 30)])
+@pytest.mark.parametrize('zoom', [1.0, 0.8, 1.3])
+def test_crop_keeps_image_and_label_aligned(shape, zoom):
+  image, label = _coded(*shape, seed=shape[0])
+  for fy, fx in [(0.0, 0.0), (0.99, 0.3), (0.5, 0.5)]:
+    got_image, got_label = contract.crop(image, label, S, fy, fx, zoom)
+    assert got_image.shape == (S, S, 3) and got_label.shape == (S, S)
+    assert got_label.dtype == np.uint16 and got_image.dtype == np.uint8
+    red = got_image[..., 0].astype(np.int64)
+    if zoom == 1.0:  # A plain (reflect-padded) window: exact.
+      np.testing.assert_array_equal(red, (7 * got_label.astype(np.int64)) % 256)
+    else:  # Bilinear image, nearest label: equal wherever the label is locally constant.
+      same = ndimage.minimum_filter(got_label, 3) == ndimage.maximum_filter(got_label, 3)
+      assert same.mean() > 0.5
+      np.testing.assert_allclose(red[same], ((7 * got_label.astype(np.int64)) % 256)[same],
+                                 atol=1)
+  # Reflection: a 40x50 image seen whole in the top-left corner of the window.
+  if shape == (40, 50) and zoom == 1.0:
+    got_image, got_label = contract.crop(image, label, S, 0.0, 0.0)
+    np.testing.assert_array_equal(got_image[:40, :50], image)
+    np.testing.assert_array_equal(got_label[40:48, :50], label[::-1][:8])
+
+
+def test_zoom_is_drawn_with_the_other_augmentation_parameters():
+  positions = np.arange(64)
+  off = contract.augment_params(0, positions, augment=True, jitter=0.1)
+  on = contract.augment_params(0, positions, augment=True, jitter=0.1, scale_range=(0.5, 2.0))
+  assert (off['zoom'] == 1).all()
+  assert 0.5 <= on['zoom'].min() < 0.7 and 1.4 < on['zoom'].max() <= 2.0
+  for key in off:  # Switching the zoom on changes nothing else.
+    if key != 'zoom':
+      np.testing.assert_array_equal(off[key], on[key])
+
+
+def _png(array):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+@pytest.fixture(scope='module')
+def release_zip(tmp_path_factory):
+  """A small Kaggle-layout zip: 20 images of several sizes (some smaller than a crop), one without
+  masks, touching rectangles as nuclei."""
+  root = tmp_path_factory.mktemp('release')
+  path = root / 'stage1_train.zip'
+  rng = np.random.default_rng(0)
+  with zipfile.ZipFile(path, 'w') as z:
+    for i in range(20):
+      h, w = [(80, 100), (40, 56), (64, 64), (120, 70)][i % 4]
+      image_id = f'{i:03d}abc'
+      z.writestr(f'{image_id}/images/{image_id}.png',
+                 _png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+      for k in range(0 if i == 7 else 4):
+        mask = np.zeros((h, w), np.uint8)
+        y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+        mask[y:y + 12, x:x + 10] = 255
+        z.writestr(f'{image_id}/masks/m{k}.png', _png(mask))
+  return path
+
+
+def _release_config(tmp_path, release_zip, source):
+  config = synthetic.get_config()
+  config.data.dataset = 'dsb2018'
+  config.data.manual_dir = str(release_zip.parent)
+  config.data.tfds_data_dir = str(tmp_path / 'tfds')
+  config.data.train_preprocess = 'crop'
+  config.data.scale_range = (0.7, 1.4)
+  config.data.source = 'tfds' if source == 'tfds' else f'release:{release_zip}'
+  return config
+
+
+def test_release_source_matches_tfds_and_resumes_exactly(tmp_path_factory, release_zip):
+  tmp_path = tmp_path_factory.mktemp('tfds')
+  tfds_input = data_sources.create_input(_release_config(tmp_path, release_zip, 'tfds'),
+                                         start_step=2)
+  config = _release_config(tmp_path, release_zip, 'release')
+  release_input = data_sources.create_input(config, start_step=2)
+  assert (release_input.num_train, release_input.num_eval) == (16, 4)
+  stream = [next(release_input.train_iter) for _ in range(4)]
+  for batch in stream:
+    other = next(tfds_input.train_iter)
+    np.testing.assert_array_equal(batch['label'], other['label'])
+    np.testing.assert_allclose(batch['image'], other['image'], atol=1e-5)  # Jitter: tf vs numpy.
+  assert any((b['label'] > 0).any() for b in stream)
+  np.testing.assert_array_equal(release_input.eval_batches.ids, tfds_input.eval_batches.ids)
+  for a, b in zip(release_input.eval_batches, tfds_input.eval_batches):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  # Exact resume: a source started at step 4 continues the stream started at step 2.
+  resumed = data_sources.create_input(config, start_step=4)
+  for want in stream[2:]:
+    got = next(resumed.train_iter)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_release_source_needs_crop_and_a_path(release_zip):
+  config = synthetic.get_config()
+  config.data.source = f'release:{release_zip}'
+  with pytest.raises(ValueError, match="train_preprocess='resize'"):
+    data_sources.create_input(config)
+  config.data.source = 'release'
+  with pytest.raises(ValueError, match="'release:PATH'"):
+    data_sources.create_input(config)
+
+
+def test_tfds_order_and_split_sizes():
+  ids = [f'{i:02d}' for i in range(10)]
+  assert sorted(release_source.tfds_order(ids)) == ids and release_source.tfds_order(ids) != ids
+  assert release_source.num_train_examples(670, 0.2) == 536
+  assert release_source.num_train_examples(240, 0.2) == 192
+
+
+def test_runs_recorded_before_the_recipe_fields_resume_without_a_config_change():
+  from configs import dsb_paper  # pylint: disable=g-import-not-at-top
+  config = dsb_paper.get_config()
+  stored = json.loads(config.to_json_best_effort())  # As config.json holds it.
+  for section, field in (('data', 'scale_range'), ('loss', 'contact_width'),
+                         ('loss', 'class_weights')):
+    del stored[section][field]
+  assert config_validation.config_changes(stored, config) == []
+  config.loss.contact_width = 2  # A real change is still reported.
+  assert config_validation.config_changes(stored, config) == [
+      'loss.contact_width: 0 -> 2']  # Absent means what those runs did: 0.
