@@ -11,7 +11,7 @@ zoom around 1 (a 520x348 image with 290 nuclei resized to 96x96 leaves 2 to 3 pi
 nucleus); a 3-class target (background / nucleus interior / boundary: a rim around every nucleus
 plus a band where nuclei touch) with a weighted cross-entropy and Dice per class; every head deeply
 supervised; evaluation at native size (padded whole images), flip test-time augmentation, and
-nuclei grown from the interior markers over the boundary probability.
+the instance post-processing chosen on the validation split (`instances.default_options`).
 
 Sized for one accelerator; the schedule (20,000 steps of batch 16) was not measured on a GPU here.
 configs/dsb_recipe_cpu.py is the same recipe on a CPU budget; README.md ("The recipe") has its

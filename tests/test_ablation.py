@@ -126,7 +126,7 @@ def test_seeds_are_repeated_and_summarised(study, tmp_path):
 
 def test_study_runs_with_the_recipe(tmp_path):
   # The recipe (native-scale crops with zoom, contact-aware 3 classes): every head is scored with
-  # the official metric, at native size ('pad') with instances from the boundary markers.
+  # the official metric, at native size ('pad') with the 3-class instance defaults.
   config = test_evaluate._tiny_config(tmp_path / 'tfds')  # pylint: disable=protected-access
   config.data.train_preprocess = 'crop'
   config.data.scale_range = (0.75, 1.33)
@@ -146,4 +146,4 @@ def test_study_runs_with_the_recipe(tmp_path):
   official = json.loads(
       (tmp_path / 'study' / 'unetpp_ds2' / 'seed0' / 'official' / 'metrics.json').read_text())
   assert official['inference']['strategy'] == 'pad'
-  assert official['instances']['seeds'] == 'boundary'
+  assert official['instances']['seeds'] == 'distance' and official['instances']['threshold'] == 0.6

@@ -43,10 +43,10 @@ flags.DEFINE_integer('pad_multiple', 128, 'Images are padded to a multiple of th
 flags.DEFINE_integer('batch_size', 8, 'Inputs per network call (resize/tile strategies).')
 flags.DEFINE_enum('instances', 'watershed', instances.METHODS, 'Split touching nuclei by '
                   'watershed, or plain connected components.')
-flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, "Watershed seeds; auto = "
-                  "'boundary' for 3-class models, else 'distance'.")
-flags.DEFINE_float('threshold', instances.InstanceOptions.threshold, 'Foreground probability '
-                   'threshold.')
+flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Watershed seeds; auto = '
+                  "instances.default_options of the model's num_classes ('distance').")
+flags.DEFINE_float('threshold', None, 'Foreground probability threshold; default: '
+                   "instances.default_options of the model's num_classes (0.5; 0.6 for 3 classes).")
 flags.DEFINE_float('seed_h', instances.InstanceOptions.seed_h, "Minimum dynamic (pixels) of a "
                    "'distance' seed.")
 flags.DEFINE_integer('min_size', instances.InstanceOptions.min_size, 'Smallest nucleus kept, in '
@@ -65,9 +65,9 @@ def main(argv):
   try:
     defaults = dsb.get_config().to_dict()
     config = evaluate.load_config(FLAGS.workdir, defaults)
-    seeds = FLAGS.seeds
-    if seeds == 'auto':
-      seeds = 'boundary' if config.model.num_classes == 3 else 'distance'
+    default_options = instances.default_options(config.model.num_classes)
+    seeds = default_options.seeds if FLAGS.seeds == 'auto' else FLAGS.seeds
+    threshold = default_options.threshold if FLAGS.threshold is None else FLAGS.threshold
     report = evaluate.evaluate(
         FLAGS.workdir, FLAGS.data, FLAGS.output, solution=FLAGS.solution, split=FLAGS.split,
         step=FLAGS.step,
@@ -76,7 +76,7 @@ def main(argv):
             flips=FLAGS.flips, tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap,
             pad_multiple=FLAGS.pad_multiple, batch_size=FLAGS.batch_size),
         instance_options=instances.InstanceOptions(
-            threshold=FLAGS.threshold, method=FLAGS.instances, seeds=seeds, seed_h=FLAGS.seed_h,
+            threshold=threshold, method=FLAGS.instances, seeds=seeds, seed_h=FLAGS.seed_h,
             min_size=FLAGS.min_size, marker_threshold=FLAGS.marker_threshold,
             fill_holes=FLAGS.fill_holes),
         num_overlays=FLAGS.num_overlays, config_defaults=defaults)

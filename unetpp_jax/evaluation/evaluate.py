@@ -255,8 +255,8 @@ def evaluate(
     split: 'all' images of `data`, or only those of the training run's 'train'/'validation'.
     step: Checkpoint step; None = the newest.
     inference: How the network runs on native-size images.
-    instance_options: Probabilities -> instances; None = defaults, with 'boundary' seeds for
-      3-class models.
+    instance_options: Probabilities -> instances; None = `instances.default_options` of the
+      model's number of classes.
     num_overlays: Number of images (evenly spread over the sorted ids) drawn with contours.
     config_defaults: Values of config fields missing from an older run's config.json.
 
@@ -279,8 +279,7 @@ def evaluate(
   ids = select_ids(data, wanted, truth, solution)
   predictor = Predictor(config, variables, inference)
   if instance_options is None:
-    seeds = 'boundary' if config.model.num_classes == 3 else 'distance'
-    instance_options = instances.InstanceOptions(seeds=seeds)
+    instance_options = instances.default_options(config.model.num_classes)
   logging.info('Evaluating step %d of %s on %d images of %s (%s, strategy %s).', step, workdir,
                len(ids), data, predictor.mode, predictor.strategy)
 

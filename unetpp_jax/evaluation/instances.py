@@ -49,6 +49,16 @@ class InstanceOptions:
       raise ValueError(f'Watershed seeds {self.seeds!r} must be one of {SEEDS}.')
 
 
+def default_options(num_classes: int) -> InstanceOptions:
+  """The options `evaluate` uses for a model with `num_classes` outputs, chosen on the DSB2018
+  validation split (README.md: "Evaluation as the DSB2018 leaderboard scores it" for 1 class,
+  "The recipe" for 3). For the recipe's 3-class CPU run the distance watershed of p(foreground)
+  beat the boundary markers and threshold 0.6 beat 0.5 (scripts/sweep_instances.py)."""
+  if num_classes == 3:
+    return InstanceOptions(seeds='distance', threshold=0.6)
+  return InstanceOptions()
+
+
 def _relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
   """Drops instances smaller than min_size and renumbers the rest 1..N (int32)."""
   counts = np.bincount(labels.ravel())
