@@ -14,7 +14,7 @@ supervised; evaluation at native size (padded whole images), flip test-time augm
 the instance post-processing chosen on the validation split (`instances.default_options`).
 
 Sized for one accelerator; the schedule (20,000 steps of batch 16) was not measured on a GPU here.
-configs/dsb_recipe_cpu.py is the same recipe on a CPU budget; README.md ("The recipe") has its
+configs/dsb_cpu.py is the same recipe on a CPU budget; README.md ("The recipe") has its
 measured validation scores and commands.
 """
 

@@ -2,7 +2,7 @@ r"""Deep-supervision ablation and pruning study: U-Net, wide U-Net, U-Net++ with
 supervision, and pruned U-Net++ L1..L, in one resumable command
 (details: unetpp_jax/study/deep_supervision.py).
 
-  python scripts/ablate_deep_supervision.py --config=configs/dsb.py --workdir=workdirs/ablation \
+  .venv/bin/python scripts/ablate_deep_supervision.py --config=configs/dsb.py --workdir=workdirs/ablation \
       --data=../shared/data/dsb2018/stage1_train.zip [--arms=unet,unetpp_ds4] [--seeds=0,1,2] \
       [--config.num_train_steps=N ...]
 

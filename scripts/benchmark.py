@@ -1,6 +1,6 @@
 r"""Throughput of the U-Net++ train step or inference on in-memory arrays (no tensorflow needed).
 
-  python scripts/benchmark.py --config=configs/dsb.py [--batch=16] [--image_size=96] \
+  .venv/bin/python scripts/benchmark.py --config=configs/dsb.py [--batch=16] [--image_size=96] \
       [--dtype=float32|bfloat16] [--mode=train|infer|input|matmul|loop] [--prune_level=k] \
       [--steps=N] [--profile_dir=DIR] [--loop_source=arrays|config]
 

@@ -1,6 +1,6 @@
 r"""Chooses the instance post-processing on the validation split: predicts once, scores a grid.
 
-  python scripts/sweep_instances.py --workdir=workdirs/dsb_recipe_cpu \
+  .venv/bin/python scripts/sweep_instances.py --workdir=workdirs/dsb_cpu \
       --data=../shared/data/dsb2018/stage1_train.zip [--noflips] [--strategy=auto|pad|tile]
 
 Runs the network once over the run's validation split (the ids training held out; never a test

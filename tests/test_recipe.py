@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from configs import dsb, dsb_recipe_cpu, synthetic
+from configs import dsb, dsb_cpu, synthetic
 from unetpp_jax import config_validation, losses
 from unetpp_jax import data as data_sources
 from unetpp_jax.data import contract, release_source
@@ -69,7 +69,7 @@ def test_class_weights_weigh_the_boundary_pixels():
 
 
 def test_recipe_configs_validate_and_bad_fields_are_named():
-  for module in (dsb, dsb_recipe_cpu):
+  for module in (dsb, dsb_cpu):
     config = module.get_config()
     config_validation.validate(config)
     assert config.data.train_preprocess == 'crop' and config.model.num_classes == 3
@@ -79,11 +79,11 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
       ('data.scale_range', (1.5, 1.0), 'config.data.scale_range'),
       ('loss.contact_width', -1, 'config.loss.contact_width'),
   ]:
-    config = dsb_recipe_cpu.get_config()
+    config = dsb_cpu.get_config()
     config.update_from_flattened_dict({field: value})
     with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('[', r'\[')):
       config_validation.validate(config)
-  config = dsb_recipe_cpu.get_config()
+  config = dsb_cpu.get_config()
   config.data.train_preprocess = 'resize'
   with pytest.raises(ValueError, match='config.data.scale_range'):
     config_validation.validate(config)
