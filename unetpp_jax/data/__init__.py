@@ -41,6 +41,15 @@ def source_error(source: str) -> str | None:
   return f'config.data.source={source!r} must be {spellings}.'
 
 
+def source_argument(config: Any, name: str) -> str:
+  """The ARGUMENT of config.data.source = 'NAME:ARGUMENT', asked by the source `name` itself."""
+  source, prefix = config.data.source, f'{name}:'
+  if not source.startswith(prefix) or not source[len(prefix):]:
+    raise ValueError(f'config.data.source={source!r}: the {name} source needs '
+                     f'{SOURCES[name].spelling(name)!r}.')
+  return source[len(prefix):]
+
+
 def create_input(config: Any, start_step: int = 0, **kwargs: Any) -> Any:
   """The `contract.Input` of the source named by config.data.source, from `start_step` on."""
   error = source_error(config.data.source)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from unetpp_jax import data as sources
 from unetpp_jax.data import contract
 from unetpp_jax.data.contract import Examples, Input, Layout, TrainSchedule
 
@@ -49,14 +50,6 @@ def _train_batches(
            'label': contract.to_device_layout(np.stack(labels).astype(np.int32), d)}
 
 
-def npz_path(config: Any) -> str:
-  """The PATH of config.data.source = 'npz:PATH'."""
-  source = config.data.source
-  prefix = f'{NAME}:'
-  if not source.startswith(prefix) or not source[len(prefix):]:
-    raise ValueError(f"config.data.source={source!r}: the numpy source needs '{prefix}PATH'.")
-  return source[len(prefix):]
-
 
 def create_input(
     config: Any,
@@ -73,7 +66,7 @@ def create_input(
     process_index: this process (default jax.process_index(); tests simulate others).
     process_count: number of processes (default jax.process_count()).
   """
-  path = npz_path(config)
+  path = sources.source_argument(config, NAME)
   data = contract.load_npz(path)
   mismatches = [
       f'{name}: file {got!r}, config {want!r}'

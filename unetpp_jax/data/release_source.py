@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from unetpp_jax import data as sources
 from unetpp_jax.data import contract, numpy_source, release
 from unetpp_jax.data.contract import Examples, Input, Layout, TrainSchedule
 
@@ -54,15 +55,6 @@ def _train_batches(images: list[np.ndarray], labels: list[np.ndarray], schedule:
            'label': contract.to_device_layout(np.stack(batch_labels).astype(np.int32), d)}
 
 
-def release_path(config: Any) -> str:
-  """The PATH of config.data.source = 'release:PATH'."""
-  source = config.data.source
-  prefix = f'{NAME}:'
-  if not source.startswith(prefix) or not source[len(prefix):]:
-    raise ValueError(f"config.data.source={source!r}: the release source needs '{prefix}PATH' "
-                     '(a stage1_train.zip or its unpacked folder).')
-  return source[len(prefix):]
-
 
 def create_input(
     config: Any,
@@ -79,7 +71,7 @@ def create_input(
     process_index: this process (default jax.process_index(); tests simulate others).
     process_count: number of processes (default jax.process_count()).
   """
-  path = release_path(config)
+  path = sources.source_argument(config, NAME)
   if config.data.train_preprocess != 'crop':
     raise ValueError(
         f"config.data.train_preprocess={config.data.train_preprocess!r}: the release source "
