@@ -167,3 +167,22 @@ def test_score_files_counts_missing_images_as_false_negatives(tmp_path):
   submission.write_text('ImageId,EncodedPixels\na,1 4\na,4 2\n')
   with pytest.raises(ValueError, match=f'{submission}, line 3 .ImageId a.: the mask overlaps'):
     om.score_files(submission, solution)
+
+
+def test_touching_recall_counts_touching_nuclei_found_as_their_own_instance():
+  true = np.zeros((7, 12), np.int32)
+  true[1:4, 1:4] = 5   # 5 and 8 share an edge; 8 and 9 share only a corner; 2 touches nothing.
+  true[1:4, 4:7] = 8
+  true[4:6, 7:9] = 9
+  true[0, 10:12] = 2
+  consecutive = np.searchsorted([0, 2, 5, 8, 9], true)  # Ids 0, 2, 5, 8, 9 -> 0..4.
+  np.testing.assert_array_equal(om.touching(consecutive, 4), [False, True, True, True])
+  merged = np.where(true == 8, 5, true)  # 5 and 8 predicted as one nucleus: both are lost.
+  result = om.evaluate_image(true, merged)
+  assert (result.touching_true, result.touching_found) == (3, 1)
+  exact = om.evaluate_image(true, true)
+  assert (exact.touching_true, exact.touching_found) == (3, 3)
+  empty = om.evaluate_image(np.zeros((3, 3), int), np.zeros((3, 3), int))
+  summary = om.summarize([result, exact, empty])
+  assert (summary['touching_true'], summary['touching_found50']) == (6, 4)
+  assert summary['touching_recall50'] == pytest.approx(4 / 6)  # Pooled: sums before dividing.

@@ -327,6 +327,7 @@ def evaluate(
     report = {
         'score': final['score'], 'ap50': final['ap50'], 'f1_50': final['f1_50'],
         'iou': final['iou'], 'dice': final['dice'],
+        'touching_recall50': final['touching_recall50'],
         'final_prediction': predictor.mode,
         'predictions': results,
         'num_images': len(ids),

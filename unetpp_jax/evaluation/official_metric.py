@@ -21,6 +21,11 @@ Conventions (the Kaggle metric leaves them implicit):
     2 TP / (2 TP + FP + FN) at 0.5 (1 for an empty/empty image); `tp50`, `fp50`, `fn50` are summed
     over the dataset and `f1_50_pooled` is the F1 of those sums.
 
+Not part of the official score, but what a contact-aware model is for: `touching_recall50` is the
+fraction of true nuclei that touch another true nucleus (8-neighbourhood) and are found as their
+own instance (a prediction with IoU > 0.5), pooled over the dataset (`touching_found50` /
+`touching_true`). Merging two touching nuclei loses both.
+
 `score_files` applies the metric to a Kaggle submission file and a solution file (see `rle` for the
 formats); `python -m unetpp_jax.score` is its command line.
 """
@@ -71,6 +76,8 @@ class ImageResult:
   num_true: int
   num_pred: int
   tp: np.ndarray
+  touching_true: int = 0  # True objects touching another true object.
+  touching_found: int = 0  # Those matched at IoU > 0.5.
 
   @property
   def fp(self) -> np.ndarray:
@@ -96,6 +103,19 @@ class ImageResult:
     return float(2 * self.tp[0] / denominator) if denominator else 1.0
 
 
+def touching(label: np.ndarray, num_objects: int) -> np.ndarray:
+  """bool [num_objects]: which objects 1..num_objects of a consecutive label map [H, W] touch
+  another object (share an edge or a corner with it)."""
+  flags = np.zeros(num_objects + 1, bool)
+  h, w = label.shape
+  # Each pixel against its right, lower, lower-right and lower-left neighbours covers all 8.
+  for a, b in ((label[:, :w - 1], label[:, 1:]), (label[:h - 1], label[1:]),
+               (label[:h - 1, :w - 1], label[1:, 1:]), (label[:h - 1, 1:], label[1:, :w - 1])):
+    contact = (a > 0) & (b > 0) & (a != b)
+    flags[a[contact]] = flags[b[contact]] = True
+  return flags[1:]
+
+
 def evaluate_image(true: np.ndarray, pred: np.ndarray) -> ImageResult:
   """Matches the objects of two instance label maps [H, W] (0 = background)."""
   intersection, union, n_true, n_pred = iou_matrix_counts(true, pred)
@@ -104,7 +124,10 @@ def evaluate_image(true: np.ndarray, pred: np.ndarray) -> ImageResult:
   rows, cols = np.nonzero(intersection)
   inter, uni = intersection[rows, cols], union[rows, cols]
   tp = np.array([np.count_nonzero(100 * inter > p * uni) for p in THRESHOLD_PERCENTS])
-  return ImageResult(n_true, n_pred, tp)
+  touches = touching(_consecutive(true)[0].reshape(true.shape), n_true)
+  found = np.zeros(n_true, bool)
+  found[rows[100 * inter > THRESHOLD_PERCENTS[0] * uni]] = True
+  return ImageResult(n_true, n_pred, tp, int(touches.sum()), int((touches & found).sum()))
 
 
 def summarize(results: Iterable[ImageResult]) -> dict[str, float | int | list[float]]:
@@ -116,6 +139,8 @@ def summarize(results: Iterable[ImageResult]) -> dict[str, float | int | list[fl
   tp = int(sum(r.tp[0] for r in results))
   fp = int(sum(r.fp[0] for r in results))
   fn = int(sum(r.fn[0] for r in results))
+  touching_true = sum(r.touching_true for r in results)
+  touching_found = sum(r.touching_found for r in results)
   return {
       'score': float(precision.mean()),
       'ap_per_threshold': [float(x) for x in precision.mean(axis=0)],
@@ -129,6 +154,9 @@ def summarize(results: Iterable[ImageResult]) -> dict[str, float | int | list[fl
       'num_images': len(results),
       'num_true': int(sum(r.num_true for r in results)),
       'num_pred': int(sum(r.num_pred for r in results)),
+      'touching_true': touching_true,
+      'touching_found50': touching_found,
+      'touching_recall50': touching_found / touching_true if touching_true else 1.0,
   }
 
 
