@@ -6,9 +6,9 @@ r"""Chooses the instance post-processing on the validation split: predicts once,
 Runs the network once over the run's validation split (the ids training held out; never a test
 set), keeps the final prediction's probabilities, then prints as JSON its official score with the
 default `InstanceOptions` and with one option at a time changed to each value of `GRID` (a full
-grid costs too many watersheds on a CPU), plus the distance-seed watershed and plain connected
-components. Per-head scores come from `python -m unetpp_jax.evaluate`. The chosen values become the defaults in
-`unetpp_jax/evaluation/instances.py` (README.md quotes the sweep).
+grid costs too many watersheds on a CPU), plus the other watershed seeds (3-class models) and plain
+connected components. Per-head scores come from `python -m unetpp_jax.evaluate`. The chosen values
+become the defaults in `unetpp_jax/evaluation/instances.py` (README.md quotes the sweep).
 """
 
 import dataclasses
@@ -37,6 +37,9 @@ flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, "Base watershed 
 flags.DEFINE_float('threshold', instances.InstanceOptions.threshold, 'Base foreground threshold.')
 flags.DEFINE_integer('processes', 2, 'Scoring processes.')
 flags.DEFINE_integer('limit', 0, 'Only the first N validation images (a quick check); 0 = all.')
+flags.DEFINE_string('cache', None, 'Optional .npz of the predictions: read if it exists (and was '
+                    'made with the same step, flips, strategy and images), else written; a second '
+                    'sweep of the same model then skips the network.')
 flags.mark_flags_as_required(['workdir', 'data'])
 
 GRID = {
@@ -57,25 +60,29 @@ def main(argv):
   variables, step = evaluate.load_variables(FLAGS.workdir, config, FLAGS.step)
   predictor = predict.Predictor(config, variables, predict.InferenceOptions(
       strategy=FLAGS.strategy, flips=FLAGS.flips))
-  boundary_seeds = predictor.channels == 2
+  has_boundary = predictor.channels == 2  # A 3-class model.
   final = len(predictor.names) - 1
+  key = {'workdir': os.path.abspath(FLAGS.workdir), 'step': step, 'flips': FLAGS.flips,
+         'strategy': predictor.strategy, 'ids': list(ids)}
   global _STORED
-  _STORED = [  # (true label, final probabilities [H, W, c] as float16)
-      (example['label'].astype(np.int32), probs[final].astype(np.float16))
-      for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
+  _STORED = _read_cache(FLAGS.cache, key) if FLAGS.cache else None
+  if _STORED is None:
+    _STORED = [  # (true label, final probabilities [H, W, c] as float16)
+        (example['label'].astype(np.int32), probs[final].astype(np.float16))
+        for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
+    if FLAGS.cache:
+      _write_cache(FLAGS.cache, key, _STORED)
   predict_seconds = time.time() - start
 
-  seeds = FLAGS.seeds if FLAGS.seeds != 'auto' else 'boundary' if boundary_seeds else 'distance'
+  seeds = FLAGS.seeds if FLAGS.seeds != 'auto' else 'boundary' if has_boundary else 'distance'
   default = instances.InstanceOptions(seeds=seeds, threshold=FLAGS.threshold)
-  if seeds == 'distance':
-    boundary_seeds = False  # Variants of the distance watershed only.
   variants = [{}]
   for field, values in GRID.items():
-    if field == 'marker_threshold' and not boundary_seeds:
+    if field == 'marker_threshold' and seeds != 'boundary':
       continue  # Distance seeds ignore it.
     variants += [{field: v} for v in values if v != getattr(default, field)]
-  if boundary_seeds:  # The distance-transform watershed on the same probabilities.
-    variants.append({'seeds': 'distance'})
+  if has_boundary:  # The other seeds on the same probabilities.
+    variants.append({'seeds': 'distance' if seeds == 'boundary' else 'boundary'})
   variants.append({'method': 'components'})
   options = [dataclasses.replace(default, **v) for v in variants]
   # Fork: the workers share the stored probabilities; one variant per task.
@@ -93,6 +100,27 @@ def main(argv):
 _STORED = []
 
 
+def _read_cache(path: str, key: dict) -> list | None:
+  """The stored predictions of `path` if it was written for `key`, else None."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    if json.loads(str(f['key'])) != key:
+      print(f'{path} holds other predictions (workdir, step, flips, strategy or images differ): '
+            'predicting again.', file=sys.stderr)
+      return None
+    return [(f[f'label{i}'], f[f'probs{i}']) for i in range(len(key['ids']))]
+
+
+def _write_cache(path: str, key: dict, stored: list) -> None:
+  arrays = {'key': np.asarray(json.dumps(key))}
+  for i, (label, probs) in enumerate(stored):
+    arrays[f'label{i}'], arrays[f'probs{i}'] = label, probs
+  tmp = f'{path}.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)  # Never a half-written cache.
+
+
 def _score(options: instances.InstanceOptions) -> dict[str, float]:
   acc = evaluate.Accumulator()
   for label, probs in _STORED:
@@ -100,7 +128,7 @@ def _score(options: instances.InstanceOptions) -> dict[str, float]:
     pred = instances.to_instances(p[..., 0], p[..., 1] if p.shape[-1] == 2 else None, options)
     acc.add(p[..., 0] > options.threshold, label > 0, pred, label)
   return {k: round(v, 4) for k, v in acc.summary().items()
-          if k in ('score', 'ap50', 'iou', 'iou_per_image')}
+          if k in ('score', 'ap50', 'touching_recall50', 'iou', 'iou_per_image')}
 
 
 if __name__ == '__main__':
