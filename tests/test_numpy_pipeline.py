@@ -139,7 +139,7 @@ def test_missing_or_invalid_npz_errors_name_the_path(tmp_path, npz):
 
   with pytest.raises(ValueError, match=r'image_size: file 16, config 32.*Re-export'):
     numpy_source.create_input(_config(npz, image_size=32))
-  with pytest.raises(ValueError, match="only 'resize'"):
+  with pytest.raises(ValueError, match="only 'resize'.*source='release:PATH'"):
     numpy_source.create_input(_config(npz, train_preprocess='crop'))
   with pytest.raises(ValueError, match="needs 'npz:PATH'"):
     numpy_source.create_input(_config(npz, source='tfds'))

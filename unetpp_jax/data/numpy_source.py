@@ -81,7 +81,9 @@ def create_input(
   if config.data.train_preprocess != 'resize':
     raise ValueError(
         f"config.data.train_preprocess={config.data.train_preprocess!r}: an .npz holds resized "
-        "images, so the npz source supports only 'resize' (use source='tfds' for 'crop').")
+        "images, so the npz source supports only 'resize'. For native-scale 'crop' training "
+        "without TensorFlow use source='release:PATH' (the DSB2018 zip or folder itself), or "
+        "source='tfds'.")
   layout = Layout.create(config, process_index, process_count)
   train = data.train.slice(*layout.shard(len(data.train)))
   val = data.val.slice(*layout.shard(len(data.val)))
