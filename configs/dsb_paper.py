@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.contact_width = 0
   # Softmax only: cross-entropy weight per class (background, nucleus[, boundary]); () = all 1.
   config.loss.class_weights = ()
+  # num_classes=3: extra cross-entropy factor of the contact band's pixels (on top of
+  # class_weights); 1 = none.
+  config.loss.contact_weight = 1.0
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'  # 'adam', 'adamw' or 'sgd' (with momentum).

@@ -68,6 +68,28 @@ def test_class_weights_weigh_the_boundary_pixels():
   np.testing.assert_allclose(weighted, plain * (1 + 2 * fraction), rtol=1e-5)
 
 
+def test_contact_weight_weighs_only_the_contact_band():
+  label = jnp.asarray(_touching_pair())
+  band = np.asarray(losses.contact_band(label, 2))[0]
+  # The band: two columns each side of the 1|2 contact, one each side of the 1-pixel gap.
+  assert band[2:10, 6:10].all() and band[2:10, 14].all() and band[2:10, 16].all()
+  assert band.sum() == 8 * 6 and not band[0].any()
+  logits = [jnp.zeros(label.shape + (3,))]  # Uniform prediction: every pixel's CE is log 3.
+  kwargs = dict(heads=(1,), head_weights=(), bce_weight=1.0, dice_weight=0.0, contact_width=2,
+                class_weights=(1.0, 1.0, 3.0))
+  weighted, _ = losses.deep_supervision_loss(logits, label, jnp.ones(1), contact_weight=10.0,
+                                             **kwargs)
+  plain, _ = losses.deep_supervision_loss(logits, label, jnp.ones(1), **kwargs)
+  # Band pixels are boundary (class weight 3): their share of the CE grows by 3 * (10 - 1).
+  np.testing.assert_allclose(float(weighted), float(plain) + np.log(3) * 27 * band.mean(),
+                             rtol=1e-5)
+  one_class, _ = losses.deep_supervision_loss([logits[0][..., :1]], label, jnp.ones(1),
+                                              heads=(1,), head_weights=(), bce_weight=1.0,
+                                              dice_weight=0.0, contact_width=2,
+                                              contact_weight=10.0)
+  np.testing.assert_allclose(float(one_class), np.log(2), rtol=1e-5)  # 1 class: no band.
+
+
 def test_recipe_configs_validate_and_bad_fields_are_named():
   for module in (dsb, dsb_cpu):
     config = module.get_config()

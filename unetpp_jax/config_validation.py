@@ -49,6 +49,7 @@ ADDED_FIELDS = {
     'data.scale_range': [1.0, 1.0],
     'loss.contact_width': 0,
     'loss.class_weights': [],
+    'loss.contact_weight': 1.0,
 }
 
 
@@ -137,6 +138,9 @@ def validate(config: Any) -> None:
       f'config.loss.class_weights={class_weights} must be empty or one positive weight per class '
       f'of a softmax model (model.num_classes={config.model.num_classes}).',
   )
+  contact_weight = config.loss.get('contact_weight', 1.0)
+  check(isinstance(contact_weight, (int, float)) and contact_weight > 0,
+        f'config.loss.contact_weight={contact_weight} must be a number > 0.')
   scale_range = tuple(config.data.get('scale_range', (1.0, 1.0)))
   check(
       len(scale_range) == 2 and all(isinstance(v, (int, float)) for v in scale_range)

@@ -22,8 +22,9 @@ class Heads:
       mean probability is the 'accurate' prediction.
     weights: one loss weight per supervised head; empty = equal weights summing to 1.
     bce_weight, dice_weight: the terms of each head's loss (`losses.head_loss`).
-    contact_width, class_weights: the 3-class target's contact band and the per-class
-      cross-entropy weights (`losses.semantic_target`, `losses.head_loss`).
+    contact_width, class_weights, contact_weight: the 3-class target's contact band, the
+      per-class cross-entropy weights and the contact band's extra weight
+      (`losses.semantic_target`, `losses.head_loss`, `losses.deep_supervision_loss`).
   """
   output: tuple[int, ...]
   supervised: tuple[int, ...]
@@ -32,6 +33,7 @@ class Heads:
   dice_weight: float
   contact_width: int = 0
   class_weights: tuple[float, ...] = ()
+  contact_weight: float = 1.0
 
   @classmethod
   def from_config(cls, config: Any) -> 'Heads':
@@ -43,6 +45,7 @@ class Heads:
         dice_weight=config.loss.dice_weight,
         contact_width=config.loss.get('contact_width', 0),
         class_weights=tuple(config.loss.get('class_weights', ())),
+        contact_weight=config.loss.get('contact_weight', 1.0),
     )
 
   @property
@@ -61,7 +64,8 @@ class Heads:
     return losses.deep_supervision_loss(
         logits, label, weight, heads=self.supervised, head_weights=self.weights,
         bce_weight=self.bce_weight, dice_weight=self.dice_weight, output_heads=self.output,
-        contact_width=self.contact_width, class_weights=self.class_weights)
+        contact_width=self.contact_width, class_weights=self.class_weights,
+        contact_weight=self.contact_weight)
 
   def metrics(self, *, logits: Sequence[jax.Array], label: jax.Array, loss: jax.Array,
               head_losses: jax.Array, weight: jax.Array | None = None,

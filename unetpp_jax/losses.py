@@ -16,14 +16,29 @@ from unetpp_jax import models
 DICE_SMOOTH = 1.0  # As in the original UNet++ Keras code; keeps empty images finite.
 
 
+def contact_band(label: jax.Array, contact_width: int) -> jax.Array:
+  """bool [B, H, W]: nucleus pixels within contact_width pixels (Chebyshev) of another nucleus."""
+  # Another instance within the window: the largest or the smallest nonzero id there differs.
+  ids = label.astype(jnp.int32)
+  window = (1, 2 * contact_width + 1, 2 * contact_width + 1)
+  lowest = jnp.iinfo(jnp.int32).min
+
+  def window_max(x):
+    return jax.lax.reduce_window(x, lowest, jax.lax.max, window, (1, 1, 1), 'SAME')
+  largest = window_max(ids)
+  smallest = -window_max(jnp.where(ids > 0, -ids, lowest))
+  return ((largest != ids) | (smallest != ids)) & (ids > 0)
+
+
 def semantic_target(label: jax.Array, num_classes: int, contact_width: int = 0) -> jax.Array:
   """Class map [B, H, W] from an instance map: 0 background, 1 nucleus, 2 boundary (3 classes).
 
   With three classes, 'boundary' is every nucleus pixel whose 4-neighbour belongs to another
   instance or to the background (a 1-pixel rim around each nucleus), plus, with contact_width = r
-  > 0, every nucleus pixel within r pixels (Chebyshev) of a pixel of another nucleus: a band about
-  2r pixels wide where nuclei touch or nearly touch, the class that separates them. The boundary
-  stays inside the nuclei, so nucleus + boundary is exactly the union of the masks.
+  > 0, the `contact_band`: every nucleus pixel within r pixels (Chebyshev) of a pixel of another
+  nucleus, a band about 2r pixels wide where nuclei touch or nearly touch, the class that
+  separates them. The boundary stays inside the nuclei, so nucleus + boundary is exactly the union
+  of the masks.
   """
   foreground = (label > 0).astype(jnp.int32)
   if num_classes <= 2:
@@ -32,16 +47,7 @@ def semantic_target(label: jax.Array, num_classes: int, contact_width: int = 0) 
   neighbours = [padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]
   edge = jnp.any(jnp.stack([n != label for n in neighbours]), axis=0)
   if contact_width > 0:
-    # Another instance within the window: the largest or the smallest nonzero id there differs.
-    ids = label.astype(jnp.int32)
-    window = (1, 2 * contact_width + 1, 2 * contact_width + 1)
-    lowest = jnp.iinfo(jnp.int32).min
-
-    def window_max(x):
-      return jax.lax.reduce_window(x, lowest, jax.lax.max, window, (1, 1, 1), 'SAME')
-    largest = window_max(ids)
-    smallest = -window_max(jnp.where(ids > 0, -ids, lowest))
-    edge = edge | (largest != ids) | (smallest != ids)
+    edge = edge | contact_band(label, contact_width)
   return jnp.where(edge & (label > 0), 2, foreground)
 
 
@@ -57,6 +63,7 @@ def head_loss(
     bce_weight: float,
     dice_weight: float,
     class_weights: Sequence[float] = (),
+    pixel_weight: jax.Array | None = None,
 ) -> jax.Array:
   """bce_weight * cross-entropy + dice_weight * (1 - soft Dice) for one head.
 
@@ -69,6 +76,8 @@ def head_loss(
       when softmax) and averaged over images.
     class_weights: softmax only: each pixel's cross-entropy is weighted by its target class's
       weight (keeps a thin class such as the boundary from vanishing); () = all 1.
+    pixel_weight: optional [B, H, W] factor of each pixel's cross-entropy, on top of
+      class_weights (the contact band's weight, see `deep_supervision_loss`).
   """
   if logits.shape[-1] == 1:
     logits = logits[..., 0]
@@ -82,6 +91,8 @@ def head_loss(
     # Dice over the foreground classes only: background Dice is near 1 and would dilute it.
     probs = jax.nn.softmax(logits, axis=-1)[..., 1:]
     onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)[..., 1:]
+  if pixel_weight is not None:
+    ce = ce * pixel_weight.astype(ce.dtype)
   intersection = jnp.sum(probs * onehot, axis=(1, 2))
   total = jnp.sum(probs, axis=(1, 2)) + jnp.sum(onehot, axis=(1, 2))
   dice = jnp.mean((2 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH), axis=-1)
@@ -101,6 +112,7 @@ def deep_supervision_loss(
     output_heads: Sequence[int] | None = None,
     contact_width: int = 0,
     class_weights: Sequence[float] = (),
+    contact_weight: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Weighted sum of the supervised heads' losses.
 
@@ -115,14 +127,21 @@ def deep_supervision_loss(
     output_heads: The head of each entry of `logits` (`model.output_heads()`); None = 1..k.
     contact_width: See `semantic_target`.
     class_weights: See `head_loss`.
+    contact_weight: 3 classes with contact_width > 0: factor of the cross-entropy of the
+      `contact_band` pixels (the weight map of the U-Net paper, flat). The band is a few percent
+      of the boundary pixels, most of which are the easy rims, so class_weights alone leave it
+      unlearned.
 
   Returns:
     (total loss, per-head losses [k] of every returned head, supervised or not).
   """
   target = semantic_target(label, logits[0].shape[-1], contact_width)
+  pixel_weight = None
+  if contact_weight != 1.0 and contact_width > 0 and logits[0].shape[-1] == 3:
+    pixel_weight = jnp.where(contact_band(label, contact_width), contact_weight, 1.0)
   per_head = jnp.stack([
       head_loss(l, target, weight, bce_weight=bce_weight, dice_weight=dice_weight,
-                class_weights=class_weights) for l in logits
+                class_weights=class_weights, pixel_weight=pixel_weight) for l in logits
   ])
   if not head_weights:
     head_weights = [1.0 / len(heads)] * len(heads)
