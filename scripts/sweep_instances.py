@@ -20,10 +20,12 @@ import time
 
 from absl import app
 from absl import flags
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dsb_paper  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unetpp_jax.evaluation import evaluate, instances, predict  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -92,12 +94,32 @@ def main(argv):
       'checkpoint_step': step, 'num_images': len(_STORED), 'strategy': predictor.strategy,
       'flips': FLAGS.flips, 'prediction': predictor.names[final],
       'predict_seconds': round(predict_seconds), 'default': str(default),
+      'mean_probabilities': _mean_probabilities(config) if has_boundary else None,
       'variants': sorted(({'change': v or 'default', **r} for v, r in zip(variants, scores)),
                          key=lambda r: -r['score']),
       'seconds': round(time.time() - start)}, indent=1, default=str))
 
 
 _STORED = []
+
+
+def _mean_probabilities(config) -> dict[str, dict[str, float]]:
+  """Mean predicted p(foreground) and p(boundary) over the pixels of each kind of the true
+  3-class target: background, interior, the 1-pixel rims, and the contact band beyond the rims
+  (`losses.contact_band` at config.loss.contact_width, at least 2). Says which part of the
+  target the model has learned."""
+  width = max(config.loss.get('contact_width', 0), 2)
+  sums = {k: np.zeros(3) for k in ('background', 'interior', 'rim', 'contact band')}
+  for label, probs in _STORED:
+    instance = jnp.asarray(label[None])
+    rim = np.asarray(losses.semantic_target(instance, 3))[0] == 2
+    band = np.asarray(losses.contact_band(instance, width))[0] & ~rim
+    p = probs.astype(np.float32)
+    for kind, where in (('background', label == 0), ('interior', (label > 0) & ~rim & ~band),
+                        ('rim', rim), ('contact band', band)):
+      sums[kind] += (p[..., 0][where].sum(), p[..., 1][where].sum(), where.sum())
+  return {kind: {'pixels': int(n), 'p_foreground': round(f / max(n, 1), 4),
+                 'p_boundary': round(b / max(n, 1), 4)} for kind, (f, b, n) in sums.items()}
 
 
 def _read_cache(path: str, key: dict) -> list | None:
