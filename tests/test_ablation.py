@@ -14,6 +14,7 @@ from unetpp_jax import models
 from unetpp_jax.study import deep_supervision
 from unetpp_jax.evaluation import evaluate
 
+import synthetic_release
 import test_evaluate
 
 STEPS = 4
@@ -22,11 +23,11 @@ STEPS = 4
 @pytest.fixture(scope='module')
 def study(tmp_path_factory):
   root = tmp_path_factory.mktemp('ablation')
-  config = test_evaluate._tiny_config(root / 'tfds')  # pylint: disable=protected-access
+  config = test_evaluate._tiny_config(root / 'tfds')
   config.num_train_steps = config.eval_every_steps = STEPS
   config.checkpoint_every_steps = config.log_every_steps = STEPS // 2
   val_indices = sorted(int(i.rsplit('_', 1)[1]) for i in evaluate.split_ids(config, 'validation'))
-  data = test_evaluate._write_kaggle_zip(root / 'train.zip', val_indices)  # pylint: disable=protected-access
+  data = synthetic_release.write_zip(root / 'train.zip', val_indices)
   results = deep_supervision.run_study(config, root / 'study', data=str(data), bench_batch=4,
                                bench_steps=2)
   return root / 'study', config, data, results
@@ -95,11 +96,11 @@ def test_summary_over_seeds_and_bad_arms():
                params=10, gflops_per_image=1.0, images_per_sec=5.0, seed=s, iou=v, dice=v,
                iou_per_image=v, dice_per_image=v, score=None, ap50=None)
           for s, v in ((0, 0.5), (1, 0.7))]
-  (entry,) = deep_supervision._summarize(rows)  # pylint: disable=protected-access
+  (entry,) = deep_supervision._summarize(rows)
   assert entry['seeds'] == 2 and entry['iou'] == pytest.approx(0.6)
   assert entry['iou_std'] == pytest.approx(np.std([0.5, 0.7])) and entry['score'] is None
   assert '0.600 ± 0.100' in deep_supervision.markdown_table([entry], 2)
-  base = test_evaluate._tiny_config('/unused')  # pylint: disable=protected-access
+  base = test_evaluate._tiny_config('/unused')
   for arm in ('unetpp_ds1', 'unetpp_ds3', 'unet_ds2', 'resnet'):
     with pytest.raises(ValueError, match='Unknown arm'):
       deep_supervision.arm_config(base, arm, 0)
@@ -127,7 +128,7 @@ def test_seeds_are_repeated_and_summarised(study, tmp_path):
 def test_study_runs_with_the_recipe(tmp_path):
   # The recipe (native-scale crops with zoom, contact-aware 3 classes): every head is scored with
   # the official metric, at native size ('pad') with the 3-class instance defaults.
-  config = test_evaluate._tiny_config(tmp_path / 'tfds')  # pylint: disable=protected-access
+  config = test_evaluate._tiny_config(tmp_path / 'tfds')
   config.data.train_preprocess = 'crop'
   config.data.scale_range = (0.75, 1.33)
   config.model.num_classes = 3
@@ -136,7 +137,7 @@ def test_study_runs_with_the_recipe(tmp_path):
   config.num_train_steps = config.eval_every_steps = STEPS
   config.checkpoint_every_steps = config.log_every_steps = STEPS
   val_indices = sorted(int(i.rsplit('_', 1)[1]) for i in evaluate.split_ids(config, 'validation'))
-  data = test_evaluate._write_kaggle_zip(tmp_path / 'train.zip', val_indices)  # pylint: disable=protected-access
+  data = synthetic_release.write_zip(tmp_path / 'train.zip', val_indices)
   results = deep_supervision.run_study(config, tmp_path / 'study', arms=['unetpp_ds2'],
                                        data=str(data), bench_batch=4, bench_steps=2)
   rows = {r['prediction']: r for r in results['rows']}

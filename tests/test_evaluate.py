@@ -2,7 +2,6 @@
 CLIs, native-size inference strategies, and bad inputs."""
 
 import csv
-import io
 import json
 import os
 import pathlib
@@ -22,6 +21,8 @@ from unetpp_jax.evaluation import instances
 from unetpp_jax.evaluation import official_metric
 from unetpp_jax.evaluation import rle
 from unetpp_jax.data.builders import synthetic_nuclei
+
+import synthetic_release
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -67,27 +68,6 @@ def _input_fn(config, start_step):
   return types.SimpleNamespace(train_iter=batches(), eval_batches=[eval_batch])
 
 
-def _write_kaggle_zip(path, indices, without_masks=()):
-  """A stage1_train-like zip of synthetic examples: <id>/images/<id>.png, <id>/masks/<k>.png."""
-  with zipfile.ZipFile(path, 'w') as zf:
-    for index in indices:
-      example = synthetic_nuclei.generate_example(index)
-      image_id = example['id']
-      zf.writestr(f'stage1_train/{image_id}/images/{image_id}.png', _png(example['image']))
-      if index in without_masks:
-        continue
-      for k in range(1, int(example['label'].max()) + 1):
-        mask = (example['label'] == k).astype(np.uint8) * 255
-        zf.writestr(f'stage1_train/{image_id}/masks/{k:03d}.png', _png(mask))
-  return path
-
-
-def _png(array):
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format='PNG')
-  return buffer.getvalue()
-
-
 def _write_solution(path, indices):
   rows = []
   for index in indices:
@@ -110,7 +90,7 @@ def setup(tmp_path_factory):
   assert len(val_ids) == 12
   val_indices = sorted(int(i.rsplit('_', 1)[1]) for i in val_ids)
   train_indices = [i for i in range(240) if i not in val_indices][:2]
-  data = _write_kaggle_zip(root / 'stage1_train.zip', val_indices + train_indices,
+  data = synthetic_release.write_zip(root / 'stage1_train.zip', val_indices + train_indices,
                            without_masks=val_indices[:1])
   return types.SimpleNamespace(root=root, workdir=root / 'work', data=data, config=config,
                                val_ids=sorted(val_ids), val_indices=val_indices,
@@ -192,7 +172,7 @@ def test_solution_labels_and_score_match_masks(setup, tmp_path):
   """--solution instead of masks gives the same metrics; the score of submission.csv equals the
   evaluation's own score; a missing image counts as all false negatives."""
   indices = setup.val_indices[1:5]
-  data = _write_kaggle_zip(tmp_path / 'images.zip', indices)
+  data = synthetic_release.write_zip(tmp_path / 'images.zip', indices)
   options = evaluate.InferenceOptions(strategy='resize')
   with_masks = evaluate.evaluate(setup.workdir, data, tmp_path / 'a', inference=options,
                                  num_overlays=0)
@@ -225,7 +205,7 @@ def test_solution_labels_and_score_match_masks(setup, tmp_path):
 
 
 def test_fast_mode_pruned_and_pad_strategy(setup, tmp_path):
-  data = _write_kaggle_zip(tmp_path / 'images.zip', setup.val_indices[1:3])
+  data = synthetic_release.write_zip(tmp_path / 'images.zip', setup.val_indices[1:3])
   report = evaluate.evaluate(
       setup.workdir, data, tmp_path / 'out', num_overlays=0,
       inference=evaluate.InferenceOptions(strategy='pad', mode='fast', prune_level=1,
@@ -311,7 +291,7 @@ def _expect_failure(setup, tmp_path, error, match, *, data=None, solution=None, 
 
 
 def test_unreadable_image_names_the_file(setup, tmp_path):
-  data = _write_kaggle_zip(tmp_path / 'bad.zip', setup.val_indices[1:3])
+  data = synthetic_release.write_zip(tmp_path / 'bad.zip', setup.val_indices[1:3])
   image_id = f'synthetic_0_{setup.val_indices[2]:05d}'
   with zipfile.ZipFile(data, 'a') as zf, pytest.warns(UserWarning, match='Duplicate name'):
     # A later duplicate member wins when reading: a truncated PNG.
@@ -331,7 +311,7 @@ def test_unreadable_image_names_the_file(setup, tmp_path):
 ])
 def test_bad_solution_names_file_line_and_id(setup, tmp_path, rows, match):
   index = setup.val_indices[1]
-  data = _write_kaggle_zip(tmp_path / 'one.zip', [index])
+  data = synthetic_release.write_zip(tmp_path / 'one.zip', [index])
   h, w = synthetic_nuclei.generate_example(index)['label'].shape
   fields = dict(id=f'synthetic_0_{index:05d}', h=h, w=w, w1=w + 1, n=h * w, n1=h * w + 1)
   solution = tmp_path / 'solution.csv'
@@ -342,7 +322,7 @@ def test_bad_solution_names_file_line_and_id(setup, tmp_path, rows, match):
 
 
 def test_ids_missing_from_solution_or_data(setup, tmp_path):
-  data = _write_kaggle_zip(tmp_path / 'two.zip', setup.val_indices[1:3])
+  data = synthetic_release.write_zip(tmp_path / 'two.zip', setup.val_indices[1:3])
   solution = _write_solution(tmp_path / 'solution.csv', setup.val_indices[1:2])
   missing = f'synthetic_0_{setup.val_indices[2]:05d}'
   _expect_failure(setup, tmp_path, ValueError, f'has no rows for 1 image.* {missing}', data=data,
