@@ -150,8 +150,8 @@ def test_cli_evaluates_validation_split_and_score_cli_agrees(setup, tmp_path):
   scored = _run('score', f'--submission={out / "submission.csv"}', f'--solution={solution}',
                 f'--output={tmp_path / "score.json"}')
   # The image without masks is not in this solution: the submission has an extra id.
-  assert scored.returncode != 0
-  assert f'Error: {out / "submission.csv"} has 1 ImageId(s) that are not in {solution}' in (
+  assert scored.returncode == 1
+  assert f'error: {out / "submission.csv"} has 1 ImageId(s) that are not in {solution}' in (
       scored.stderr)
   assert no_masks in scored.stderr and not (tmp_path / 'score.json').exists()
 

@@ -6,16 +6,18 @@ Prints one JSON object: score, ap_per_threshold (thresholds 0.50..0.95), ap50, f
 num_images, ... (see `official_metric`). Every image of the solution is scored; one missing from
 the submission counts with all its true objects as false negatives (and is listed under
 `missing_from_submission`). A submission image that is not in the solution is an error, as are
-malformed or out-of-range RLEs and overlapping masks (see `rle`).
+malformed or out-of-range RLEs and overlapping masks (see `rle`). Such a user error (and a file
+that cannot be read or written) is one line on stderr, `error: ...`, and exit code 1; --verbose
+shows the traceback.
 """
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
-from unetpp_jax.evaluation import official_metric
+from unetpp_jax import cli
+from unetpp_jax.evaluation import official_metric  # numpy only: no jax, no TensorFlow.
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('submission', None, 'Submission CSV: ImageId,EncodedPixels.')
@@ -29,16 +31,16 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
     result = official_metric.score_files(FLAGS.submission, FLAGS.solution)
-  except (OSError, ValueError) as e:
-    sys.exit(f'Error: {e}')
-  text = json.dumps(result, indent=2)
-  if FLAGS.output:
-    tmp = f'{FLAGS.output}.tmp'
-    with open(tmp, 'w') as f:
-      f.write(text + '\n')
-    os.replace(tmp, FLAGS.output)  # Never leaves a half-written metrics file.
+    text = json.dumps(result, indent=2)
+    if FLAGS.output:
+      tmp = f'{FLAGS.output}.tmp'
+      with open(tmp, 'w') as f:
+        f.write(text + '\n')
+      os.replace(tmp, FLAGS.output)  # Never leaves a half-written metrics file.
+  except (OSError, ValueError) as e:  # Unreadable or invalid CSVs, an unwritable --output.
+    raise cli.UserError(str(e)) from e
   print(text)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
