@@ -80,6 +80,24 @@ def test_cli_rejects_unknown_and_invalid_config_fields(tmp_path):
   assert not (tmp_path / 'checkpoints').exists()
 
 
+def test_cli_mistyped_config_key_is_one_line_with_the_nearest_keys(tmp_path):
+  workdir = tmp_path / 'work'
+  line = error_line(run_main('--config=configs/synthetic.py', f'--workdir={workdir}',
+                             '--config.model.filtres=3', timeout=120))
+  assert line == ('error: --config.model.filtres: config has no key model.filtres; did you mean '
+                  '--config.model.filters?  (--verbose shows the traceback)')
+  # No key is close: the keys of that level are listed instead.
+  line = error_line(run_main('--config=configs/synthetic.py', f'--workdir={workdir}',
+                             '--config.nonsense=1', timeout=120))
+  assert line.startswith('error: --config.nonsense: config has no key nonsense; the keys of config '
+                         'are batch_size, '), line
+  assert 'model, ' in line and 'optimizer, ' in line
+  result = run_main('--config=configs/synthetic.py', f'--workdir={workdir}',
+                    '--config.model.filtres=3', '--verbose', timeout=120)
+  assert result.returncode == 1 and 'Traceback' in result.stderr
+  assert not workdir.exists()
+
+
 def test_cli_user_errors_are_one_line(tmp_path):
   workdir = tmp_path / 'work'
   line = error_line(run_main('--config=configs/synthetc.py', f'--workdir={workdir}', timeout=120))

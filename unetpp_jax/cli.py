@@ -5,9 +5,12 @@ A CLI calls `cli.quiet_native_logs()` before its first `import jax`,
 `cli.run(main)` instead of `absl.app.run(main)`. A user error (a config file that does not exist, a
 value that cannot be parsed, an invalid config, missing or damaged data, ...) is then printed as one
 line, `error: <what, where, how to fix>`, with exit code 1 and no traceback; `--verbose` shows the
-traceback (and the libraries' INFO lines). Errors of other kinds (bugs) keep their traceback.
+traceback (and the libraries' INFO lines). Errors of other kinds (bugs) keep their traceback. A
+mistyped config key (`--config.model.filtres=3`), which ml_collections rejects while the flags are
+parsed, before `main` runs, is reported the same way, with the nearest valid keys.
 """
 
+import difflib
 import importlib.util
 import logging as std_logging
 import os
@@ -19,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
+from ml_collections.config_flags import config_flags as config_flags_lib
 
 flags.DEFINE_bool('verbose', False,
                   'On an error, print the full traceback, not only the one-line message; also '
@@ -130,6 +134,110 @@ def loaded_config(name: str = 'config') -> Any:
   return config
 
 
+def _config_keys(config: Any, prefix: str = '') -> list[str]:
+  """Every key of a ConfigDict, nested ones dotted (`model`, `model.filters`, ...)."""
+  keys = []
+  for key in config.keys():
+    path = f'{prefix}{key}'
+    keys.append(path)
+    value = config[key]
+    if isinstance(value, config_dict.ConfigDict):
+      keys.extend(_config_keys(value, f'{path}.'))
+  return keys
+
+
+def _flag_argument(argv: list[str], name: str) -> str | None:
+  """The value given to --name in argv (`--name=V` or `--name V`; the last one wins)."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if re.fullmatch(rf'--?{re.escape(name)}=.*', arg):
+      value = arg.split('=', 1)[1]
+    elif re.fullmatch(rf'--?{re.escape(name)}', arg) and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _nearest(key: str, keys: list[str]) -> list[str]:
+  """The keys closest to `key` (difflib's ratio at least 0.6), without those far behind the best."""
+  close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+  ratio = lambda k: difflib.SequenceMatcher(None, key, k).ratio()
+  return [k for k in close if ratio(k) >= ratio(close[0]) - 0.1]
+
+
+def unknown_config_key(argv: list[str]) -> str | None:
+  """The message for the first `--<config flag>.key` of argv that names no field of its config,
+  with the nearest valid keys; None when every override names a field (or a config cannot be
+  loaded: its own error then says why)."""
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if not config_flags_lib.is_config_flag(flag):
+      continue
+    overrides = [arg.split('=', 1)[0].split('.', 1)[1] for arg in argv[1:]
+                 if re.match(rf'--?(no)?{re.escape(name)}\.', arg)]
+    if not overrides:
+      continue
+    path = _flag_argument(argv, name)
+    try:
+      config = flag.parser.parse(path) if path is not None else flag.default
+      keys = _config_keys(config)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    for override in overrides:
+      node, parts = config, override.split('.')
+      for depth, part in enumerate(parts):
+        if not isinstance(node, config_dict.ConfigDict):
+          if hasattr(node, part):
+            break  # An attribute of an object value (a dataclass): not a key problem.
+          parent = '.'.join(parts[:depth])
+          return (f'--{name}.{override}: {name}.{parent} is a {type(node).__name__}, not a group '
+                  f'of keys; set it whole, e.g. --{name}.{parent}={_example(node)}')
+        if part in node:
+          node = node[part]
+          continue
+        missing = '.'.join(parts[:depth + 1])
+        close = _nearest(override, keys)
+        if close:
+          hint = 'did you mean ' + ' or '.join(f'--{name}.{k}' for k in close) + '?'
+        else:
+          level = '.'.join(parts[:depth])
+          hint = (f'the keys of {name}{"." + level if level else ""} are '
+                  f'{", ".join(sorted(node.keys()))}.')
+        return f'--{name}.{override}: {name} has no key {missing}; {hint}'
+  return None
+
+
+def _example(value: Any) -> str:
+  """A value as it is written on the command line (tuples without spaces, quoted)."""
+  if isinstance(value, (tuple, list)):
+    return "'(" + ','.join(str(v) for v in value) + ")'"
+  return repr(value)
+
+
+def _verbose_in(argv: list[str]) -> bool:
+  """Whether argv asks for --verbose (flags are not parsed yet when parsing them fails)."""
+  verbose = False
+  for arg in argv[1:]:
+    if re.fullmatch(r'--?verbose(=(true|True|1))?', arg):
+      verbose = True
+    elif re.fullmatch(r'--?noverbose|--?verbose=(false|False|0)', arg):
+      verbose = False
+  return verbose
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistyped config key as a one-line user error."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError):  # What ml_collections raises for an unknown key.
+    message = unknown_config_key(argv)
+    if message is None or _verbose_in(argv):
+      raise
+    sys.stderr.flush()
+    print(one_line(UserError(message)) + '  (--verbose shows the traceback)', file=sys.stderr,
+          flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
   """absl.app.run(main), with user errors as one line on stderr and exit code 1."""
 
@@ -145,4 +253,4 @@ def run(main: Callable[[list[str]], Any]) -> None:
       print(one_line(e) + '  (--verbose shows the traceback)', file=sys.stderr, flush=True)
       sys.exit(EXIT_USER_ERROR)
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)
