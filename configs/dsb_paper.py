@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'tfds' (tf.data over a TFDS builder) or 'npz:PATH' (in-memory, numpy-only pipeline over a file
   # written by `python -m unetpp_jax.export_npz`; needs no tensorflow).
   config.data.source = 'tfds'
-  config.data.dataset = 'dsb2018'  # TFDS builder: 'dsb2018' or 'synthetic_nuclei'.
+  config.data.dataset = 'dsb2018'  # TFDS builder: 'dsb2018', 'dsb2018/fixed' or 'synthetic_nuclei'.
   config.data.tfds_data_dir = ''  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets).
   # Folder holding stage1_train.zip (or the unpacked release); '' = $DSB2018_DIR, else
   # ../shared/data/dsb2018 beside the repository. If nothing is there, the builder downloads it.

