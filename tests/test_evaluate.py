@@ -358,7 +358,7 @@ def test_cli_reports_bad_input_without_traceback(setup, tmp_path):
   result = _run('evaluate', f'--workdir={tmp_path}', f'--data={setup.data}',
                 f'--output={tmp_path / "out"}')
   assert result.returncode == 1
-  assert f'Error: {tmp_path}/config.json not found' in result.stderr
+  assert f'error: {tmp_path}/config.json not found' in result.stderr
   assert 'Traceback' not in result.stderr and not (tmp_path / 'out').exists()
 
 

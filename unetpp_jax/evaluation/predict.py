@@ -42,6 +42,10 @@ class InferenceOptions:
   batch_size: int = 8  # Inputs per network call ('resize' and 'tile').
 
 
+# What the commands (`evaluate`, `segment`) run without flags: test-time flips on.
+DEFAULT_INFERENCE = InferenceOptions(flips=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoint.
 

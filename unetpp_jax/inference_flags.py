@@ -1,0 +1,78 @@
+"""The flags that `python -m unetpp_jax.evaluate` and `python -m unetpp_jax.segment` share.
+
+Which checkpoint (--workdir, --step), how the network runs on native-size images
+(`InferenceOptions`) and how probabilities become nuclei (`InstanceOptions`) are defined here
+once, so both commands predict the same way and take the same defaults: `predict.DEFAULT_INFERENCE`
+(test-time flips on) and `instances.default_options` of the model's number of classes. Import
+after `cli.quiet_native_logs()` (this imports jax).
+"""
+
+import ml_collections
+from absl import flags
+
+from configs import dsb_paper
+from unetpp_jax.evaluation import evaluate, instances, predict
+
+FLAGS = flags.FLAGS
+_INFERENCE = predict.DEFAULT_INFERENCE
+_INSTANCES = instances.InstanceOptions
+
+flags.DEFINE_string('workdir', None, 'Training workdir: config.json and checkpoints/.')
+flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+flags.DEFINE_enum('strategy', _INFERENCE.strategy, predict.STRATEGIES,
+                  'Native-size inference (see unetpp_jax.evaluation.evaluate).')
+flags.DEFINE_enum('mode', _INFERENCE.mode, predict.MODES, 'Final prediction; default '
+                  'config.predict.mode.')
+flags.DEFINE_integer('prune_level', _INFERENCE.prune_level, 'Network pruned to this level (heads '
+                     "1..k); default: config.predict.head for 'fast', the deepest supervised head "
+                     "for 'accurate'.")
+flags.DEFINE_bool('flips', _INFERENCE.flips, 'Average the probabilities over 4 flips (test-time '
+                  'augmentation; --noflips: off, 4x faster).')
+flags.DEFINE_integer('tile_size', _INFERENCE.tile_size, 'Tile size of --strategy=tile.')
+flags.DEFINE_integer('tile_overlap', _INFERENCE.tile_overlap, 'Overlap of neighbouring tiles, in '
+                     'pixels.')
+flags.DEFINE_integer('pad_multiple', _INFERENCE.pad_multiple, 'Images are padded to a multiple of '
+                     'this (--strategy=pad).')
+flags.DEFINE_integer('batch_size', _INFERENCE.batch_size, 'Inputs per network call (resize/tile '
+                     'strategies).')
+flags.DEFINE_enum('instances', _INSTANCES.method, instances.METHODS, 'Split touching nuclei by '
+                  'watershed, or plain connected components.')
+flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Watershed seeds; auto = '
+                  "instances.default_options of the model's num_classes ('distance').")
+flags.DEFINE_float('threshold', None, 'Foreground probability threshold; default: '
+                   "instances.default_options of the model's num_classes (0.5; 0.6 for 3 classes).")
+flags.DEFINE_float('seed_h', _INSTANCES.seed_h, "Minimum dynamic (pixels) of a 'distance' seed.")
+flags.DEFINE_integer('min_size', _INSTANCES.min_size, 'Smallest nucleus kept, in pixels.')
+flags.DEFINE_float('marker_threshold', _INSTANCES.marker_threshold, "'boundary' seeds: threshold "
+                   'of p(nucleus) for the markers; default --threshold.')
+flags.DEFINE_bool('fill_holes', _INSTANCES.fill_holes, 'Fill holes of the foreground mask before '
+                  'splitting it.')
+flags.mark_flag_as_required('workdir')
+
+
+def config_defaults() -> dict:
+  """Values of config fields missing from an older run's config.json: configs/dsb_paper.py's."""
+  return dsb_paper.get_config().to_dict()
+
+
+def load_config() -> ml_collections.ConfigDict:
+  """The training config recorded in --workdir."""
+  return evaluate.load_config(FLAGS.workdir, config_defaults())
+
+
+def inference_options() -> predict.InferenceOptions:
+  return predict.InferenceOptions(
+      strategy=FLAGS.strategy, mode=FLAGS.mode, prune_level=FLAGS.prune_level, flips=FLAGS.flips,
+      tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap, pad_multiple=FLAGS.pad_multiple,
+      batch_size=FLAGS.batch_size)
+
+
+def instance_options(num_classes: int) -> instances.InstanceOptions:
+  """The instance flags; 'auto' seeds and an unset threshold are those of
+  `instances.default_options(num_classes)`."""
+  default = instances.default_options(num_classes)
+  return instances.InstanceOptions(
+      threshold=default.threshold if FLAGS.threshold is None else FLAGS.threshold,
+      method=FLAGS.instances, seeds=default.seeds if FLAGS.seeds == 'auto' else FLAGS.seeds,
+      seed_h=FLAGS.seed_h, min_size=FLAGS.min_size, marker_threshold=FLAGS.marker_threshold,
+      fill_holes=FLAGS.fill_holes)
