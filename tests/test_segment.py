@@ -1,0 +1,230 @@
+"""Segmenting one's own images: PNG, 16-bit and multi-channel TIFF, measurements, reruns, unreadable
+files, and the same nuclei as evaluation for the same image and options."""
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from unetpp_jax import train
+from unetpp_jax.data import release
+from unetpp_jax.data.builders import synthetic_nuclei
+from unetpp_jax.evaluation import evaluate, instances, predict, rle, segment
+
+import synthetic_release
+import test_evaluate  # The tiny model and its in-memory training data.
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _raw16(grey8: np.ndarray) -> np.ndarray:
+  """A 16-bit camera-like image of an 8-bit one: offset, 12-bit range."""
+  return (grey8.astype(np.uint16) * 13 + 400).astype(np.uint16)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """A tiny trained workdir and a folder with an RGB PNG and a 16-bit grey TIFF of synthetic
+  fluorescence nuclei, plus a multi-channel TIFF (nuclei in channel 2) elsewhere."""
+  root = tmp_path_factory.mktemp('segment')
+  # pylint: disable=protected-access
+  config = test_evaluate._tiny_config(root / 'tfds')
+  train.train_and_evaluate(config, root / 'work', input_fn=test_evaluate._input_fn)
+  # pylint: enable=protected-access
+  fluorescence = [i for i in range(40, 80)
+                  if synthetic_nuclei.generate_example(i)['image'].mean() < 100][:2]
+  png_index, tiff_index = fluorescence
+  images = root / 'images'
+  images.mkdir()
+  Image.fromarray(synthetic_nuclei.generate_example(png_index)['image']).save(images / 'a.png')
+  raw = _raw16(synthetic_nuclei.generate_example(tiff_index)['image'][..., 0])
+  tifffile.imwrite(images / 'c.tif', raw)
+  rng = np.random.default_rng(0)
+  channels = rng.integers(0, 3000, size=(4, *raw.shape), dtype=np.uint16)
+  channels[2] = raw
+  (root / 'multi').mkdir()
+  tifffile.imwrite(root / 'multi' / 'm.tif', channels, photometric='minisblack',
+                   metadata={'axes': 'CYX'})
+  return types.SimpleNamespace(root=root, workdir=root / 'work', config=config, images=images,
+                               png_index=png_index, raw=raw)
+
+
+def _run(*args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'unetpp_jax.segment', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def _table(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def _check_labels_and_measurements(labels, rows, summary, intensity):
+  """Label image, nuclei.csv rows and summary.csv row of one image agree with direct measurement."""
+  count = int(labels.max())
+  assert labels.dtype == np.uint16 and count > 0
+  assert sorted(np.unique(labels[labels > 0])) == list(range(1, count + 1))
+  assert [int(r['label']) for r in rows] == list(range(1, count + 1))
+  assert int(summary['num_nuclei']) == count
+  assert (int(summary['height']), int(summary['width'])) == labels.shape
+  areas = []
+  for r in rows:
+    mask = labels == int(r['label'])
+    ys, xs = np.nonzero(mask)
+    areas.append(mask.sum())
+    assert int(r['area']) == mask.sum()
+    assert float(r['centroid_y']) == pytest.approx(ys.mean())
+    assert float(r['centroid_x']) == pytest.approx(xs.mean())
+    assert [int(r[k]) for k in ('bbox_min_y', 'bbox_min_x', 'bbox_max_y', 'bbox_max_x')] == [
+        ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
+    assert float(r['equivalent_diameter']) == pytest.approx(np.sqrt(4 * mask.sum() / np.pi))
+    assert float(r['mean_intensity']) == pytest.approx(intensity[mask].mean())
+    assert float(r['max_intensity']) == pytest.approx(intensity[mask].max())
+    assert 0 <= float(r['eccentricity']) < 1 and 0 < float(r['solidity']) <= 1
+  assert float(summary['median_area']) == pytest.approx(np.median(areas))
+
+
+def test_cli_png_and_16bit_tiff_unreadable_file_rerun_and_evaluate_equality(setup, tmp_path):
+  images = tmp_path / 'images'
+  images.mkdir()
+  for name in ('a.png', 'c.tif'):
+    (images / name).write_bytes((setup.images / name).read_bytes())
+  (images / 'b.png').write_bytes((images / 'a.png').read_bytes()[:200])  # Cut short.
+  out = tmp_path / 'out'
+  result = _run(f'--workdir={setup.workdir}', f'--input={images}', f'--output={out}')
+  assert result.returncode == 1, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and '1 of 3 images could not be used' in errors[0], result.stderr[-3000:]
+  assert str(images / 'b.png') in errors[0] and 'Traceback' not in result.stderr
+  run = json.loads((out / 'run.json').read_text())
+  assert list(run['failed']) == [str(images / 'b.png')]
+  assert run['num_segmented'] == 2 and run['checkpoint_step'] == 40
+  assert run['inference']['flips'] and run['inference']['strategy'] == 'resize'
+  assert run['instances'] == json.loads(json.dumps(
+      dataclasses.asdict(instances.default_options(setup.config.model.num_classes))))
+
+  nuclei, summary = _table(out / 'nuclei.csv'), _table(out / 'summary.csv')
+  assert [s['image'] for s in summary] == ['a', 'c']
+  assert list(nuclei[0]) == list(segment.NUCLEUS_COLUMNS)
+  label_a = tifffile.imread(out / 'labels' / 'a.tif')
+  png = np.asarray(Image.open(images / 'a.png'), np.float64).mean(axis=-1)
+  _check_labels_and_measurements(label_a, [r for r in nuclei if r['image'] == 'a'], summary[0], png)
+  label_c = tifffile.imread(out / 'labels' / 'c.tif')
+  # Intensities of the 16-bit image are its own values, not the 8-bit network input's.
+  _check_labels_and_measurements(label_c, [r for r in nuclei if r['image'] == 'c'], summary[1],
+                                 setup.raw)
+  assert len(nuclei) == label_a.max() + label_c.max() == run['num_nuclei']
+  overlay = np.asarray(Image.open(out / 'overlays' / 'a.png'))
+  assert overlay.shape == (*label_a.shape, 3) and (overlay == (0, 255, 0)).all(-1).any()
+
+  # Evaluation of the same PNG with the same (default) options finds the same nuclei.
+  data = synthetic_release.write_zip(tmp_path / 'a.zip', [setup.png_index])
+  evaluate.evaluate(setup.workdir, data, tmp_path / 'eval', inference=predict.DEFAULT_INFERENCE,
+                    num_overlays=0)
+  (rows,) = rle.read_csv(tmp_path / 'eval' / 'submission.csv', require_shape=False).values()
+  np.testing.assert_array_equal(rows.label_map('submission.csv', label_a.shape), label_a)
+
+  # Rerun once the file is repaired: the two done images are skipped, the tables hold all three.
+  mtime = (out / 'labels' / 'a.tif').stat().st_mtime_ns
+  (images / 'b.png').write_bytes((images / 'a.png').read_bytes())
+  result = _run(f'--workdir={setup.workdir}', f'--input={images}/*.png',
+                f'--input={images / "c.tif"}', f'--output={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = json.loads(result.stdout)
+  assert (printed['num_segmented'], printed['num_skipped'], printed['num_failed']) == (1, 2, 0)
+  assert (out / 'labels' / 'a.tif').stat().st_mtime_ns == mtime
+  assert [s['image'] for s in _table(out / 'summary.csv')] == ['a', 'b', 'c']
+  np.testing.assert_array_equal(tifffile.imread(out / 'labels' / 'b.tif'), label_a)
+  assert len(_table(out / 'nuclei.csv')) == 2 * label_a.max() + label_c.max()
+  assert not [p for p in out.rglob('*') if '.partial-' in p.name]
+
+
+def test_multichannel_tiff_channel_choice(setup, tmp_path):
+  """--channel picks the nuclei's channel: the nuclei of the grey TIFF of that channel. Without
+  it the file is reported and skipped; other options segment it again."""
+  multi = str(setup.root / 'multi' / 'm.tif')
+  report = segment.segment(setup.workdir, [multi], tmp_path / 'none')
+  assert report['num_failed'] == 1 and 'has 4 channels' in report['failed'][multi]
+  assert _table(tmp_path / 'none' / 'summary.csv') == []
+
+  out = tmp_path / 'out'
+  inputs = [multi, str(setup.images / 'c.tif')]
+  report = segment.segment(setup.workdir, inputs, out, channel=2, label_format='png',
+                           parquet=True)
+  assert report['num_segmented'] == 2 and not report['failed']
+  labels = np.asarray(Image.open(out / 'labels' / 'm.png'))
+  np.testing.assert_array_equal(labels, np.asarray(Image.open(out / 'labels' / 'c.png')))
+  nuclei = _table(out / 'nuclei.csv')
+  _check_labels_and_measurements(labels, [r for r in nuclei if r['image'] == 'm'],
+                                 _table(out / 'summary.csv')[0], setup.raw)
+  pyarrow_parquet = pytest.importorskip('pyarrow.parquet')
+  table = pyarrow_parquet.read_table(out / 'nuclei.parquet')
+  assert table.column_names == list(segment.NUCLEUS_COLUMNS) and table.num_rows == len(nuclei)
+
+  again = segment.segment(setup.workdir, inputs, out, channel=2, label_format='png')
+  assert (again['num_segmented'], again['num_skipped']) == (0, 2)
+  assert _table(out / 'nuclei.csv') == nuclei
+  other = segment.segment(setup.workdir, inputs[1:], out, channel=2, label_format='png',
+                          instance_options=instances.InstanceOptions(min_size=1000))
+  assert (other['num_segmented'], other['num_nuclei']) == (1, 0)
+
+
+def test_read_image_conversions(tmp_path):
+  rng = np.random.default_rng(1)
+  rgba = rng.integers(0, 256, size=(20, 30, 4), dtype=np.uint8)
+  Image.fromarray(rgba).save(tmp_path / 'rgba.png')
+  image, intensity = segment.read_image(tmp_path / 'rgba.png')
+  # 8-bit images reach the network as evaluation's reader gives them.
+  np.testing.assert_array_equal(
+      image, release._to_rgb(Image.open(tmp_path / 'rgba.png')))  # pylint: disable=protected-access
+  np.testing.assert_allclose(intensity, rgba[..., :3].mean(-1))
+
+  grey16 = rng.integers(1000, 5000, size=(40, 50), dtype=np.uint16)
+  Image.fromarray(grey16).save(tmp_path / 'grey16.png')
+  image, intensity = segment.read_image(tmp_path / 'grey16.png')
+  low, high = np.percentile(grey16.astype(np.float32), segment.PERCENTILES)
+  expected = np.clip(np.round((grey16 - low) * (255 / (high - low))), 0, 255)
+  np.testing.assert_allclose(image[..., 0], expected, atol=1)
+  assert (image[..., 0] == image[..., 2]).all() and (intensity == grey16).all()
+
+  tifffile.imwrite(tmp_path / 'rgb8.tif', rgba[..., :3])
+  np.testing.assert_array_equal(segment.read_image(tmp_path / 'rgb8.tif')[0], rgba[..., :3])
+  tifffile.imwrite(tmp_path / 'stack.tif', np.zeros((3, 8, 8, 2), np.uint16),
+                   metadata={'axes': 'ZYXC'})
+  for name, match in (('stack.tif', 'stack of axes'), ('empty.png', 'empty file'),
+                      ('rgba.png', r'has 3 channels \(0..2\), not --channel=5')):
+    (tmp_path / 'empty.png').touch()
+    with pytest.raises(ValueError, match=match):
+      segment.read_image(tmp_path / name, channel=5 if name == 'rgba.png' else None)
+
+
+def test_bad_workdir_and_inputs(setup, tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  (empty / 'config.json').write_text((setup.workdir / 'config.json').read_text())
+  with pytest.raises(FileNotFoundError, match=f'No checkpoint in {empty}/checkpoints'):
+    segment.segment(empty, [str(setup.images)], tmp_path / 'out')
+  with pytest.raises(FileNotFoundError, match='matches no PNG, JPEG or TIFF file'):
+    segment.segment(setup.workdir, [str(tmp_path / '*.png')], tmp_path / 'out')
+  (tmp_path / 'x').mkdir()
+  (tmp_path / 'x' / 'a.tif').touch()
+  with pytest.raises(ValueError, match='would both be written as a'):
+    segment.segment(setup.workdir, [str(setup.images), str(tmp_path / 'x' / 'a.tif')],
+                    tmp_path / 'out')
+  result = _run(f'--workdir={setup.workdir}', f'--input={tmp_path}/nothing',
+                f'--output={tmp_path / "out"}')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f'error: --input={tmp_path}/nothing: no such file or folder.')
+  assert 'Traceback' not in result.stderr

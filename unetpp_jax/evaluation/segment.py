@@ -1,0 +1,438 @@
+r"""Segments the user's own microscopy images with a trained model, exactly as evaluation predicts.
+
+The library behind `python -m unetpp_jax.segment` (flags there; docs/segment.md). Loads the
+workdir's config and checkpoint (`predict.load_variables`), predicts every image with
+`predict.Predictor` and turns the final prediction into nuclei with `instances.to_instances`: the
+inference path of `evaluate`, with the same defaults as its command line.
+
+Images: PNG and JPEG (read with Pillow), TIFF (tifffile); 8-bit, 16-bit, 32-bit or float; grey, RGB
+(PNG alpha is dropped) or multi-channel. The network gets the uint8 RGB image evaluation gives it:
+  * 8-bit images pass unchanged (grey replicated into RGB, alpha dropped, as `data.release` reads
+    the DSB2018 PNGs), so the same PNG gives the same nuclei here and in `evaluate`;
+  * other pixel types are mapped to 8 bits per image, linearly, so that the 0.1th and 99.9th
+    percentiles of its pixels (all channels together) become 0 and 255, clipped (`to_uint8`);
+  * `channel` picks one channel of every multi-channel image (RGB included) as a grey image, which
+    images with 2 or more than 3 channels need; a grey image is used as it is.
+Intensities in the nuclei table are the image's own values, before the mapping to 8 bits: the grey
+value, the selected channel's, or the mean of R, G and B.
+
+Outputs in `output`, each file written under a temporary name and renamed once complete:
+  labels/<name>.tif|png  uint16 label image: 0 background, 1..N the nuclei.
+  overlays/<name>.png    the network's input with the nuclei's contours in green.
+  nuclei.csv             one row per nucleus (NUCLEUS_COLUMNS; pixel units, bounding box maxima
+                         exclusive), optionally also nuclei.parquet (needs pyarrow).
+  summary.csv            one row per image (SUMMARY_COLUMNS).
+  run.json               the workdir, checkpoint step, every option, and the files that failed.
+  parts/<name>.csv|json  each image's rows of those tables. An image whose parts record the same
+                         checkpoint, options and input file (size, modification time) is not
+                         segmented again unless `overwrite`; the tables are merged from the
+                         parts, so a rerun's tables still hold every image.
+<name> is the file name without its extension. A file that cannot be read is logged and skipped,
+and listed under 'failed' in run.json; the other images go on.
+"""
+
+import csv
+import dataclasses
+import glob
+import io
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tifffile
+from absl import logging
+from PIL import Image
+from skimage import measure
+
+from unetpp_jax.evaluation import evaluate, instances, predict
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+TIFF_SUFFIXES = ('.tif', '.tiff')
+LABEL_FORMATS = {'tiff': '.tif', 'png': '.png'}
+PERCENTILES = (0.1, 99.9)  # Of an image's pixels, mapped to 0 and 255 (not 8-bit images).
+INTENSITY_MAPPING = ('8-bit images unchanged; others linearly per image, the 0.1th and 99.9th '
+                     'percentiles of their pixels to 0 and 255, clipped')
+
+# Columns of nuclei.csv and the `skimage.measure.regionprops_table` properties they come from.
+_PROPERTIES = {
+    'label': 'label', 'area': 'area', 'centroid_y': 'centroid-0', 'centroid_x': 'centroid-1',
+    'bbox_min_y': 'bbox-0', 'bbox_min_x': 'bbox-1', 'bbox_max_y': 'bbox-2', 'bbox_max_x': 'bbox-3',
+    'equivalent_diameter': 'equivalent_diameter_area', 'eccentricity': 'eccentricity',
+    'solidity': 'solidity', 'mean_intensity': 'intensity_mean', 'max_intensity': 'intensity_max',
+}
+NUCLEUS_COLUMNS = ('image', *_PROPERTIES)
+SUMMARY_COLUMNS = ('image', 'file', 'height', 'width', 'num_nuclei', 'median_area',
+                   'median_equivalent_diameter')
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def find_images(inputs: Sequence[str]) -> list[pathlib.Path]:
+  """The files that `inputs` name, in order and without repeats.
+
+  Each input is a folder (its PNG, JPEG and TIFF files, not those of subfolders), a glob pattern
+  (the matching images; '**' matches subfolders too) or a file (taken whatever its suffix).
+  """
+  found = {}
+  for spec in inputs:
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+      matches = sorted(p for p in path.iterdir() if p.is_file() and _is_image(p))
+    elif path.is_file():
+      matches = [path]
+    elif any(c in spec for c in '*?['):
+      matches = sorted(pathlib.Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                       if os.path.isfile(p) and _is_image(pathlib.Path(p)))
+    else:
+      raise FileNotFoundError(f'--input={spec}: no such file or folder.')
+    if not matches:
+      raise FileNotFoundError(f'--input={spec} matches no PNG, JPEG or TIFF file '
+                              f'({", ".join(IMAGE_SUFFIXES)}).')
+    for p in matches:
+      found.setdefault(p.resolve(), p)
+  return list(found.values())
+
+
+def _is_image(path: pathlib.Path) -> bool:
+  return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def output_names(paths: Sequence[pathlib.Path]) -> list[str]:
+  """Each file's name in the outputs (its name without the suffix); refuses two alike."""
+  seen = {}
+  for path in paths:
+    other = seen.setdefault(path.stem, path)
+    if other != path:
+      raise ValueError(f'{other} and {path} would both be written as {path.stem}: rename one, or '
+                       'segment them into different --output folders.')
+  return [p.stem for p in paths]
+
+
+def read_image(path: str | os.PathLike[str], channel: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(network input uint8 [H, W, 3], intensities [H, W] for the nuclei table) of an image file.
+
+  Raises ValueError (or the decoder's error) for a file that cannot be used.
+  """
+  path = pathlib.Path(path)
+  if path.stat().st_size == 0:
+    raise ValueError('empty file')
+  pixels = _decode_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else _decode_pil(path)
+  if pixels.size == 0:
+    raise ValueError(f'no pixels (shape {pixels.shape})')
+  if pixels.ndim == 3:
+    count = pixels.shape[-1]
+    if channel is not None:
+      if not 0 <= channel < count:
+        raise ValueError(f'has {count} channels (0..{count - 1}), not --channel={channel}')
+      pixels = pixels[..., channel]
+    elif count == 1:
+      pixels = pixels[..., 0]
+    elif count != 3:
+      raise ValueError(f'has {count} channels: choose the nuclear stain with --channel '
+                       f'(0..{count - 1})')
+  intensity = pixels if pixels.ndim == 2 else pixels.mean(axis=-1)
+  image = to_uint8(pixels)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  return image, intensity
+
+
+def _decode_pil(path: pathlib.Path) -> np.ndarray:
+  """[H, W] or [H, W, 3] pixels of a PNG or JPEG; 8-bit ones as `release` converts them to RGB."""
+  with Image.open(path) as image:
+    image.verify()  # Checks the PNG's CRCs and end: load() alone accepts a file cut short.
+  with Image.open(path) as image:
+    image.load()
+    if image.mode in ('L', 'RGB', 'I', 'F') or image.mode.startswith('I;16'):
+      return np.asarray(image)
+    if image.mode == 'RGBA':
+      return np.asarray(image)[..., :3]  # As image.convert('RGB').
+    if image.mode in ('1', 'LA'):
+      return np.asarray(image.convert('L'))
+    return np.asarray(image.convert('RGB'))  # Palette, CMYK, YCbCr, ...
+
+
+def _decode_tiff(path: pathlib.Path) -> np.ndarray:
+  """[H, W] or [H, W, C] pixels of a TIFF's first image series (axes of size 1 dropped)."""
+  with tifffile.TiffFile(path) as tif:
+    series = tif.series[0]
+    pixels, axes = series.asarray(), series.axes
+  keep = [i for i, (a, n) in enumerate(zip(axes, pixels.shape)) if n > 1 or a in 'YX']
+  shape = tuple(pixels.shape[i] for i in keep)
+  pixels, axes = pixels.reshape(shape), ''.join(axes[i] for i in keep)
+  extra = axes.replace('Y', '').replace('X', '')
+  if len(extra) > 1 or (extra and extra not in 'SCQ') or 'Y' not in axes or 'X' not in axes:
+    raise ValueError(f'is a stack of axes {axes} and shape {shape}: give one 2-D image per file '
+                     '(axes YX, or with channels YXS or CYX)')
+  return np.moveaxis(pixels, axes.index(extra), -1) if extra else pixels
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+  """8-bit pixels unchanged; others mapped linearly, per image, so that the PERCENTILES of all
+  its pixels become 0 and 255 (clipped; a constant image becomes 0)."""
+  if pixels.dtype == np.uint8:
+    return pixels
+  if pixels.dtype == bool:
+    return pixels.astype(np.uint8) * 255
+  values = pixels.astype(np.float32)
+  if not np.isfinite(values).any():
+    raise ValueError('no finite pixel value')
+  low, high = np.nanpercentile(np.where(np.isfinite(values), values, np.nan), PERCENTILES)
+  if not high > low:
+    low, high = np.nanmin(values), np.nanmax(values)
+  scale = 255 / (high - low) if high > low else 0.0
+  scaled = np.nan_to_num((values - low) * scale, nan=0.0, posinf=255.0, neginf=0.0)
+  return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements and outputs.
+
+
+def measure_nuclei(name: str, labels: np.ndarray, intensity: np.ndarray) -> list[list[Any]]:
+  """Rows of nuclei.csv (NUCLEUS_COLUMNS) of one image's label map, in label order."""
+  table = measure.regionprops_table(labels, intensity_image=intensity.astype(np.float64),
+                                    properties=('label', 'area', 'centroid', 'bbox',
+                                                'equivalent_diameter_area', 'eccentricity',
+                                                'solidity', 'intensity_mean', 'intensity_max'))
+  columns = [table[p] for p in _PROPERTIES.values()]
+  integral = {'label', 'area', 'bbox_min_y', 'bbox_min_x', 'bbox_max_y', 'bbox_max_x'}
+  kinds = [int if c in integral else float for c in _PROPERTIES]
+  return [[name, *(kind(v) for kind, v in zip(kinds, values))] for values in zip(*columns)]
+
+
+def _summary(name: str, path: pathlib.Path, labels: np.ndarray, rows: list[list[Any]]
+             ) -> dict[str, Any]:
+  area = [r[NUCLEUS_COLUMNS.index('area')] for r in rows]
+  diameter = [r[NUCLEUS_COLUMNS.index('equivalent_diameter')] for r in rows]
+  return {'image': name, 'file': str(path.resolve()), 'height': labels.shape[0],
+          'width': labels.shape[1], 'num_nuclei': len(rows),
+          'median_area': float(np.median(area)) if rows else None,
+          'median_equivalent_diameter': float(np.median(diameter)) if rows else None}
+
+
+def _atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+  """Writes `path` via `write(temporary path)` and a rename: never half a file under its name."""
+  tmp = path.with_name(f'.{path.name}.partial-{os.getpid()}')
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+  _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')
+  writer.writerow(header)
+  writer.writerows(['' if v is None else v for v in row] for row in rows)
+  return buffer.getvalue()
+
+
+def _write_labels(path: pathlib.Path, labels: np.ndarray) -> None:
+  if labels.max(initial=0) > np.iinfo(np.uint16).max:
+    raise ValueError(f'{labels.max()} nuclei do not fit in the uint16 label image {path}.')
+  labels = labels.astype(np.uint16)
+  if path.suffix == '.png':
+    _atomic(path, lambda tmp: Image.fromarray(labels).save(tmp, format='PNG'))
+  else:
+    _atomic(path, lambda tmp: tifffile.imwrite(tmp, labels, compression='zlib'))
+
+
+def _source(path: pathlib.Path) -> dict[str, int]:
+  """What identifies an input file's version: a changed file is segmented again."""
+  stat = path.stat()
+  return {'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+
+
+def _record(output: pathlib.Path, name: str, path: pathlib.Path,
+            settings: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The image's parts record if it holds this image segmented with these settings, else None."""
+  try:
+    record = json.loads((output / 'parts' / f'{name}.json').read_text())
+    current = record['file'] == str(path.resolve()) and record['source'] == _source(path)
+  except (OSError, ValueError, KeyError):
+    return None
+  return record if current and record['settings'] == settings else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run.
+
+
+class _Progress:
+  """Logs images done, rate and ETA: after the first image, then every few seconds."""
+
+  def __init__(self, total: int, every_s: float = 5.0):
+    self.total, self.every_s = total, every_s
+    self.segmented = self.failed = 0
+    self.start = self.last = time.time()
+
+  def update(self, failed: bool = False) -> None:
+    self.failed += failed
+    self.segmented += not failed
+    now = time.time()
+    finished = self.segmented + self.failed == self.total
+    if self.segmented + self.failed > 1 and now - self.last < self.every_s and not finished:
+      return
+    self.last = now
+    rate = self.segmented / (now - self.start)
+    left = self.total - self.segmented - self.failed
+    eta = f'{left / rate:.0f} s' if rate > 0 else '?'
+    logging.info('%d/%d images segmented (%d failed), %.2f images/s, ETA %s.', self.segmented,
+                 self.total, self.failed, rate, eta)
+
+
+def segment(
+    workdir: str | os.PathLike[str],
+    inputs: Sequence[str],
+    output: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    inference: predict.InferenceOptions = predict.DEFAULT_INFERENCE,
+    instance_options: instances.InstanceOptions | None = None,
+    channel: int | None = None,
+    label_format: str = 'tiff',
+    overwrite: bool = False,
+    parquet: bool = False,
+    config_defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """Segments the images of `inputs` with the checkpoint of `workdir` into `output` (see module).
+
+  Args:
+    workdir: Training workdir (config.json, checkpoints/).
+    inputs: Folders, glob patterns or files (`find_images`).
+    output: Folder for the results (created; earlier results there are kept and reused).
+    step: Checkpoint step; None = the newest.
+    inference: How the network runs on native-size images; default: the commands' (flips on).
+    instance_options: Probabilities -> nuclei; None = `instances.default_options` of the model's
+      number of classes.
+    channel: The channel of multi-channel images to segment (0-based); None: RGB or grey.
+    label_format: 'tiff' or 'png' label images.
+    overwrite: Segment again images whose results are already in `output`.
+    parquet: Also write nuclei.parquet (needs pyarrow).
+    config_defaults: Values of config fields missing from an older run's config.json.
+
+  Returns:
+    The contents of run.json; its 'failed' maps each unreadable file to the reason.
+
+  Raises:
+    FileNotFoundError, ValueError: a workdir without config or checkpoint, inputs that match no
+      image, bad options.
+  """
+  start = time.time()
+  if label_format not in LABEL_FORMATS:
+    raise ValueError(f'--label_format must be one of {tuple(LABEL_FORMATS)}, got {label_format!r}.')
+  if parquet:
+    _pyarrow()
+  config = evaluate.load_config(workdir, config_defaults)
+  paths = find_images(inputs)
+  names = output_names(paths)
+  variables, step = predict.load_variables(workdir, config, step)
+  predictor = predict.Predictor(config, variables, inference)
+  if instance_options is None:
+    instance_options = instances.default_options(config.model.num_classes)
+  settings = json.loads(json.dumps({
+      'workdir': str(pathlib.Path(workdir).absolute()), 'checkpoint_step': step,
+      'inference': {**dataclasses.asdict(inference), 'strategy': predictor.strategy,
+                    'mode': predictor.mode, 'prune_level': predictor.level,
+                    'final_heads': predictor.final_heads},
+      'instances': dataclasses.asdict(instance_options), 'channel': channel,
+      'label_format': label_format, 'intensity_to_uint8': INTENSITY_MAPPING}))
+
+  output = pathlib.Path(output)
+  for folder in ('labels', 'overlays', 'parts'):
+    (output / folder).mkdir(parents=True, exist_ok=True)
+  todo = [(path, name) for path, name in zip(paths, names)
+          if overwrite or _record(output, name, path, settings) is None]
+  logging.info('Segmenting %d images (%d of %d already done) with step %d of %s (%s, strategy %s) '
+               'into %s.', len(todo), len(paths) - len(todo), len(paths), step, workdir,
+               predictor.mode, predictor.strategy, output)
+  progress = _Progress(len(todo))
+  failed = {}
+
+  def examples() -> Iterator[dict[str, Any]]:
+    for path, name in todo:
+      try:
+        image, intensity = read_image(path, channel)
+      except Exception as e:  # pylint: disable=broad-except  # Any file the decoders refuse.
+        failed[str(path)] = f'{type(e).__name__}: {e}'
+        logging.warning('Skipping %s: %s.', path, failed[str(path)])
+        progress.update(failed=True)
+        continue
+      yield {'id': name, 'path': path, 'image': image, 'intensity': intensity}
+
+  loop_start = time.time()
+  for example, probs in predictor.predict(examples()):
+    final = probs[-1]
+    labels = instances.to_instances(
+        final[..., 0], final[..., 1] if predictor.channels == 2 else None, instance_options)
+    name, path = example['id'], example['path']
+    rows = measure_nuclei(name, labels, example['intensity'])
+    _write_labels(output / 'labels' / f'{name}{LABEL_FORMATS[label_format]}', labels)
+    picture = evaluate.overlay(example['image'], np.zeros_like(labels), labels)
+    _atomic(output / 'overlays' / f'{name}.png',
+            lambda tmp, p=picture: Image.fromarray(p).save(tmp, format='PNG'))
+    _write_text(output / 'parts' / f'{name}.csv', _csv_text(NUCLEUS_COLUMNS, rows))
+    record = {'file': str(path.resolve()), 'source': _source(path), 'settings': settings,
+              'summary': _summary(name, path, labels, rows)}
+    _write_text(output / 'parts' / f'{name}.json', json.dumps(record, indent=1) + '\n')
+    progress.update()
+  loop_seconds = time.time() - loop_start
+
+  records = [(name, _record(output, name, path, settings)) for path, name in zip(paths, names)
+             if str(path) not in failed]
+  records = [(name, r) for name, r in records if r is not None]
+  num_nuclei = _write_tables(output, records, parquet)
+  report = {
+      **settings, 'inputs': list(inputs), 'output': str(output), 'num_images': len(paths),
+      'num_segmented': progress.segmented,
+      'num_skipped': len(paths) - len(todo), 'num_failed': len(failed), 'failed': failed,
+      'num_nuclei': num_nuclei, 'overwrite': overwrite, 'parquet': parquet,
+      'seconds': round(time.time() - start, 1),
+      'images_per_second': round(progress.segmented / loop_seconds, 3) if progress.segmented
+                           else None,
+  }
+  _write_text(output / 'run.json', json.dumps(report, indent=2) + '\n')
+  return report
+
+
+def _write_tables(output: pathlib.Path, records: Sequence[tuple[str, Mapping[str, Any]]],
+                  parquet: bool) -> int:
+  """nuclei.csv (and .parquet) and summary.csv of the images' parts; returns the nuclei count."""
+  lines = []
+  for name, _ in records:
+    lines += (output / 'parts' / f'{name}.csv').read_text().splitlines(keepends=True)[1:]
+  _write_text(output / 'nuclei.csv', _csv_text(NUCLEUS_COLUMNS, []) + ''.join(lines))
+  summaries = [[r['summary'][c] for c in SUMMARY_COLUMNS] for _, r in records]
+  _write_text(output / 'summary.csv', _csv_text(SUMMARY_COLUMNS, summaries))
+  if parquet:
+    pa, pa_csv, pq = _pyarrow()
+    table = pa_csv.read_csv(output / 'nuclei.csv', convert_options=pa_csv.ConvertOptions(
+        column_types={'image': pa.string()}))
+    _atomic(output / 'nuclei.parquet', lambda tmp: pq.write_table(table, tmp))
+  return len(lines)
+
+
+def _pyarrow() -> tuple[Any, Any, Any]:
+  """pyarrow and its csv and parquet modules; a clear error where it is not installed."""
+  try:
+    import pyarrow  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    from pyarrow import csv as pa_csv  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    from pyarrow import parquet  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  except ImportError as e:
+    raise ValueError('--parquet needs pyarrow (pip install pyarrow); nuclei.csv has the same '
+                     'table.') from e
+  return pyarrow, pa_csv, parquet
