@@ -31,7 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Folder holding stage1_train.zip (or the unpacked release); '' = $DSB2018_DIR, else
   # ../shared/data/dsb2018 beside the repository. If nothing is there, the builder downloads it.
   config.data.manual_dir = ''
-  config.data.val_fraction = 0.2  # Last 20% of the builder's deterministic order is validation.
+  # Validation split: 'grouped' keeps the tiles of each mosaic together and gives every kind of
+  # image (fluorescence sparse / crowded, tissue, brightfield) at least its share
+  # (unetpp_jax/data/splits.py); 'tail' is the last val_fraction of the builder's order.
+  config.data.split = 'grouped'
+  config.data.val_fraction = 0.2  # Share of the images (of each kind) held out for validation.
+  # How often each training image of a kind occurs per epoch (oversampling of rare kinds).
+  config.data.repeats = ml_collections.ConfigDict({
+      'fluorescence_sparse': 1, 'fluorescence_crowded': 1, 'tissue': 1, 'brightfield': 1})
   config.data.image_size = 96  # Training/validation size (square); a multiple of 2**L.
   # 'resize': whole image resized to image_size (the paper). 'crop': random image_size crops at
   # native resolution (validation then uses the central crop).
@@ -56,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.upsample = 'transpose'  # 'transpose' (2x2 stride-2 conv) or 'bilinear'.
   config.model.num_classes = 1  # 1 = binary (sigmoid); >1 = softmax over classes.
   config.model.dtype = 'float32'  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
+  # 'standardize' (RGB, per-image standardisation) or 'grey_invert' (grey, inverted on bright
+  # backgrounds, standardised): see unetpp_jax/models.py INPUT_NORMS.
+  config.model.input_norm = 'standardize'
 
   config.loss = ml_collections.ConfigDict()
   config.loss.bce_weight = 1.0  # Weight of (binary) cross-entropy in each head's loss.

@@ -21,17 +21,18 @@ def data(tmp_path_factory):
   """A prepared synthetic_nuclei data_dir, its exported .npz and the validation ids."""
   root = tmp_path_factory.mktemp('data')
   config = synthetic.get_config()
+  config.data.split = 'tail'  # Sizes below are the tail's: 192 / 48 (the grouped split: test_splits).
   config.data.tfds_data_dir = str(root / 'tfds')
   builder = builders.load_builder(config)
   npz = str(root / 'synthetic.npz')
   tfds_source.export_npz(config, npz)
-  _, (lo, hi) = tfds_source.split_ranges(builder, config.data.val_fraction)
-  return {'tfds_data_dir': config.data.tfds_data_dir, 'npz': npz,
-          'val_ids': tfds_source.read_encoded(builder, lo, hi).ids}
+  _, split = tfds_source.read_split(builder, config)
+  return {'tfds_data_dir': config.data.tfds_data_dir, 'npz': npz, 'val_ids': split.val}
 
 
 def _config(data, source='tfds', **overrides):
   config = synthetic.get_config()
+  config.data.split = 'tail'
   config.data.tfds_data_dir = data['tfds_data_dir']
   config.data.source = 'tfds' if source == 'tfds' else f'npz:{data["npz"]}'
   config.update_from_flattened_dict(overrides)

@@ -25,7 +25,7 @@ def _fake_data(n_train=10, n_val=5, seed=0):
     images[..., 0] = (7 * labels.astype(np.int64)) % 256
     return contract.Examples(np.array([f'{prefix}{i}' for i in range(n)]), images, labels)
   return contract.NpzData(examples(n_train, 'train'), examples(n_val, 'val'), S,
-                                'synthetic_nuclei', 0.2)
+                                'synthetic_nuclei', 0.2, 'grouped')
 
 
 def _config(path, **data_overrides):
@@ -189,10 +189,13 @@ def test_export_npz_cli_round_trip(tmp_path):
   assert os.listdir(output.parent) == [output.name]
   with np.load(output) as f:
     assert set(f.files) == {'train_image', 'train_label', 'train_id', 'val_image', 'val_label',
-                            'val_id', 'image_size', 'dataset', 'val_fraction'}
+                            'val_id', 'image_size', 'dataset', 'val_fraction', 'split'}
   data = contract.load_npz(str(output))
-  assert (data.image_size, data.dataset, data.val_fraction) == (32, 'synthetic_nuclei', 0.25)
-  assert data.train.images.shape == (180, 32, 32, 3) and data.val.labels.shape == (60, 32, 32)
+  assert (data.image_size, data.dataset, data.val_fraction, data.split) == (
+      32, 'synthetic_nuclei', 0.25, 'grouped')
+  # 25% of each kind of image, rounded up per kind (at most 4 kinds).
+  assert len(data.train) + len(data.val) == 240 and 60 <= len(data.val) <= 63
+  assert data.train.images.shape[1:] == (32, 32, 3) and data.val.labels.shape[1:] == (32, 32)
   assert data.train.images.dtype == np.uint8 and data.val.labels.dtype == np.uint16
   ids = np.concatenate([data.train.ids, data.val.ids])
   assert len(set(ids)) == 240 and all(i.startswith('synthetic_0_') for i in ids)

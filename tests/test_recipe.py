@@ -14,7 +14,7 @@ from scipy import ndimage
 from configs import dsb, dsb_cpu, synthetic
 from unetpp_jax import config_validation, losses
 from unetpp_jax import data as data_sources
-from unetpp_jax.data import contract, release_source
+from unetpp_jax.data import contract, release_source, splits
 
 S = 64  # configs/synthetic.py image size.
 
@@ -195,13 +195,26 @@ def _release_config(tmp_path, release_zip, source):
   return config
 
 
-def test_release_source_matches_tfds_and_resumes_exactly(tmp_path_factory, release_zip):
+@pytest.mark.parametrize('split', ['tail', 'grouped'])
+def test_release_source_matches_tfds_and_resumes_exactly(tmp_path_factory, release_zip, split,
+                                                         monkeypatch):
+  monkeypatch.setenv('UNETPP_JAX_SPLIT_CACHE', str(tmp_path_factory.mktemp('split_cache')))
   tmp_path = tmp_path_factory.mktemp('tfds')
-  tfds_input = data_sources.create_input(_release_config(tmp_path, release_zip, 'tfds'),
-                                         start_step=2)
-  config = _release_config(tmp_path, release_zip, 'release')
+
+  def config_of(source):
+    config = _release_config(tmp_path, release_zip, source)
+    config.data.split = split
+    if split == 'grouped':  # Oversampling too: both sources must repeat the same examples.
+      config.data.repeats.update({'tissue': 2, 'brightfield': 3, 'fluorescence_crowded': 2})
+    return config
+  tfds_input = data_sources.create_input(config_of('tfds'), start_step=2)
+  config = config_of('release')
   release_input = data_sources.create_input(config, start_step=2)
-  assert (release_input.num_train, release_input.num_eval) == (16, 4)
+  if split == 'tail':
+    assert (release_input.num_train, release_input.num_eval) == (16, 4)
+  else:  # Each kind's share, rounded up, so at least the tail's 4.
+    assert release_input.num_train + release_input.num_eval == 20
+    assert release_input.num_eval >= 4
   stream = [next(release_input.train_iter) for _ in range(4)]
   for batch in stream:
     other = next(tfds_input.train_iter)
@@ -233,8 +246,8 @@ def test_release_source_needs_crop_and_a_path(release_zip):
 def test_tfds_order_and_split_sizes():
   ids = [f'{i:02d}' for i in range(10)]
   assert sorted(release_source.tfds_order(ids)) == ids and release_source.tfds_order(ids) != ids
-  assert release_source.num_train_examples(670, 0.2) == 536
-  assert release_source.num_train_examples(240, 0.2) == 192
+  assert splits.num_train_examples(670, 0.2) == 536
+  assert splits.num_train_examples(240, 0.2) == 192
 
 
 def test_runs_recorded_before_the_recipe_fields_resume_without_a_config_change():

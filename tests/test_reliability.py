@@ -57,7 +57,7 @@ def _make_npz(path: pathlib.Path, num_train: int = 16) -> None:
   config = synthetic.get_config()
   contract.save_npz(str(path), contract.NpzData(
       examples(num_train, 'train'), examples(4, 'val'), 32, config.data.dataset,
-      config.data.val_fraction))
+      config.data.val_fraction, config.data.split))
 
 
 @pytest.fixture(scope='module')

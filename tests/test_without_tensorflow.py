@@ -71,7 +71,8 @@ def test_train_then_evaluate_without_tensorflow(tmp_path):
   rng = np.random.default_rng(0)
   train, val = _examples(8, 'train', rng), _examples(4, 'val', rng)
   npz = tmp_path / 'tiny.npz'
-  contract.save_npz(str(npz), contract.NpzData(train, val, S, 'synthetic_nuclei', 0.2))
+  contract.save_npz(str(npz), contract.NpzData(train, val, S, 'synthetic_nuclei', 0.2,
+                                                     'grouped'))
   release = tmp_path / 'release'
   _write_release(train.slice(0, 2), release)  # Two training images, which the split leaves out.
   _write_release(val, release)

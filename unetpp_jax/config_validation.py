@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from unetpp_jax import data, models
-from unetpp_jax.data import contract, release
+from unetpp_jax.data import contract, release, splits
 
 # Valid values shown when a tuple flag cannot be parsed.
 _TUPLE_EXAMPLES = {
@@ -27,6 +27,8 @@ _CHOICES = {
     'model.norm': models.NORMS,
     'model.upsample': models.UPSAMPLES,
     'model.dtype': models.DTYPES,
+    'model.input_norm': models.INPUT_NORMS,
+    'data.split': splits.SPLITS,
     'optimizer.name': ('adam', 'adamw', 'sgd'),
     'optimizer.schedule': ('constant', 'cosine'),
     'predict.mode': models.PREDICTION_MODES,
@@ -47,6 +49,9 @@ RESUMABLE_CHANGES = (
 # JSON): a config.json without the field equals a config holding this value.
 ADDED_FIELDS = {
     'data.scale_range': [1.0, 1.0],
+    'data.split': 'tail',
+    **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
+    'model.input_norm': 'standardize',
     'loss.contact_width': 0,
     'loss.class_weights': [],
     'loss.contact_weight': 1.0,
@@ -86,6 +91,11 @@ def validate(config: Any) -> None:
   check(source_error is None, source_error)
   check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')
   check(config.data.jitter >= 0, 'config.data.jitter must be >= 0.')
+  repeats = config.data.get('repeats', {})
+  check(set(repeats) <= set(splits.KINDS) and all(isinstance(r, int) and r >= 1
+                                                  for r in repeats.values()),
+        f'config.data.repeats={dict(repeats)} must map kinds of image {splits.KINDS} to '
+        'integers >= 1.')
 
   if unparsed & {'model.filters', 'loss.deep_supervision_heads', 'loss.head_weights'}:
     # The checks below depend on these; with a value that is not a tuple of numbers they would

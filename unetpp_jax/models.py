@@ -28,6 +28,27 @@ def standardize(images: jax.Array, eps: float = 1e-6) -> jax.Array:
   return (images - mean) / (std + eps)
 
 
+# How the network sees its input [B, H, W, 3] in [0, 1] (config.model.input_norm):
+#   'standardize'  the RGB image, standardised per image;
+#   'grey_invert'  one grey channel (the mean of R, G, B), inverted where the image's median grey
+#                  exceeds 0.5 (a bright background: stained tissue, brightfield), then
+#                  standardised: nuclei are then bright on a dark background in every kind of
+#                  image, as in the fluorescence images that make up most of DSB2018.
+# It is part of the model, so training and every inference path apply it identically.
+INPUT_NORMS = ('standardize', 'grey_invert')
+
+
+def normalize_input(images: jax.Array, input_norm: str) -> jax.Array:
+  """The network's view of float32 `images` [B, H, W, 3] in [0, 1] (see INPUT_NORMS)."""
+  if input_norm == 'grey_invert':
+    grey = jnp.mean(images, axis=-1, keepdims=True)
+    bright = jnp.median(grey, axis=(-3, -2, -1), keepdims=True) > 0.5
+    images = jnp.where(bright, 1.0 - grey, grey)
+  elif input_norm != 'standardize':
+    raise ValueError(f'input_norm must be one of {INPUT_NORMS}, got {input_norm!r}.')
+  return standardize(images)
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2, as a reshape and max.
 
@@ -103,6 +124,7 @@ class UNetPlusPlus(nn.Module):
     skips: 'nested' (U-Net++) or 'plain' (U-Net: one decoder path and head L only).
     dtype: Compute dtype; parameters stay float32 and logits are returned as float32.
     bn_axis_name: pmap axis over which BatchNorm statistics are averaged during training.
+    input_norm: How the input is normalised (one of INPUT_NORMS).
   """
 
   filters: Sequence[int] = (32, 64, 128, 256, 512)
@@ -113,6 +135,7 @@ class UNetPlusPlus(nn.Module):
   skips: str = 'nested'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  input_norm: str = 'standardize'
 
   @property
   def levels(self) -> int:
@@ -154,7 +177,7 @@ class UNetPlusPlus(nn.Module):
           name=f'X{i}_{j}',
       )
 
-    x = standardize(images.astype(jnp.float32)).astype(self.dtype)
+    x = normalize_input(images.astype(jnp.float32), self.input_norm).astype(self.dtype)
     nodes = {(0, 0): block(0, 0)(x, train)}
     for i in range(1, k + 1):
       pooled = max_pool_2x2(nodes[i - 1, 0])
@@ -237,6 +260,7 @@ def create_model(model_config: Any, bn_axis_name: str | None = None) -> UNetPlus
       upsample=model_config.upsample,
       dtype=jnp.dtype(model_config.dtype),
       bn_axis_name=bn_axis_name,
+      input_norm=model_config.get('input_norm', 'standardize'),
   )
 
 

@@ -213,24 +213,33 @@ class TrainSchedule:
   augment: bool
   jitter: float
   scale_range: tuple[float, float] = (1.0, 1.0)
+  # How often each example of the shard occurs in one epoch (oversampling of rare kinds of
+  # image); () = once each.
+  repeats: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.num_examples <= 0:
       raise ValueError(
           f'Process {self.layout.process_index} of {self.layout.process_count} has no training '
           'examples: the training split is smaller than the number of processes.')
+    if self.repeats and (len(self.repeats) != self.num_examples or min(self.repeats) < 1):
+      raise ValueError(f'repeats must hold one count >= 1 for each of the {self.num_examples} '
+                       f'examples, got {len(self.repeats)} counts.')
 
   def step(self, step: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Example indices int64 [b] into the shard and `augment_params` [b] of global step `step`."""
     b = self.layout.per_process_batch
+    # An epoch is a permutation of `pool`: every example, each as often as `repeats` says.
+    pool = (np.repeat(np.arange(self.num_examples), self.repeats) if self.repeats
+            else np.arange(self.num_examples))
     local = step * b + np.arange(b, dtype=np.int64)
-    epochs, offsets = np.divmod(local, self.num_examples)
+    epochs, offsets = np.divmod(local, len(pool))
     indices = np.empty(b, np.int64)
     for epoch in np.unique(epochs):
       rng = np.random.default_rng(
           [self.seed, _PERMUTATION_STREAM, self.layout.process_index, int(epoch)])
       mask = epochs == epoch
-      indices[mask] = rng.permutation(self.num_examples)[offsets[mask]]
+      indices[mask] = pool[rng.permutation(len(pool))[offsets[mask]]]
     positions = step * self.batch_size + self.layout.process_index * b + np.arange(b)
     return indices, augment_params(self.seed, positions, augment=self.augment, jitter=self.jitter,
                                    scale_range=self.scale_range)
@@ -319,6 +328,7 @@ class NpzData:
   image_size: int
   dataset: str
   val_fraction: float
+  split: str = 'tail'  # config.data.split the splits were made by (files without it: 'tail').
 
 
 def save_npz(path: str, data: NpzData) -> None:
@@ -334,7 +344,7 @@ def save_npz(path: str, data: NpzData) -> None:
           train_id=data.train.ids.astype(str),
           val_image=data.val.images, val_label=data.val.labels, val_id=data.val.ids.astype(str),
           image_size=np.int64(data.image_size), dataset=np.str_(data.dataset),
-          val_fraction=np.float64(data.val_fraction))
+          val_fraction=np.float64(data.val_fraction), split=np.str_(data.split))
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -358,6 +368,6 @@ def load_npz(path: str) -> NpzData:
                            f'match {n} examples at image_size {s}')
         return examples
       return NpzData(split('train'), split('val'), int(f['image_size']), str(f['dataset']),
-                     float(f['val_fraction']))
+                     float(f['val_fraction']), str(f['split']) if 'split' in f else 'tail')
   except (OSError, ValueError, KeyError) as e:  # Not a zip, truncated, missing keys, bad shapes.
     raise ValueError(f'{path!r} is not a valid dataset .npz ({e}). {hint}') from e

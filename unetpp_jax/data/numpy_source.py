@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from unetpp_jax import data as sources
-from unetpp_jax.data import contract
+from unetpp_jax.data import contract, splits
 from unetpp_jax.data.contract import Examples, Input, Layout, TrainSchedule
 
 NAME = 'npz'  # Its name in the registry (unetpp_jax.data.SOURCES): 'npz:PATH'.
@@ -72,7 +72,8 @@ def create_input(
       f'{name}: file {got!r}, config {want!r}'
       for name, got, want in (('image_size', data.image_size, config.data.image_size),
                               ('dataset', data.dataset, config.data.dataset),
-                              ('val_fraction', data.val_fraction, config.data.val_fraction))
+                              ('val_fraction', data.val_fraction, config.data.val_fraction),
+                              ('split', data.split, config.data.get('split', 'tail')))
       if got != want]
   if mismatches:
     raise ValueError(f'{path!r} was exported with a different config ({"; ".join(mismatches)}). '
@@ -84,6 +85,10 @@ def create_input(
         "images, so the npz source supports only 'resize'. For native-scale 'crop' training "
         "without TensorFlow use source='release:PATH' (the DSB2018 zip or folder itself), or "
         "source='tfds'.")
+  if splits.oversampled(config):
+    raise ValueError(
+        f'config.data.repeats={dict(config.data.repeats)}: an .npz does not record kinds of '
+        "image, so the npz source cannot oversample them; use source='tfds' or 'release:PATH'.")
   layout = Layout.create(config, process_index, process_count)
   train = data.train.slice(*layout.shard(len(data.train)))
   val = data.val.slice(*layout.shard(len(data.val)))

@@ -2,21 +2,22 @@
 directly with the PIL reader (`release.py`), numpy only: no export step, no TensorFlow.
 
 It reproduces the tfds source's split and batches exactly: examples are ordered as TFDS orders the
-'dsb2018' builder's (by the md5 of 'train' + id, TFDS's stable shuffle), validation is the same
-last `val_fraction`, and training windows come from the same `contract.crop` and
+'dsb2018' builder's (by the md5 of 'train' + id, TFDS's stable shuffle), the split is the same
+(`splits.split_ids`), and training windows come from the same `contract.crop` and
 `numpy_source.augment` with the parameters of `contract.TrainSchedule`. Only
 data.train_preprocess='crop' is supported (the 'resize' mode's antialiased resize is TensorFlow's;
 for it, export an .npz once). Nothing here may import tensorflow.
 """
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from unetpp_jax import data as sources
-from unetpp_jax.data import contract, numpy_source, release
+from unetpp_jax.data import contract, numpy_source, release, splits
 from unetpp_jax.data.contract import Examples, Input, Layout, TrainSchedule
 
 NAME = 'release'  # Its name in the registry (unetpp_jax.data.SOURCES): 'release:PATH'.
@@ -31,12 +32,6 @@ def tfds_order(ids: Sequence[str], split: str = 'train') -> list[str]:
     digest.update(example_id.encode())
     return int(digest.hexdigest(), 16)
   return sorted(ids, key=key)
-
-
-def num_train_examples(num_examples: int, val_fraction: float) -> int:
-  """Size of TFDS's 'train[:p%]' with p = round(100 * (1 - val_fraction)) (as tfds_source)."""
-  p = round(100 * (1 - val_fraction))
-  return int(round(p * num_examples / 100))
 
 
 def _train_batches(images: list[np.ndarray], labels: list[np.ndarray], schedule: TrainSchedule,
@@ -82,12 +77,12 @@ def create_input(
   # builder leaves them out of the prepared split.
   examples = {e['id']: e for e in release.iter_examples(
       path, on_bad_example=config.data.on_bad_example)}
-  order = tfds_order(list(examples))
-  num_train = num_train_examples(len(order), config.data.val_fraction)
+  split = splits.split_ids(config, tfds_order(list(examples)), _fingerprint(path),
+                           lambda: examples.values())
   # This process's shard of each split, as in tfds_source.create_input.
-  train_ids = [order[i] for i in range(*layout.shard(num_train))]
-  val_lo, val_hi = layout.shard(len(order) - num_train)
-  val_ids = order[num_train + val_lo:num_train + val_hi]
+  train_lo, train_hi = layout.shard(len(split.train))
+  train_ids = split.train[train_lo:train_hi]
+  val_ids = split.val[slice(*layout.shard(len(split.val)))]
   size = config.data.image_size
   val = [contract.crop(examples[i]['image'], examples[i]['label'], size, 0.5, 0.5) for i in val_ids]
   val_examples = Examples(
@@ -96,12 +91,20 @@ def create_input(
       np.stack([v[1] for v in val]) if val else np.zeros((0, size, size), np.uint16))
   schedule = TrainSchedule(len(train_ids), config.seed, config.batch_size, layout,
                            config.data.augment, config.data.jitter,
-                           tuple(config.data.get('scale_range', (1.0, 1.0))))
+                           tuple(config.data.get('scale_range', (1.0, 1.0))),
+                           splits.train_repeats(config, train_ids, split.info))
   return Input(
       train_iter=_train_batches([examples[i]['image'] for i in train_ids],
                                 [examples[i]['label'] for i in train_ids], schedule, size,
                                 start_step),
       eval_batches=contract.EvalBatches(val_examples, layout,
-                                        layout.num_eval_batches(len(order) - num_train)),
-      num_train=num_train,
-      num_eval=len(order) - num_train)
+                                        layout.num_eval_batches(len(split.val))),
+      num_train=len(split.train),
+      num_eval=len(split.val))
+
+
+def _fingerprint(path: str) -> str:
+  """What identifies the release's pixels and labels beside their ids (see `splits.describe`)."""
+  size = os.path.getsize(path) if os.path.isfile(path) else 'folder'
+  return f'release:{os.path.basename(os.path.normpath(path))}:{size}'
+

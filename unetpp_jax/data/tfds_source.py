@@ -1,7 +1,8 @@
 """tf.data input pipeline over a TFDS builder ('dsb2018' or 'synthetic_nuclei').
 
-Each process reads its own contiguous shard of the training and validation splits, keeping the
-encoded examples (PNG bytes: tens of MB for DSB2018) in memory; validation, and training in
+Each process reads every encoded example (PNG bytes: tens of MB for DSB2018), splits them
+(`splits.split_ids`: whole mosaics stratified by kind of image, or the stored order's tail) and
+keeps its own contiguous shard of the training and validation splits in memory; validation, and training in
 'resize' mode, are decoded and preprocessed once and then served from memory. Which example and
 which augmentation every step uses comes from `contract.TrainSchedule`, a pure function of
 (config.seed, step), so this source and the numpy one share the same order and augmentation
@@ -9,13 +10,16 @@ parameters, and resuming at a step starts the stream there without decoding anyt
 """
 
 import dataclasses
+import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
-from unetpp_jax.data import builders, contract
+from unetpp_jax.data import builders, contract, splits
 
 PREPROCESS_MODES = contract.PREPROCESS_MODES
 
@@ -30,17 +34,11 @@ class EncodedExamples:
   def __len__(self) -> int:
     return len(self.ids)
 
-
-def split_ranges(builder: tfds.core.DatasetBuilder, val_fraction: float
-                 ) -> tuple[tuple[int, int], tuple[int, int]]:
-  """[lo, hi) example ranges of 'train' used for training and for validation.
-
-  Validation is the last `val_fraction` of TFDS's deterministic order: the split strings
-  'train[:p%]' / 'train[p%:]' with p = round(100 * (1 - val_fraction)).
-  """
-  p = round(100 * (1 - val_fraction))
-  num_train = builder.info.splits[f'train[:{p}%]'].num_examples
-  return (0, num_train), (num_train, builder.info.splits['train'].num_examples)
+  def take(self, ids: Sequence[str]) -> 'EncodedExamples':
+    """The examples with these ids, in this order."""
+    position = {image_id: n for n, image_id in enumerate(self.ids)}
+    rows = np.array([position[i] for i in ids], np.int64)
+    return EncodedExamples(self.ids[rows], self.images[rows], self.labels[rows])
 
 
 def read_encoded(builder: tfds.core.DatasetBuilder, lo: int, hi: int) -> EncodedExamples:
@@ -189,14 +187,16 @@ def create_input_from_examples(
     num_eval: int,
     layout: contract.Layout,
     start_step: int = 0,
+    repeats: tuple[int, ...] = (),
 ) -> contract.Input:
-  """Input over this process's shards `train` and `val` of splits of num_train / num_eval."""
+  """Input over this process's shards `train` and `val` of splits of num_train / num_eval;
+  `repeats`: `contract.TrainSchedule.repeats` of `train`."""
   mode, size = config.data.train_preprocess, config.data.image_size
   if mode not in PREPROCESS_MODES:
     raise ValueError(f'config.data.train_preprocess={mode!r} is not one of {PREPROCESS_MODES}.')
   schedule = contract.TrainSchedule(len(train), config.seed, config.batch_size, layout,
                                     config.data.augment, config.data.jitter,
-                                    tuple(config.data.get('scale_range', (1.0, 1.0))))
+                                    tuple(config.data.get('scale_range', (1.0, 1.0))), repeats)
   source = preprocess(train, mode, size) if mode == 'resize' else train
   return contract.Input(
       train_iter=train_dataset(source, schedule, size=size, start_step=start_step)
@@ -227,13 +227,26 @@ def create_input(
                      "'npz:PATH' is read by numpy_source.")
   layout = contract.Layout.create(config, process_index, process_count)
   builder = builders.load_builder(config)
-  ranges = split_ranges(builder, config.data.val_fraction)
-  # This process's shard of each split: [lo + a, lo + b) with [a, b) = layout.shard(size).
-  train, val = (read_encoded(builder, *(lo + i for i in layout.shard(hi - lo)))
-                for lo, hi in ranges)
+  everything, split = read_split(builder, config)
+  # This process's shard of each split, contiguous in the split's order.
+  train_ids, val_ids = (ids[slice(*layout.shard(len(ids)))] for ids in (split.train, split.val))
   return create_input_from_examples(
-      config, train, val, num_train=ranges[0][1] - ranges[0][0],
-      num_eval=ranges[1][1] - ranges[1][0], layout=layout, start_step=start_step)
+      config, everything.take(train_ids), everything.take(val_ids), num_train=len(split.train),
+      num_eval=len(split.val), layout=layout, start_step=start_step,
+      repeats=splits.train_repeats(config, train_ids, split.info))
+
+
+def read_split(builder: tfds.core.DatasetBuilder, config: Any
+               ) -> tuple[EncodedExamples, splits.Split]:
+  """All examples of 'train' (encoded) and their split into training and validation ids."""
+  everything = read_encoded(builder, 0, builder.info.splits['train'].num_examples)
+
+  def decoded():
+    for image_id, image, label in zip(everything.ids, everything.images, everything.labels):
+      yield {'id': image_id, 'image': np.asarray(Image.open(io.BytesIO(image)).convert('RGB')),
+             'label': np.asarray(Image.open(io.BytesIO(label)))}
+  return everything, splits.split_ids(config, list(everything.ids), builder.info.full_name,
+                                      decoded)
 
 
 def export_npz(config: Any, output: str) -> contract.NpzData:
@@ -243,8 +256,9 @@ def export_npz(config: Any, output: str) -> contract.NpzData:
   """
   builder = builders.load_builder(config)
   size = config.data.image_size
-  train, val = (preprocess(read_encoded(builder, lo, hi), 'resize', size)
-                for lo, hi in split_ranges(builder, config.data.val_fraction))
-  data = contract.NpzData(train, val, size, config.data.dataset, config.data.val_fraction)
+  everything, split = read_split(builder, config)
+  train, val = (preprocess(everything.take(ids), 'resize', size) for ids in (split.train, split.val))
+  data = contract.NpzData(train, val, size, config.data.dataset, config.data.val_fraction,
+                          config.data.get('split', 'tail'))
   contract.save_npz(output, data)
   return data

@@ -120,10 +120,8 @@ def split_ids(config: ml_collections.ConfigDict, split: str) -> list[str]:
   Prepares the dataset if needed (and needs tensorflow); see `workdir_split_ids`.
   """
   from unetpp_jax.data import builders, tfds_source  # pylint: disable=g-import-not-at-top
-  builder = builders.load_builder(config)
-  train_range, val_range = tfds_source.split_ranges(builder, config.data.val_fraction)
-  lo, hi = val_range if split == 'validation' else train_range
-  return list(tfds_source.read_encoded(builder, lo, hi).ids)
+  _, ids = tfds_source.read_split(builders.load_builder(config), config)
+  return ids.val if split == 'validation' else ids.train
 
 
 def select_ids(data: str | os.PathLike[str], wanted: Sequence[str] | None,

@@ -1,0 +1,141 @@
+"""Tests of the validation split: kinds of image, mosaic groups, the grouped split, oversampling,
+and the model's input normalisation that makes the kinds look alike."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from configs import dsb, dsb_paper
+from unetpp_jax import models
+from unetpp_jax.data import contract, splits
+
+
+def _fluorescence(size=(256, 256), seed=0, nuclei=20):
+  """A dark image with `nuclei` bright blobs over smooth texture, and their label map."""
+  rng = np.random.default_rng(seed)
+  h, w = size
+  background = ndimage.gaussian_filter(rng.normal(0, 1, (h, w)), 8)
+  grey = 12 + 40 * (background - background.min()) / np.ptp(background)
+  label = np.zeros((h, w), np.uint16)
+  yy, xx = np.mgrid[:h, :w]
+  for k in range(1, nuclei + 1):
+    cy, cx = rng.integers(4, h - 4), rng.integers(4, w - 4)
+    disk = (yy - cy)**2 + (xx - cx)**2 < rng.integers(4, 30)
+    label[disk & (label == 0)] = k
+  grey = grey + 150 * (label > 0) + rng.normal(0, 2, (h, w))
+  image = np.clip(grey, 0, 255).astype(np.uint8)
+  return np.repeat(image[..., None], 3, axis=-1), label
+
+
+def test_kinds_from_image_statistics():
+  image, label = _fluorescence(nuclei=10)
+  assert splits.image_kind(image, label) == 'fluorescence_sparse'
+  crowded_image, crowded = _fluorescence(nuclei=200)
+  assert len(np.unique(crowded[crowded > 0])) >= splits.CROWDED_NUCLEI
+  assert splits.image_kind(crowded_image, crowded) == 'fluorescence_crowded'
+  brightfield = 255 - image
+  assert splits.image_kind(brightfield, label) == 'brightfield'
+  tissue = brightfield.copy()
+  tissue[..., 1] = tissue[..., 1] // 2  # Purple-pink: green suppressed.
+  assert splits.image_kind(tissue, label) == 'tissue'
+
+
+def test_a_mosaic_cut_into_four_tiles_is_one_group_and_unrelated_images_are_not():
+  original, _ = _fluorescence((512, 512), seed=1, nuclei=60)
+  tiles = {'t00': original[:256, :256], 't01': original[:256, 256:],
+           't10': original[256:, :256], 't11': original[256:, 256:]}
+  others = {f'other{i}': _fluorescence((256, 256), seed=10 + i)[0] for i in range(6)}
+  groups = splits.mosaic_groups({**tiles, **others})
+  assert {groups[t] for t in tiles} == {'t00'}
+  assert sorted(groups[o] for o in others) == sorted(others)  # Each on its own.
+  # A black, flat border matches any other black border: it must not join images.
+  flat = {f'flat{i}': np.zeros((64, 64, 3), np.uint8) for i in range(3)}
+  groups = splits.mosaic_groups(flat)
+  assert sorted(groups.values()) == sorted(flat)
+
+
+def _info(groups_by_kind):
+  """{id: ImageInfo} for {kind: [group sizes]}."""
+  info = {}
+  for kind, sizes in groups_by_kind.items():
+    for g, size in enumerate(sizes):
+      for t in range(size):
+        info[f'{kind}-{g:03d}-{t}'] = splits.ImageInfo(kind, f'{kind}-{g:03d}-0')
+  return info
+
+
+def test_grouped_split_keeps_groups_whole_and_every_kind_at_least_its_share():
+  info = _info({'fluorescence_sparse': [4] * 60 + [1] * 100, 'fluorescence_crowded': [4] * 20,
+                'tissue': [2] * 30 + [1] * 20, 'brightfield': [1] * 9})
+  train, val = splits.grouped_split(info, 0.2)
+  assert sorted(train + val) == sorted(info) and not set(train) & set(val)
+  train_groups = {info[i].group for i in train}
+  assert not any(info[i].group in train_groups for i in val)  # No tile's sibling in training.
+  data_counts = collections.Counter(v.kind for v in info.values())
+  val_counts = splits.kind_counts(val, info)
+  for kind in splits.KINDS:
+    assert val_counts[kind] >= 0.2 * data_counts[kind]
+    assert val_counts[kind] / len(val) >= data_counts[kind] / len(info) - 0.02
+  # Depends on the ids only: the same split again, and in any input order.
+  assert splits.grouped_split(dict(reversed(list(info.items()))), 0.2) == (train, val)
+
+
+def test_describe_is_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv('UNETPP_JAX_SPLIT_CACHE', str(tmp_path))
+  image, label = _fluorescence()
+  examples = [{'id': 'a', 'image': image, 'label': label},
+              {'id': 'b', 'image': 255 - image, 'label': label}]
+  calls = []
+
+  def produce():
+    calls.append(1)
+    return examples
+  first = splits.describe(['a', 'b'], 'test', produce)
+  assert first == {'a': splits.ImageInfo('fluorescence_sparse', 'a'),
+                   'b': splits.ImageInfo('brightfield', 'b')}
+  assert splits.describe(['a', 'b'], 'test', produce) == first and len(calls) == 1
+  splits.describe(['a', 'b'], 'other data', produce)  # Another fingerprint: computed anew.
+  assert len(calls) == 2
+
+
+def test_oversampling_repeats_examples_per_epoch_and_keeps_the_stream_a_pure_function():
+  config = dsb.get_config()
+  info = {'f': splits.ImageInfo('fluorescence_sparse', 'f'), 't': splits.ImageInfo('tissue', 't'),
+          'b': splits.ImageInfo('brightfield', 'b')}
+  repeats = splits.train_repeats(config, ['f', 't', 'b'], info)
+  assert repeats == (1, config.data.repeats.tissue, config.data.repeats.brightfield) == (1, 2, 3)
+  assert splits.train_repeats(dsb_paper.get_config(), ['f', 't', 'b'], info) == ()
+  layout = contract.Layout(0, 1, 1, 6, 6)
+  schedule = contract.TrainSchedule(3, 0, 6, layout, True, 0.0, repeats=repeats)
+  epoch = schedule.step(0)[0]  # One epoch is exactly one batch of 6 here.
+  assert collections.Counter(epoch.tolist()) == {0: 1, 1: 2, 2: 3}
+  np.testing.assert_array_equal(schedule.step(5)[0], schedule.step(5)[0])
+  # Without repeats the stream is what it always was (exact resume of older runs).
+  plain = contract.TrainSchedule(3, 0, 6, layout, True, 0.0)
+  assert sorted(plain.step(0)[0].tolist()) == [0, 0, 1, 1, 2, 2]
+  with pytest.raises(ValueError, match='repeats'):
+    contract.TrainSchedule(3, 0, 6, layout, True, 0.0, repeats=(1, 2))
+
+
+def test_grey_invert_makes_bright_background_images_look_like_fluorescence():
+  image, _ = _fluorescence((64, 64))
+  dark = jnp.asarray(image[None] / 255, jnp.float32)
+  bright = 1.0 - dark  # The same scene on a bright background, nuclei dark.
+  coloured = bright * jnp.array([1.0, 0.6, 0.9])  # Stained-tissue-like tint.
+  norm = lambda x: models.normalize_input(x, 'grey_invert')
+  assert norm(dark).shape == (1, 64, 64, 1)
+  np.testing.assert_allclose(norm(bright), norm(dark), atol=1e-4)
+  # A tint changes the grey levels, not the polarity: nuclei stay bright after normalisation.
+  nuclei = image[..., 0] > 120
+  assert float(norm(coloured)[0, ..., 0][nuclei].mean()) > 1.0
+  np.testing.assert_allclose(models.normalize_input(dark, 'standardize'),
+                             models.standardize(dark))
+  with pytest.raises(ValueError, match='input_norm'):
+    models.normalize_input(dark, 'nope')
+  model = models.UNetPlusPlus(filters=(4, 8), input_norm='grey_invert')
+  variables = model.init(jax.random.key(0), dark)
+  assert variables['params']['X0_0']['Conv_0']['kernel'].shape[-2] == 1  # One grey channel.
