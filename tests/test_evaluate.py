@@ -20,6 +20,7 @@ from unetpp_jax.evaluation import evaluate
 from unetpp_jax.evaluation import instances
 from unetpp_jax.evaluation import official_metric
 from unetpp_jax.evaluation import rle
+from unetpp_jax.data import splits
 from unetpp_jax.data.builders import synthetic_nuclei
 
 import synthetic_release
@@ -33,6 +34,8 @@ def _tiny_config(tfds_dir):
   config = synthetic.get_config()
   config.data.tfds_data_dir = str(tfds_dir)
   config.data.val_fraction = VAL_FRACTION
+  # As older runs, which recorded no validation_ids.json: evaluation finds their tail split.
+  config.data.split = 'tail'
   config.data.image_size = SIZE
   config.model.filters = (8, 16, 32)  # L = 2.
   config.loss.deep_supervision_heads = (1, 2)
@@ -138,6 +141,15 @@ def test_cli_evaluates_validation_split_and_score_cli_agrees(setup, tmp_path):
                                                                           abs=1e-5)
   no_masks = f'synthetic_0_{setup.val_indices[0]:05d}'
   assert next(r for r in per_image if r['id'] == no_masks)['num_true'] == '0'
+  # Per kind of image: a partition of the images, each scored as the mean of its images.
+  per_kind = metrics['per_kind']
+  assert set(per_kind) <= set(splits.KINDS) and set(per_kind) == {r['kind'] for r in per_image}
+  assert sum(v['num_images'] for v in per_kind.values()) == 12
+  for kind, values in per_kind.items():
+    scores = [float(r['score']) for r in per_image if r['kind'] == kind]
+    assert values['num_images'] == len(scores)
+    assert values['score'] == pytest.approx(np.mean(scores), abs=1e-5)
+  assert set(json.loads(result.stdout)['per_kind']) == set(per_kind)  # The printed summary.
   assert len(list((out / 'overlays').glob('*.png'))) == 3
   assert list(out.glob('events.out.tfevents.*'))
   assert not _leftovers(tmp_path)

@@ -37,6 +37,7 @@ flags.DEFINE_integer('num_overlays', 16, 'Images drawn with contours.')
 flags.mark_flags_as_required(['data', 'output'])
 
 SUMMARY_KEYS = ('iou', 'dice', 'iou_per_image', 'dice_per_image', 'score', 'ap50', 'f1_50')
+PER_KIND_KEYS = ('num_images', 'score', 'ap50', 'iou_per_image')
 
 
 def _rounded(value):
@@ -63,7 +64,8 @@ def main(argv):
   summary = {name: {k: round(v[k], 4) for k in SUMMARY_KEYS}
              for name, v in report['predictions'].items()}
   if 'per_kind' in report:
-    summary['per_kind'] = _rounded(report['per_kind'])
+    summary['per_kind'] = {kind: _rounded({k: v[k] for k in PER_KIND_KEYS})
+                           for kind, v in report['per_kind'].items()}
   print(json.dumps({'output': FLAGS.output, 'checkpoint_step': report['checkpoint_step'],
                     'num_images': report['num_images'], 'seconds': report['seconds'],
                     **summary}, indent=2))

@@ -40,6 +40,7 @@ Outputs in `output` (written to a temporary folder beside it, renamed only once 
                   with the scalar metrics as TensorBoard events into `output`.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -57,7 +58,7 @@ from PIL import Image
 from skimage import segmentation
 
 from unetpp_jax import writers
-from unetpp_jax.data import release
+from unetpp_jax.data import release, splits
 from unetpp_jax.evaluation import instances, official_metric, rle
 # Re-exported: callers of `evaluate` pass InferenceOptions and may predict or load themselves.
 from unetpp_jax.evaluation.predict import InferenceOptions, Predictor, load_variables
@@ -211,6 +212,14 @@ class Accumulator:
     }
 
 
+def _kind_summary(rows: Sequence[tuple[float, float, official_metric.ImageResult]]
+                  ) -> dict[str, Any]:
+  """The official metric and mean per-image IoU / Dice of one kind of image's (iou, dice, result)."""
+  return {**official_metric.summarize([r for _, _, r in rows]),
+          'iou_per_image': float(np.mean([iou for iou, _, _ in rows])),
+          'dice_per_image': float(np.mean([dice for _, dice, _ in rows]))}
+
+
 def overlay(image: np.ndarray, true_label: np.ndarray, pred_label: np.ndarray) -> np.ndarray:
   """The image with true contours in red, predicted ones in green (yellow where they coincide)."""
   out = image.copy()
@@ -222,8 +231,8 @@ def overlay(image: np.ndarray, true_label: np.ndarray, pred_label: np.ndarray) -
   return out
 
 
-PER_IMAGE_COLUMNS = ('id', 'height', 'width', 'num_true', 'num_pred', 'tp50', 'fp50', 'fn50',
-                     'iou', 'dice', 'score')
+PER_IMAGE_COLUMNS = ('id', 'kind', 'height', 'width', 'num_true', 'num_pred', 'tp50', 'fp50',
+                     'fn50', 'iou', 'dice', 'score')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +302,7 @@ def evaluate(
     (tmp / 'overlays').mkdir()
     writer = writers.create_default_writer(str(tmp))
     accumulators = {name: Accumulator() for name in predictor.names}
+    by_kind = collections.defaultdict(list)  # kind -> the final prediction's (iou, dice, result).
     submission, per_image = [], []
     any_label = False
     for n, (example, probs) in enumerate(predictor.predict(_examples(data, ids, truth, solution))):
@@ -304,10 +314,12 @@ def evaluate(
             p[..., 0], p[..., 1] if predictor.channels == 2 else None, instance_options)
         iou, dice, result = accumulators[name].add(
             p[..., 0] > instance_options.threshold, true_mask, pred_label, true_label)
-      # The loop leaves the final prediction's values in pred_label, iou, dice and result.
+      # The loop leaves the final prediction's values in p, pred_label, iou, dice and result.
+      kind = splits.image_kind(example['image'], true_label)
+      by_kind[kind].append((iou, dice, result))
       submission.extend(rle.submission_rows(example['id'], pred_label))
       height, width = true_label.shape
-      per_image.append((example['id'], height, width, result.num_true, result.num_pred,
+      per_image.append((example['id'], kind, height, width, result.num_true, result.num_pred,
                         int(result.tp[0]), int(result.fp[0]), int(result.fn[0]),
                         f'{iou:.6f}', f'{dice:.6f}', f'{result.score:.6f}'))
       if example['id'] in overlay_ids:
@@ -327,6 +339,8 @@ def evaluate(
         'iou': final['iou'], 'dice': final['dice'],
         'touching_recall50': final['touching_recall50'],
         'final_prediction': predictor.mode,
+        'per_kind': {kind: _kind_summary(by_kind[kind]) for kind in splits.KINDS
+                     if by_kind[kind]},
         'predictions': results,
         'num_images': len(ids),
         'workdir': str(workdir), 'checkpoint_step': step, 'data': str(data),
