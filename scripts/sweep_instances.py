@@ -11,6 +11,7 @@ connected components. Per-head scores come from `python -m unetpp_jax.evaluate`.
 become the defaults in `unetpp_jax/evaluation/instances.py` (README.md quotes the sweep).
 """
 
+import collections
 import dataclasses
 import json
 import multiprocessing
@@ -26,12 +27,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dsb_paper  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unetpp_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax.data import splits  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unetpp_jax.evaluation import evaluate, instances, predict  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir.')
 flags.DEFINE_string('data', None, 'Kaggle-layout folder or zip holding the validation images.')
 flags.DEFINE_bool('flips', True, 'Flip test-time augmentation.')
+flags.DEFINE_bool('transpose', False, 'Also the transposed image (with flips: 8-way dihedral).')
 flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES, 'Native-size inference.')
 flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
 flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, "Base watershed seeds; auto = "
@@ -50,6 +53,9 @@ GRID = {
     'min_size': (5, 15, 30),
     'fill_holes': (True, False),
 }
+# 'product' seeds (the winners' decoding): seed and extent thresholds together.
+PRODUCT_GRID = [{'seeds': 'product', 'seed_threshold': seed, 'threshold': extent}
+                for seed in (0.5, 0.7, 0.8) for extent in (0.3, 0.4, 0.5)]
 
 
 def main(argv):
@@ -61,16 +67,17 @@ def main(argv):
   ids = ids[:FLAGS.limit] if FLAGS.limit else ids
   variables, step = evaluate.load_variables(FLAGS.workdir, config, FLAGS.step)
   predictor = predict.Predictor(config, variables, predict.InferenceOptions(
-      strategy=FLAGS.strategy, flips=FLAGS.flips))
+      strategy=FLAGS.strategy, flips=FLAGS.flips, transpose=FLAGS.transpose))
   has_boundary = predictor.channels == 2  # A 3-class model.
   final = len(predictor.names) - 1
   key = {'workdir': os.path.abspath(FLAGS.workdir), 'step': step, 'flips': FLAGS.flips,
-         'strategy': predictor.strategy, 'ids': list(ids)}
+         'transpose': FLAGS.transpose, 'strategy': predictor.strategy, 'ids': list(ids)}
   global _STORED
   _STORED = _read_cache(FLAGS.cache, key) if FLAGS.cache else None
   if _STORED is None:
-    _STORED = [  # (true label, final probabilities [H, W, c] as float16)
-        (example['label'].astype(np.int32), probs[final].astype(np.float16))
+    _STORED = [  # (true label, final probabilities [H, W, c] as float16, kind of image)
+        (example['label'].astype(np.int32), probs[final].astype(np.float16),
+         splits.image_kind(example['image'], example['label']))
         for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
     if FLAGS.cache:
       _write_cache(FLAGS.cache, key, _STORED)
@@ -84,7 +91,8 @@ def main(argv):
       continue  # Distance seeds ignore it.
     variants += [{field: v} for v in values if v != getattr(default, field)]
   if has_boundary:  # The other seeds on the same probabilities.
-    variants.append({'seeds': 'distance' if seeds == 'boundary' else 'boundary'})
+    variants += [{'seeds': s} for s in ('distance', 'boundary') if s != seeds]
+  variants += [v for v in PRODUCT_GRID if has_boundary or seeds != 'product']
   variants.append({'method': 'components'})
   options = [dataclasses.replace(default, **v) for v in variants]
   # Fork: the workers share the stored probabilities; one variant per task.
@@ -92,7 +100,7 @@ def main(argv):
     scores = pool.map(_score, options)
   print(json.dumps({
       'checkpoint_step': step, 'num_images': len(_STORED), 'strategy': predictor.strategy,
-      'flips': FLAGS.flips, 'prediction': predictor.names[final],
+      'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'prediction': predictor.names[final],
       'predict_seconds': round(predict_seconds), 'default': str(default),
       'mean_probabilities': _mean_probabilities(config) if has_boundary else None,
       'variants': sorted(({'change': v or 'default', **r} for v, r in zip(variants, scores)),
@@ -110,7 +118,7 @@ def _mean_probabilities(config) -> dict[str, dict[str, float]]:
   target the model has learned."""
   width = max(config.loss.get('contact_width', 0), 2)
   sums = {k: np.zeros(3) for k in ('background', 'interior', 'rim', 'contact band')}
-  for label, probs in _STORED:
+  for label, probs, _ in _STORED:
     instance = jnp.asarray(label[None])
     rim = np.asarray(losses.semantic_target(instance, 3))[0] == 2
     band = np.asarray(losses.contact_band(instance, width))[0] & ~rim
@@ -131,26 +139,31 @@ def _read_cache(path: str, key: dict) -> list | None:
       print(f'{path} holds other predictions (workdir, step, flips, strategy or images differ): '
             'predicting again.', file=sys.stderr)
       return None
-    return [(f[f'label{i}'], f[f'probs{i}']) for i in range(len(key['ids']))]
+    return [(f[f'label{i}'], f[f'probs{i}'], str(f[f'kind{i}'])) for i in range(len(key['ids']))]
 
 
 def _write_cache(path: str, key: dict, stored: list) -> None:
   arrays = {'key': np.asarray(json.dumps(key))}
-  for i, (label, probs) in enumerate(stored):
-    arrays[f'label{i}'], arrays[f'probs{i}'] = label, probs
+  for i, (label, probs, kind) in enumerate(stored):
+    arrays[f'label{i}'], arrays[f'probs{i}'], arrays[f'kind{i}'] = label, probs, np.str_(kind)
   tmp = f'{path}.tmp.npz'
   np.savez(tmp, **arrays)
   os.replace(tmp, path)  # Never a half-written cache.
 
 
 def _score(options: instances.InstanceOptions) -> dict[str, float]:
+  """The official score and more of `options` on the stored predictions, overall and per kind."""
   acc = evaluate.Accumulator()
-  for label, probs in _STORED:
+  by_kind = collections.defaultdict(list)
+  for label, probs, kind in _STORED:
     p = probs.astype(np.float32)
     pred = instances.to_instances(p[..., 0], p[..., 1] if p.shape[-1] == 2 else None, options)
-    acc.add(p[..., 0] > options.threshold, label > 0, pred, label)
-  return {k: round(v, 4) for k, v in acc.summary().items()
-          if k in ('score', 'ap50', 'touching_recall50', 'iou', 'iou_per_image')}
+    _, _, result = acc.add(p[..., 0] > options.threshold, label > 0, pred, label)
+    by_kind[kind].append(result.score)
+  scores = {k: round(v, 4) for k, v in acc.summary().items()
+            if k in ('score', 'ap50', 'touching_recall50', 'iou', 'iou_per_image')}
+  return {**scores, 'per_kind': {k: round(float(np.mean(by_kind[k])), 4)
+                                 for k in splits.KINDS if by_kind[k]}}
 
 
 if __name__ == '__main__':

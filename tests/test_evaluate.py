@@ -241,6 +241,20 @@ def test_flips_make_predictions_flip_equivariant(setup):
   assert 0.05 < probs[-1].mean() < 0.95  # A real prediction, neither empty nor full.
 
 
+def test_transpose_with_flips_makes_predictions_equivariant_to_rotations(setup):
+  variables, _ = evaluate.load_variables(setup.workdir, setup.config)
+  predictor = evaluate.Predictor(setup.config, variables, evaluate.InferenceOptions(
+      strategy='pad', pad_multiple=64, flips=True, transpose=True))
+  image = synthetic_nuclei.generate_example(3)['image'][:64, :64]
+  (_, probs), (_, probs_rotated) = predictor.predict(
+      [{'id': 'a', 'image': image}, {'id': 'b', 'image': np.rot90(image)}])
+  np.testing.assert_allclose(probs_rotated, np.rot90(probs, axes=(1, 2)), atol=1e-5)
+  flips_only = evaluate.Predictor(setup.config, variables, evaluate.InferenceOptions(
+      strategy='pad', pad_multiple=64, flips=True))
+  (_, probs_flips), = flips_only.predict([{'id': 'a', 'image': image}])
+  assert np.abs(probs_flips - probs).max() > 1e-4  # The transposed half changes the average.
+
+
 def _identity_predictor(config, strategy, **kwargs):
   """A Predictor whose 'network' returns the input's first channel as every probability."""
   predictor = evaluate.Predictor(config, None, evaluate.InferenceOptions(strategy=strategy,

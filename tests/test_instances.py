@@ -1,5 +1,7 @@
 """Probabilities -> instances: the watershed splits touching nuclei, components do not."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,27 @@ def test_boundary_seeds_follow_the_predicted_boundary():
   assert label.max() == 2 and label[30, 25] != label[30, 60]
   with pytest.raises(ValueError, match='num_classes=3'):
     instances.to_instances(foreground, None, instances.InstanceOptions(seeds='boundary'))
+
+
+def test_product_seeds_split_at_the_boundary_and_drop_small_seeds():
+  # Two nuclei in one blob, a predicted boundary between them, and a faint rim of foreground
+  # that reaches below the seed threshold but above the extent threshold.
+  core = _disk(30, 30, 13) | _disk(30, 54, 13)
+  foreground = np.where(core, 0.95, np.where(_disk(30, 30, 16) | _disk(30, 54, 16), 0.45, 0.0))
+  boundary = np.zeros_like(foreground)
+  boundary[:, 41:44] = 0.9 * (foreground[:, 41:44] > 0)
+  options = instances.InstanceOptions(seeds='product', threshold=0.4, seed_threshold=0.7)
+  label = instances.to_instances(foreground.astype(np.float32), boundary.astype(np.float32),
+                                 options)
+  assert label.max() == 2 and label[30, 20] != label[30, 64]
+  assert np.array_equal(label > 0, foreground > 0.4)  # The extent comes from the lower threshold.
+  # A seed smaller than min_seed_size seeds nothing: its blob is kept as an unreached piece.
+  tiny = np.where(_disk(10, 85, 2), 0.9, np.where(_disk(10, 85, 6), 0.5, 0.0))
+  small = instances.to_instances(tiny.astype(np.float32), None, dataclasses.replace(
+      options, min_seed_size=50, min_size=1))
+  assert small.max() == 1
+  # 1-class models: seeds from p(foreground) alone.
+  assert instances.to_instances(foreground.astype(np.float32), None, options).max() >= 1
 
 
 def test_rejects_unknown_options():

@@ -64,7 +64,7 @@ def test_old_checkpoint_restores_into_todays_state_and_prediction_variables(tmp_
 def test_old_workdir_resumes(tmp_path):
   workdir = _copy(tmp_path)
   npz = tmp_path / 'old_tiny.npz'
-  test_reliability._make_npz(npz, num_train=8)  # pylint: disable=protected-access
+  test_reliability._make_npz(npz, num_train=8, split='tail')  # pylint: disable=protected-access
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
   before = _full_state(workdir, config)
   config.data.source = f'npz:{npz}'  # The old run's .npz was in /tmp.
@@ -77,3 +77,14 @@ def test_old_workdir_resumes(tmp_path):
   assert int(jax.device_get(state.opt_state[0].count)) == 3
   assert int(jax.device_get(before.opt_state[0].count)) == 2
   assert train.parameter_digest(state.params) != train.parameter_digest(before.params)
+
+
+def test_old_config_gets_the_values_it_ran_with_for_fields_added_since(tmp_path):
+  from configs import dsb  # pylint: disable=g-import-not-at-top
+  config = evaluate.load_config(_copy(tmp_path), dsb.get_config().to_dict())
+  # Not the defaults of today's recipe: the old run split by the tail, on standardised RGB, once
+  # per example.
+  assert config.data.split == 'tail' and dsb.get_config().data.split == 'grouped'
+  assert config.model.input_norm == 'standardize'
+  assert dict(config.data.repeats) == {kind: 1 for kind in dict(dsb.get_config().data.repeats)}
+  assert tuple(config.data.scale_range) == (1.0, 1.0) and config.loss.contact_width == 0

@@ -41,8 +41,9 @@ OVERRIDES = {
 }
 
 
-def _make_npz(path: pathlib.Path, num_train: int = 16) -> None:
-  """Squares on noise at 32x32: `num_train` training and 4 validation examples."""
+def _make_npz(path: pathlib.Path, num_train: int = 16, split: str | None = None) -> None:
+  """Squares on noise at 32x32: `num_train` training and 4 validation examples, recorded as
+  made by `split` (default: configs/synthetic.py's)."""
   rng = np.random.default_rng(0)
 
   def examples(n, prefix):
@@ -57,7 +58,7 @@ def _make_npz(path: pathlib.Path, num_train: int = 16) -> None:
   config = synthetic.get_config()
   contract.save_npz(str(path), contract.NpzData(
       examples(num_train, 'train'), examples(4, 'val'), 32, config.data.dataset,
-      config.data.val_fraction, config.data.split))
+      config.data.val_fraction, split or config.data.split))
 
 
 @pytest.fixture(scope='module')

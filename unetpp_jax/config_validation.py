@@ -58,6 +58,19 @@ ADDED_FIELDS = {
 }
 
 
+def upgrade(stored: Mapping[str, Any]) -> dict[str, Any]:
+  """A config.json of an older run with every field of ADDED_FIELDS it lacks set to the value
+  that reproduces what the run did."""
+  upgraded = json.loads(json.dumps(stored))  # A deep copy.
+  for dotted, value in ADDED_FIELDS.items():
+    *parents, name = dotted.split('.')
+    node = upgraded
+    for key in parents:
+      node = node.setdefault(key, {})
+    node.setdefault(name, value)
+  return upgraded
+
+
 def _get(config: Any, dotted: str) -> Any:
   value = config
   for key in dotted.split('.'):
@@ -84,7 +97,10 @@ def validate(config: Any) -> None:
                     f'--config.{field}="{_TUPLE_EXAMPLES.get(field, "(1,2)")}".')
 
   for field, choices in _CHOICES.items():
-    value = _get(config, field)
+    try:
+      value = _get(config, field)
+    except KeyError:  # A config of an older run: the field did not exist yet.
+      value = ADDED_FIELDS[field]
     check(value in choices, f'config.{field}={value!r} must be one of {choices}.')
 
   source_error = data.source_error(config.data.source)

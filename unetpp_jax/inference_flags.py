@@ -28,6 +28,8 @@ flags.DEFINE_integer('prune_level', _INFERENCE.prune_level, 'Network pruned to t
                      "for 'accurate'.")
 flags.DEFINE_bool('flips', _INFERENCE.flips, 'Average the probabilities over 4 flips (test-time '
                   'augmentation; --noflips: off, 4x faster).')
+flags.DEFINE_bool('transpose', _INFERENCE.transpose, 'Also average over the transposed image: '
+                  'with --flips, the 8 symmetries of the square (flips x rot90; 2x the time).')
 flags.DEFINE_integer('tile_size', _INFERENCE.tile_size, 'Tile size of --strategy=tile.')
 flags.DEFINE_integer('tile_overlap', _INFERENCE.tile_overlap, 'Overlap of neighbouring tiles, in '
                      'pixels.')
@@ -45,6 +47,10 @@ flags.DEFINE_float('seed_h', _INSTANCES.seed_h, "Minimum dynamic (pixels) of a '
 flags.DEFINE_integer('min_size', _INSTANCES.min_size, 'Smallest nucleus kept, in pixels.')
 flags.DEFINE_float('marker_threshold', _INSTANCES.marker_threshold, "'boundary' seeds: threshold "
                    'of p(nucleus) for the markers; default --threshold.')
+flags.DEFINE_float('seed_threshold', _INSTANCES.seed_threshold, "'product' seeds: threshold of "
+                   'p(foreground) * (1 - p(boundary)).')
+flags.DEFINE_integer('min_seed_size', _INSTANCES.min_seed_size, "'product' seeds: smallest seed "
+                     'kept, in pixels.')
 flags.DEFINE_bool('fill_holes', _INSTANCES.fill_holes, 'Fill holes of the foreground mask before '
                   'splitting it.')
 flags.mark_flag_as_required('workdir')
@@ -63,7 +69,7 @@ def load_config() -> ml_collections.ConfigDict:
 def inference_options() -> predict.InferenceOptions:
   return predict.InferenceOptions(
       strategy=FLAGS.strategy, mode=FLAGS.mode, prune_level=FLAGS.prune_level, flips=FLAGS.flips,
-      tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap, pad_multiple=FLAGS.pad_multiple,
+      transpose=FLAGS.transpose, tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap, pad_multiple=FLAGS.pad_multiple,
       batch_size=FLAGS.batch_size)
 
 
@@ -75,4 +81,5 @@ def instance_options(num_classes: int) -> instances.InstanceOptions:
       threshold=default.threshold if FLAGS.threshold is None else FLAGS.threshold,
       method=FLAGS.instances, seeds=default.seeds if FLAGS.seeds == 'auto' else FLAGS.seeds,
       seed_h=FLAGS.seed_h, min_size=FLAGS.min_size, marker_threshold=FLAGS.marker_threshold,
+      seed_threshold=FLAGS.seed_threshold, min_seed_size=FLAGS.min_seed_size,
       fill_holes=FLAGS.fill_holes)

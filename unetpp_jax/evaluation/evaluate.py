@@ -57,7 +57,7 @@ from absl import logging
 from PIL import Image
 from skimage import segmentation
 
-from unetpp_jax import writers
+from unetpp_jax import config_validation, writers
 from unetpp_jax.data import release, splits
 from unetpp_jax.evaluation import instances, official_metric, rle
 # Re-exported: callers of `evaluate` pass InferenceOptions and may predict or load themselves.
@@ -88,7 +88,9 @@ def load_config(workdir: str | os.PathLike[str],
     stored = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f'{path} is not valid JSON: {e}') from e
-  return ml_collections.ConfigDict(_with_defaults(stored, dict(defaults or {})))
+  # Fields added since the run: the values it ran with, then those of `defaults`.
+  return ml_collections.ConfigDict(_with_defaults(config_validation.upgrade(stored),
+                                                  dict(defaults or {})))
 
 
 def _with_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

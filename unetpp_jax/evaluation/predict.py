@@ -36,6 +36,8 @@ class InferenceOptions:
   mode: str | None = None  # 'accurate' | 'fast'; None = config.predict.mode.
   prune_level: int | None = None  # None: config.predict.head ('fast'), else the deepest head.
   flips: bool = False
+  # Also the transposed image: with flips, the 8 symmetries of the square (flips x rot90).
+  transpose: bool = False
   tile_size: int = 256
   tile_overlap: int = 64
   pad_multiple: int = 128
@@ -239,7 +241,16 @@ class Predictor:
     return 2 if self.num_classes == 3 else 1
 
   def _probabilities(self, variables: Any, images: jax.Array) -> jax.Array:
-    """images [B, h, w, 3] -> [P, B, h, w, channels]: heads 1..k, then the final prediction."""
+    """images [B, h, w, 3] -> [P, B, h, w, channels]: heads 1..k, then the final prediction,
+    averaged over the test-time augmentations."""
+    probs = self._flipped_probabilities(variables, images)
+    if self.options.transpose:  # A transposed image's probabilities, transposed back.
+      transposed = self._flipped_probabilities(variables, jnp.swapaxes(images, 1, 2))
+      probs = (probs + jnp.swapaxes(transposed, 2, 3)) / 2
+    return probs
+
+  def _flipped_probabilities(self, variables: Any, images: jax.Array) -> jax.Array:
+    """`_probabilities` without the transposition."""
     batch = images.shape[0]
     if self.options.flips:  # Identity, left-right, up-down, both; undone after the network.
       images = jnp.concatenate([images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]])
