@@ -16,12 +16,12 @@ from configs import dsb
 
 def get_config():
   config = dsb.get_config()
-  # bfloat16 activations and matmuls, float32 parameters, optimizer state and loss: about twice
-  # the float32 images/s of a Hopper GPU at batch 128 (README "Benchmark").
+  # bfloat16 activations and matmuls; float32 parameters, optimizer state and loss (the H200 step
+  # time in bfloat16 is in docs/benchmark.md, "Accelerators").
   config.model.dtype = 'bfloat16'
-  # Global batch (split over all devices): 64 crops of 256x256 are 7 times the pixels of the 128
-  # 96x96 images that kept an H200 busy in the paper setting; on several devices keep it a multiple
-  # of the device count.
+  # Global batch (split over all devices): 64 crops of 256x256 hold about 3.6 times the pixels of
+  # the 128 images of 96x96 that kept an H200 busy in the paper setting (a crop has 7 times the
+  # pixels of such an image); on several devices keep it a multiple of the device count.
   config.batch_size = 64
   config.eval_batch_size = 64
   # Learning rate scaled from the recipe's 1e-3 at batch 16 by the square root of the batch ratio

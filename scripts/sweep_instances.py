@@ -8,7 +8,8 @@ set), keeps the final prediction's probabilities, then prints as JSON its offici
 default `InstanceOptions` and with one option at a time changed to each value of `GRID` (a full
 grid costs too many watersheds on a CPU), plus the other watershed seeds (3-class models) and plain
 connected components. Per-head scores come from `python -m unetpp_jax.evaluate`. The chosen values
-become the defaults in `unetpp_jax/evaluation/instances.py` (README.md quotes the sweep).
+become the defaults in `unetpp_jax/evaluation/instances.py` (docs/results.md quotes the sweep;
+docs/evaluation.md describes the options).
 """
 
 import collections

@@ -1,4 +1,4 @@
-"""A run that fails or stops before its first step leaves the workdir as it found it (issue 14)."""
+"""A run that fails or stops before its first step leaves the workdir as it found it."""
 
 import os
 import signal

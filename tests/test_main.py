@@ -23,8 +23,8 @@ def run_main(*args, cwd=REPO, timeout=600):
   )
 
 
-# Lines that drowned the progress lines (issue 14): TensorFlow's and XLA's start-up notices, JAX's
-# platform probing, Orbax's INFO lines.
+# Library lines that must not appear among the progress lines: TensorFlow's and XLA's start-up
+# notices, JAX's platform probing, Orbax's INFO lines.
 _NOISE = ('oneDNN custom operations', 'absl::InitializeLog', "Unable to initialize backend 'tpu'",
           'CheckpointManager', 'orbax', 'GeneratorDataset')
 

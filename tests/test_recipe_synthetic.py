@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
     metrics[num_classes] = evaluate.evaluate(workdir, data, root / f'eval{num_classes}',
                                              split='validation', instance_options=options,
                                              num_overlays=0)
-  for num_classes, m in metrics.items():  # Shown by pytest -s (README quotes them).
+  for num_classes, m in metrics.items():  # Shown by pytest -s (docs/results.md quotes them).
     print(f'{num_classes} classes: touching_recall50 {m["touching_recall50"]:.3f}, official '
           f'score {m["score"]:.3f}, IoU {m["iou"]:.3f}')
   return types.SimpleNamespace(one=metrics[1], three=metrics[3])
@@ -68,6 +68,6 @@ def test_both_models_learned_the_nuclei(runs):
 def test_contact_aware_model_separates_touching_nuclei_better_than_one_class(runs):
   # Each model is scored with the instances its classes allow: markers grown over p(boundary) for
   # 3 classes, the distance-transform watershed (the 1-class default) for 1. The measured gap
-  # (README "The recipe") is about three times the margin asserted.
+  # (docs/results.md, "The recipe") is about three times the margin asserted.
   three, one = runs.three['touching_recall50'], runs.one['touching_recall50']
   assert three >= one + 0.05, (three, one)

@@ -16,8 +16,9 @@ import test_reliability
 from test_reliability import npz, processes  # pylint: disable=unused-import  # fixtures
 
 SIGNALS = 10
-# The grace period README asks schedulers to allow is larger; this bound leaves room for a busy
-# 2-core CI machine (a step of this tiny model plus its save take well under a second there).
+# The grace period docs/operations.md asks schedulers to allow is larger; this bound leaves room
+# for a busy 2-core CI machine (a step of this tiny model plus its save take well under a second
+# there).
 BOUND_S = 10.0
 
 _CODE = """

@@ -5,8 +5,8 @@ r"""Exports a dataset's training/validation splits, resized, to an .npz for the 
 
 The file holds un-augmented uint8 images [N, S, S, 3] and uint16 instance labels [N, S, S] at
 config.data.image_size (image bilinear with antialiasing, label nearest), the ids, and the
-image_size, dataset and val_fraction it was made with (the numpy source checks them against its
-config). Training then needs neither tensorflow nor TFDS.
+image_size, dataset, val_fraction and split it was made with (the numpy source checks them against
+its config). Training then needs neither tensorflow nor TFDS.
 """
 
 from absl import app

@@ -38,8 +38,8 @@ def use_cpu_cores_as_devices(*batch_sizes: int, devices: int | None = None) -> i
 
   XLA:CPU runs each convolution on one thread, so a single CPU device keeps about one core busy.
   With one device per core, pmap runs the per-device shards side by side (BatchNorm statistics and
-  gradients are still averaged over the whole batch; README "Benchmark" has the speed-up). The
-  accelerator backends are unaffected.
+  gradients are still averaged over the whole batch; docs/benchmark.md, "CPU throughput", has the
+  speed-up). The accelerator backends are unaffected.
 
   Args:
     *batch_sizes: Global batch sizes that every device count must divide.

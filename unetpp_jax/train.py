@@ -5,7 +5,7 @@ dropout RNG of a step is fold_in(seed, step) and the input stream is a pure func
 (config, step), so a restarted run continues with exactly the batches and randomness an
 uninterrupted run would have used.
 
-Failures (see README.md, "Resuming and failures"):
+Failures (see docs/operations.md, "Resuming and failures"):
 - SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and written, and
   `Interrupted` is raised (main exits with 128 + the signal number). A second signal stops at once.
 - SIGKILL: Orbax writes each checkpoint to a temporary folder renamed when complete, so a restart

@@ -10,7 +10,7 @@ recorded in W/validation_ids.json (for older workdirs, the last `data.val_fracti
 builder's order, which prepares the dataset).
 
 Native-size inference (`InferenceOptions.strategy`; every strategy compiles the network for very
-few shapes; see `predict` and, for how they compare, README.md):
+few shapes; see `predict` and, for how they compare, docs/evaluation.md):
   resize  each image is resized to the training size (config.data.image_size, bilinear with
           antialiasing, as the training pipeline) and the probabilities are resized back
           (bilinear). One compiled shape; the nuclei have the scale the model was trained on.

@@ -21,8 +21,8 @@
 3. Instances smaller than `min_size` pixels are dropped (they are mostly noise and each would be a
    false positive), and the rest renumbered 1..N.
 
-The defaults were chosen on the DSB2018 validation split; the scores behind them are in README.md
-("Evaluation as the DSB2018 leaderboard scores it").
+The defaults were chosen on the DSB2018 validation split; the scores behind them are in
+docs/results.md, and docs/evaluation.md lists them.
 """
 
 import dataclasses
@@ -58,9 +58,10 @@ class InstanceOptions:
 
 def default_options(num_classes: int) -> InstanceOptions:
   """The options `evaluate` uses for a model with `num_classes` outputs, chosen on the DSB2018
-  validation split (README.md: "Evaluation as the DSB2018 leaderboard scores it" for 1 class,
-  "The recipe" for 3). For the recipe's 3-class CPU run the distance watershed of p(foreground)
-  beat the boundary markers and threshold 0.6 beat 0.5 (scripts/sweep_instances.py)."""
+  validation split (docs/results.md: "The paper's setting on a CPU" for 1 class, "The recipe" for
+  3; docs/evaluation.md lists them). For the recipe's 3-class CPU run the distance watershed of
+  p(foreground) beat the boundary markers and threshold 0.6 beat 0.5 (scripts/sweep_instances.py).
+  """
   if num_classes == 3:
     return InstanceOptions(seeds='distance', threshold=0.6)
   return InstanceOptions()
