@@ -38,9 +38,10 @@ flags.DEFINE_bool('flips', True, 'Flip test-time augmentation.')
 flags.DEFINE_bool('transpose', False, 'Also the transposed image (with flips: 8-way dihedral).')
 flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES, 'Native-size inference.')
 flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
-flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, "Base watershed seeds; auto = "
-                  "'boundary' for 3-class models.")
-flags.DEFINE_float('threshold', instances.InstanceOptions.threshold, 'Base foreground threshold.')
+flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Base watershed seeds; auto = '
+                  "instances.default_options of the model's num_classes (as evaluate).")
+flags.DEFINE_float('threshold', None, 'Base foreground threshold; default: '
+                   "instances.default_options of the model's num_classes (as evaluate).")
 flags.DEFINE_integer('processes', 2, 'Scoring processes.')
 flags.DEFINE_integer('limit', 0, 'Only the first N validation images (a quick check); 0 = all.')
 flags.DEFINE_string('cache', None, 'Optional .npz of the predictions: read if it exists (and was '
@@ -84,8 +85,11 @@ def main(argv):
       _write_cache(FLAGS.cache, key, _STORED)
   predict_seconds = time.time() - start
 
-  seeds = FLAGS.seeds if FLAGS.seeds != 'auto' else 'boundary' if has_boundary else 'distance'
-  default = instances.InstanceOptions(seeds=seeds, threshold=FLAGS.threshold)
+  default = instances.default_options(config.model.num_classes)
+  seeds = default.seeds if FLAGS.seeds == 'auto' else FLAGS.seeds
+  default = dataclasses.replace(
+      default, seeds=seeds, threshold=default.threshold if FLAGS.threshold is None
+      else FLAGS.threshold)
   variants = [{}]
   for field, values in GRID.items():
     if field == 'marker_threshold' and seeds != 'boundary':
