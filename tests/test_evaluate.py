@@ -416,3 +416,25 @@ def test_native_size_inference_reproduces_training_size_predictions(setup):
       # a different order (differences up to ~1e-4).
       np.testing.assert_allclose(probs[:-1, y:y + SIZE, x:x + SIZE, 0],
                                  training_size(image[y:y + SIZE, x:x + SIZE]), atol=3e-4)
+
+
+def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  cache = tmp_path / 'predictions.npz'
+  command = [sys.executable, 'scripts/sweep_instances.py', f'--workdir={setup.workdir}',
+             f'--data={setup.data}', '--limit=3', '--noflips', f'--cache={cache}']
+  results = []
+  for _ in range(2):
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results.append(json.loads(result.stdout))
+  first, second = results
+  assert first['num_images'] == 3 and first['default'] == str(instances.default_options(1))
+  changes = [v['change'] for v in first['variants']]
+  assert 'default' in changes and {'method': 'components'} in changes
+  assert sum(isinstance(c, dict) and c.get('seeds') == 'product' for c in changes) == 9
+  for variant in first['variants']:
+    assert 0 <= variant['score'] <= 1 and set(variant['per_kind']) <= set(splits.KINDS)
+  assert cache.is_file() and second['variants'] == first['variants']  # From the cache.
