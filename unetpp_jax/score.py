@@ -12,11 +12,10 @@ shows the traceback.
 """
 
 import json
-import os
 
 from absl import app, flags
 
-from unetpp_jax import cli
+from unetpp_jax import atomic, cli
 from unetpp_jax.evaluation import official_metric  # numpy only: no jax, no TensorFlow.
 
 FLAGS = flags.FLAGS
@@ -33,10 +32,7 @@ def main(argv):
     result = official_metric.score_files(FLAGS.submission, FLAGS.solution)
     text = json.dumps(result, indent=2)
     if FLAGS.output:
-      tmp = f'{FLAGS.output}.tmp'
-      with open(tmp, 'w') as f:
-        f.write(text + '\n')
-      os.replace(tmp, FLAGS.output)  # Never leaves a half-written metrics file.
+      atomic.write_atomically(FLAGS.output, text + '\n')  # Never a half-written metrics file.
   except (OSError, ValueError) as e:  # Unreadable or invalid CSVs, an unwritable --output.
     raise cli.UserError(str(e)) from e
   print(text)

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from unetpp_jax import atomic
+
 # Distinguishes the random streams derived from config.seed.
 _PERMUTATION_STREAM = 1
 _AUGMENT_STREAM = 2
@@ -335,8 +337,8 @@ def save_npz(path: str, data: NpzData) -> None:
   """Writes `data` to `path` atomically (a temporary file, then a rename)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
+
+  def write(tmp):
     with open(tmp, 'wb') as f:  # A file object: np.savez would append '.npz' to a name.
       np.savez_compressed(
           f,
@@ -345,10 +347,7 @@ def save_npz(path: str, data: NpzData) -> None:
           val_image=data.val.images, val_label=data.val.labels, val_id=data.val.ids.astype(str),
           image_size=np.int64(data.image_size), dataset=np.str_(data.dataset),
           val_fraction=np.float64(data.val_fraction), split=np.str_(data.split))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic.write_via(path, write)
 
 
 def load_npz(path: str) -> NpzData:

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from unetpp_jax import atomic
+
 KINDS = ('fluorescence_sparse', 'fluorescence_crowded', 'tissue', 'brightfield')
 SPLITS = ('grouped', 'tail')  # config.data.split: see `split_ids` and the sources.
 
@@ -183,9 +185,7 @@ def describe(ids: Sequence[str], fingerprint: str,
     raise ValueError(f'{len(missing)} id(s) were not among the examples, e.g. {missing[0]}.')
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(json.dumps({i: dataclasses.asdict(v) for i, v in info.items()}))
-    os.replace(tmp, path)
+    atomic.write_atomically(path, json.dumps({i: dataclasses.asdict(v) for i, v in info.items()}))
   except OSError:
     pass  # A read-only home only costs the recomputation next time.
   return info

@@ -39,7 +39,7 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ from absl import logging
 from PIL import Image
 from skimage import measure
 
+from unetpp_jax import atomic
 from unetpp_jax.evaluation import evaluate, instances, predict
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
@@ -218,19 +219,8 @@ def _summary(name: str, path: pathlib.Path, labels: np.ndarray, rows: list[list[
           'median_equivalent_diameter': float(np.median(diameter)) if rows else None}
 
 
-def _atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-  """Writes `path` via `write(temporary path)` and a rename: never half a file under its name."""
-  tmp = path.with_name(f'.{path.name}.partial-{os.getpid()}')
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-
-
 def _write_text(path: pathlib.Path, text: str) -> None:
-  _atomic(path, lambda tmp: tmp.write_text(text))
+  atomic.write_atomically(path, text)
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -246,9 +236,9 @@ def _write_labels(path: pathlib.Path, labels: np.ndarray) -> None:
     raise ValueError(f'{labels.max()} nuclei do not fit in the uint16 label image {path}.')
   labels = labels.astype(np.uint16)
   if path.suffix == '.png':
-    _atomic(path, lambda tmp: Image.fromarray(labels).save(tmp, format='PNG'))
+    atomic.write_via(path, lambda tmp: Image.fromarray(labels).save(tmp, format='PNG'))
   else:
-    _atomic(path, lambda tmp: tifffile.imwrite(tmp, labels, compression='zlib'))
+    atomic.write_via(path, lambda tmp: tifffile.imwrite(tmp, labels, compression='zlib'))
 
 
 def _source(path: pathlib.Path) -> dict[str, int]:
@@ -383,8 +373,8 @@ def segment(
     rows = measure_nuclei(name, labels, example['intensity'])
     _write_labels(output / 'labels' / f'{name}{LABEL_FORMATS[label_format]}', labels)
     picture = evaluate.overlay(example['image'], np.zeros_like(labels), labels)
-    _atomic(output / 'overlays' / f'{name}.png',
-            lambda tmp, p=picture: Image.fromarray(p).save(tmp, format='PNG'))
+    atomic.write_via(output / 'overlays' / f'{name}.png',
+                     lambda tmp, p=picture: Image.fromarray(p).save(tmp, format='PNG'))
     _write_text(output / 'parts' / f'{name}.csv', _csv_text(NUCLEUS_COLUMNS, rows))
     record = {'file': str(path.resolve()), 'source': _source(path), 'settings': settings,
               'summary': _summary(name, path, labels, rows)}
@@ -422,7 +412,7 @@ def _write_tables(output: pathlib.Path, records: Sequence[tuple[str, Mapping[str
     pa, pa_csv, pq = _pyarrow()
     table = pa_csv.read_csv(output / 'nuclei.csv', convert_options=pa_csv.ConvertOptions(
         column_types={'image': pa.string()}))
-    _atomic(output / 'nuclei.parquet', lambda tmp: pq.write_table(table, tmp))
+    atomic.write_via(output / 'nuclei.parquet', lambda tmp: pq.write_table(table, tmp))
   return len(lines)
 
 
