@@ -46,7 +46,7 @@ RESUMABLE_CHANGES = (
 )
 
 # Fields added after runs were recorded, with the value that reproduces what those runs did (as
-# JSON): a config.json without the field equals a config holding this value.
+# JSON): a stored config without the field equals a config holding this value.
 ADDED_FIELDS = {
     'data.scale_range': [1.0, 1.0],
     'data.split': 'tail',
@@ -59,8 +59,8 @@ ADDED_FIELDS = {
 
 
 def upgrade(stored: Mapping[str, Any]) -> dict[str, Any]:
-  """A config.json of an older run with every field of ADDED_FIELDS it lacks set to the value
-  that reproduces what the run did."""
+  """A stored config of an older run (see `workdir`) with every field of ADDED_FIELDS it lacks
+  set to the value that reproduces what the run did."""
   upgraded = json.loads(json.dumps(stored))  # A deep copy.
   for dotted, value in ADDED_FIELDS.items():
     *parents, name = dotted.split('.')
@@ -246,16 +246,16 @@ def config_changes(stored: Mapping[str, Any], config: Any) -> list[str]:
   """'field: old -> new' for each field outside RESUMABLE_CHANGES that differs.
 
   Args:
-    stored: a config as saved in a workdir's config.json.
+    stored: a config as a workdir stores it (fields added since are taken as `upgrade` fills them).
     config: the new config (a ConfigDict).
   """
-  old = _flatten(stored)
+  old = _flatten(upgrade(stored))
   new = _flatten(json.loads(config.to_json_best_effort()))  # Compared as JSON, like `stored`.
   changes = []
   for key in sorted(old.keys() | new.keys()):
     if any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES):
       continue
-    before, after = old.get(key, ADDED_FIELDS.get(key, _ABSENT)), new.get(key, _ABSENT)
+    before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
     if before != after:
       show = lambda v: '(absent)' if v is _ABSENT else repr(v)
       changes.append(f'{key}: {show(before)} -> {show(after)}')

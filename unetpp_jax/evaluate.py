@@ -6,7 +6,7 @@ r"""Evaluates a trained U-Net++ as the DSB2018 leaderboard does: full-size image
 
 The command line of `unetpp_jax.evaluation.evaluate` (which documents the strategies, predictions
 and outputs); the inference and instance flags are `unetpp_jax.inference_flags`, shared with
-`unetpp_jax.segment`. Fields missing from an older run's config.json take configs/dsb_paper.py's
+`unetpp_jax.segment`. Fields missing from an older run's config take configs/dsb_paper.py's
 values. A user error (a workdir without config or checkpoint, missing or damaged data, a bad
 solution CSV) is one line on stderr, `error: ...`, and exit code 1; --verbose shows the traceback.
 """

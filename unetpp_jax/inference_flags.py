@@ -17,7 +17,8 @@ FLAGS = flags.FLAGS
 _INFERENCE = predict.DEFAULT_INFERENCE
 _INSTANCES = instances.InstanceOptions
 
-flags.DEFINE_string('workdir', None, 'Training workdir: config.json and checkpoints/.')
+flags.DEFINE_string('workdir', None, 'Training workdir (--workdir of unetpp_jax.main): its '
+                    'config and checkpoints.')
 flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
 flags.DEFINE_enum('strategy', _INFERENCE.strategy, predict.STRATEGIES,
                   'Native-size inference (see unetpp_jax.evaluation.evaluate).')
@@ -57,7 +58,7 @@ flags.mark_flag_as_required('workdir')
 
 
 def config_defaults() -> dict:
-  """Values of config fields missing from an older run's config.json: configs/dsb_paper.py's."""
+  """Values of config fields missing from an older run's config: configs/dsb_paper.py's."""
   return dsb_paper.get_config().to_dict()
 
 

@@ -1,13 +1,13 @@
 r"""Evaluates a trained U-Net++ as the DSB2018 leaderboard does: full-size images, instances, score.
 
-The library behind `python -m unetpp_jax.evaluate` (flags there). Loads W/config.json and the
-newest checkpoint in W/checkpoints (or `step`), predicts every image of `data` (a Kaggle-layout
-folder or zip, read by `unetpp_jax.data.release`) at its native size (`predict`), turns the
-probabilities into nuclei (`instances`) and scores them (`official_metric`). Labels come from the
-masks in `data`, or from a solution CSV (run-length encoded, see `rle`), which then takes
-precedence. split='validation' keeps only the images that training held out: the ids training
-recorded in W/validation_ids.json (for older workdirs, the last `data.val_fraction` of the TFDS
-builder's order, which prepares the dataset).
+The library behind `python -m unetpp_jax.evaluate` (flags there). Loads the config and the
+newest checkpoint (or `step`) of a training workdir (`unetpp_jax.workdir`), predicts every image
+of `data` (a Kaggle-layout folder or zip, read by `unetpp_jax.data.release`) at its native size
+(`predict`), turns the probabilities into nuclei (`instances`) and scores them
+(`official_metric`). Labels come from the masks in `data`, or from a solution CSV (run-length
+encoded, see `rle`), which then takes precedence. split='validation' keeps only the images that
+training held out: the ids training recorded in the workdir (for older workdirs, the last
+`data.val_fraction` of the TFDS builder's order, which prepares the dataset).
 
 Native-size inference (`InferenceOptions.strategy`; every strategy compiles the network for very
 few shapes; see `predict` and, for how they compare, docs/evaluation.md):
@@ -57,14 +57,14 @@ from absl import logging
 from PIL import Image
 from skimage import segmentation
 
-from unetpp_jax import config_validation, writers
+from unetpp_jax import writers
 from unetpp_jax.data import release, splits
 from unetpp_jax.evaluation import instances, official_metric, rle
 # Re-exported: callers of `evaluate` pass InferenceOptions and may predict or load themselves.
 from unetpp_jax.evaluation.predict import InferenceOptions, Predictor, load_variables
+from unetpp_jax.workdir import Workdir
 
 SPLITS = ('all', 'train', 'validation')
-VALIDATION_IDS = 'validation_ids.json'  # Written into the workdir by training.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,44 +73,16 @@ VALIDATION_IDS = 'validation_ids.json'  # Written into the workdir by training.
 
 def load_config(workdir: str | os.PathLike[str],
                 defaults: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """The training config stored in workdir/config.json.
-
-  Args:
-    workdir: a training workdir.
-    defaults: a full config (e.g. configs/dsb.py's, as the evaluate command passes): fields
-      added to the configs after that run was started take these values.
-  """
-  path = pathlib.Path(workdir) / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(f'{path} not found: --workdir must be a training workdir '
-                            '(python -m unetpp_jax.main writes config.json there).')
-  try:
-    stored = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON: {e}') from e
-  # Fields added since the run: the values it ran with, then those of `defaults`.
-  return ml_collections.ConfigDict(_with_defaults(config_validation.upgrade(stored),
-                                                  dict(defaults or {})))
-
-
-def _with_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-  merged = dict(values)
-  for key, default in defaults.items():
-    if key not in merged:
-      merged[key] = default
-    elif isinstance(default, dict) and isinstance(merged[key], dict):
-      merged[key] = _with_defaults(merged[key], default)
-  return merged
+  """The training run's config (`Workdir.read_config`; `defaults` fill fields it lacks)."""
+  return Workdir(workdir).read_config(defaults)
 
 
 def workdir_split_ids(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
                       split: str) -> list[str]:
   """Ids of the run's 'validation' split as training recorded them in the workdir; for 'train',
   or workdirs of runs older than that record, from the TFDS builder (`split_ids`)."""
-  path = pathlib.Path(workdir) / VALIDATION_IDS
-  if split == 'validation' and path.is_file():
-    return list(json.loads(path.read_text()))
-  return split_ids(config, split)
+  recorded = Workdir(workdir).validation_ids() if split == 'validation' else None
+  return split_ids(config, split) if recorded is None else recorded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +229,7 @@ def evaluate(
   """Evaluates the checkpoint of `workdir` on the images of `data`; writes `output` (see module).
 
   Args:
-    workdir: Training workdir (config.json, checkpoints/).
+    workdir: Training workdir (see `unetpp_jax.workdir`).
     data: Kaggle-layout folder or zip.
     output: Folder for the results; replaced only once everything has been written.
     solution: Optional solution CSV providing the labels instead of the masks in `data`.
@@ -267,7 +239,7 @@ def evaluate(
     instance_options: Probabilities -> instances; None = `instances.default_options` of the
       model's number of classes.
     num_overlays: Number of images (evenly spread over the sorted ids) drawn with contours.
-    config_defaults: Values of config fields missing from an older run's config.json.
+    config_defaults: Values of config fields missing from an older run's config.
 
   Returns:
     The contents of metrics.json.

@@ -11,7 +11,6 @@ The model standardises each input, so in 'tile' mode the statistics are those of
 import collections
 import dataclasses
 import os
-import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -19,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 
 from unetpp_jax import models
 from unetpp_jax.heads import Heads
+from unetpp_jax.workdir import Workdir
 
 STRATEGIES = ('auto', 'resize', 'pad', 'tile')
 MODES = models.PREDICTION_MODES
@@ -59,33 +58,11 @@ def load_variables(workdir: str | os.PathLike[str], config: ml_collections.Confi
   Only these two entries of the saved train state are read (the optimizer state is not), into
   the structure of `models.create_model(config.model)`'s variables.
   """
-  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
-  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
-    raise FileNotFoundError(f'No checkpoint in {directory}: train first (python -m '
-                            'unetpp_jax.main) or pass the workdir of a trained model.')
-  # Read-only: a training run may still be writing to (and pruning) this folder.
-  mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  try:
-    available = list(mngr.all_steps())
-    step = mngr.latest_step() if step is None else step
-    if step not in available:
-      raise FileNotFoundError(f'No checkpoint of step {step} in {directory} (found '
-                              f'{sorted(available)}).')
-    size = config.data.image_size
-    shapes = jax.eval_shape(models.create_model(config.model).init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-    # The train state is saved by train.save_checkpoint under Orbax's default item name.
-    item = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
-    restored = ocp.PyTreeCheckpointer().restore(
-        directory / str(step) / 'default',
-        args=ocp.args.PyTreeRestore(
-            item=item, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                                 item),
-            partial_restore=True))
-  finally:
-    mngr.close()
-  return {'params': restored['params'], 'batch_stats': restored['batch_stats']}, int(step)
+  size = config.data.image_size
+  shapes = jax.eval_shape(models.create_model(config.model).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  like = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+  return Workdir(workdir).restore_variables(like, step)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ def segment(
   """Segments the images of `inputs` with the checkpoint of `workdir` into `output` (see module).
 
   Args:
-    workdir: Training workdir (config.json, checkpoints/).
+    workdir: Training workdir (see `unetpp_jax.workdir`).
     inputs: Folders, glob patterns or files (`find_images`).
     output: Folder for the results (created; earlier results there are kept and reused).
     step: Checkpoint step; None = the newest.
@@ -313,7 +313,7 @@ def segment(
     label_format: 'tiff' or 'png' label images.
     overwrite: Segment again images whose results are already in `output`.
     parquet: Also write nuclei.parquet (needs pyarrow).
-    config_defaults: Values of config fields missing from an older run's config.json.
+    config_defaults: Values of config fields missing from an older run's config.
 
   Returns:
     The contents of run.json; its 'failed' maps each unreadable file to the reason.

@@ -42,10 +42,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from unetpp_jax import models, train
+from unetpp_jax import atomic, models, train
 from unetpp_jax.evaluation import evaluate
 from unetpp_jax.heads import Heads
 from unetpp_jax.study import throughput
+from unetpp_jax.workdir import Workdir
 
 METRICS = ('iou', 'iou_per_image', 'dice', 'dice_per_image')
 OFFICIAL = ('score', 'ap50')
@@ -79,10 +80,10 @@ def _train_and_score(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                      data: str | None) -> dict[str, Any]:
   """Trains one arm (resuming), then scores its predictions: {prediction: {metric: value}}."""
   train.train_and_evaluate(config, workdir)
-  stored = json.loads((workdir / 'eval_metrics.json').read_text())
+  stored = Workdir(workdir).eval_metrics()
   if stored['step'] != config.num_train_steps:
-    raise RuntimeError(f'{workdir}/eval_metrics.json is from step {stored["step"]}, not the last '
-                       f'step {config.num_train_steps}.')
+    raise RuntimeError(f'The evaluation recorded in {workdir} is from step {stored["step"]}, not '
+                       f'the last step {config.num_train_steps}.')
   model = models.create_model(config.model)
   heads = Heads.from_config(config)
   # 'accurate' is a distinct prediction only when several heads are supervised.
@@ -141,12 +142,12 @@ def run_study(
     if result_path.exists() and json.loads(result_path.read_text())['config'] == stored_config:
       status[name] = 'done before'
     else:
-      steps_done = _latest_step(arm_dir)
+      steps_done = Workdir(arm_dir).latest_step() or 0
       status[name] = f'resumed from step {steps_done}' if steps_done else 'trained'
       logging.info('[%d/%d] %s: %s (heads %s)...', n + 1, len(configs), name,
                    'resuming' if steps_done else 'training', config.loss.deep_supervision_heads)
       scores = _train_and_score(config, arm_dir, data)
-      train.write_atomically(
+      atomic.write_atomically(
           result_path, json.dumps({'config': stored_config, 'scores': scores}, indent=2))
     scores = json.loads(result_path.read_text())['scores']
 
@@ -156,7 +157,7 @@ def run_study(
       logging.info('Measuring the inference cost of %s...', model_name)
       level_list = range(1, levels + 1) if model.skips == 'nested' else [levels]
       cost[model_name] = _costs(config, level_list, bench_batch, bench_steps)
-      train.write_atomically(cost_path, json.dumps(cost, indent=2))
+      atomic.write_atomically(cost_path, json.dumps(cost, indent=2))
     heads = tuple(config.loss.deep_supervision_heads)
     for prediction, values in scores.items():
       level = max(heads) if prediction == 'accurate' else int(prediction.removeprefix('head'))
@@ -169,24 +170,16 @@ def run_study(
   results = dict(arms=arms, seeds=seeds, data=data, status=status, rows=rows, summary=summary,
                  cost=cost, base_config=json.loads(base.to_json_best_effort()),
                  command=' '.join(sys.argv))
-  train.write_atomically(workdir / 'results.json', json.dumps(results, indent=2))
+  atomic.write_atomically(workdir / 'results.json', json.dumps(results, indent=2))
   table = io.StringIO()
   writer = csv.DictWriter(table, COLUMNS)
   writer.writeheader()
   writer.writerows(rows)
-  train.write_atomically(workdir / 'results.csv', table.getvalue())
-  train.write_atomically(workdir / 'results.md', markdown_table(summary, len(seeds)))
+  atomic.write_atomically(workdir / 'results.csv', table.getvalue())
+  atomic.write_atomically(workdir / 'results.md', markdown_table(summary, len(seeds)))
   plot(summary, workdir, levels)
   logging.info('Study results in %s: %s', workdir, status)
   return results
-
-
-def _latest_step(arm_dir: pathlib.Path) -> int:
-  """The newest checkpoint's step in an arm's workdir (Orbax names step folders by number)."""
-  checkpoints = arm_dir / 'checkpoints'
-  if not checkpoints.is_dir():
-    return 0
-  return max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=0)
 
 
 def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
