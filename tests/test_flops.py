@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from unetpp_jax import models, train
+from unetpp_jax import models, steps
 from unetpp_jax.heads import Heads
 from unetpp_jax.study import flops
 import test_train
@@ -17,11 +17,11 @@ def test_train_step_flops_match_xla_cpu_cost_analysis():
   config = test_train.tiny_config()
   # Channel counts large enough that convolutions dominate, as in any real configuration.
   config.model.filters = (16, 32, 64, 128)
-  model = models.create_model(config.model, bn_axis_name=train.AXIS)
-  state = flax.jax_utils.replicate(train.create_train_state(config, jax.random.key(0), model))
-  step = jax.pmap(functools.partial(train.train_step, dropout_rng=jax.random.key(1),
+  model = models.create_model(config.model, bn_axis_name=steps.AXIS)
+  state = flax.jax_utils.replicate(steps.create_train_state(config, jax.random.key(0), model))
+  step = jax.pmap(functools.partial(steps.train_step, dropout_rng=jax.random.key(1),
                                     heads=Heads.from_config(config)),
-                  axis_name=train.AXIS)
+                  axis_name=steps.AXIS)
   batch = test_train._batch(0, config, jax.local_device_count())  # pylint: disable=protected-access
   counted = flops.count_flops(step, state, batch)
   cost = step.lower(state, batch).compile().cost_analysis()
@@ -32,7 +32,7 @@ def test_train_step_flops_match_xla_cpu_cost_analysis():
   # The forward pass alone is about a third of a train step (backward: two convs per conv).
   forward = flops.count_flops(
       jax.pmap(lambda s, x: s.apply_fn({'params': s.params, 'batch_stats': s.batch_stats}, x),
-               axis_name=train.AXIS), state, batch['image'])
+               axis_name=steps.AXIS), state, batch['image'])
   assert 0.25 < forward / counted < 0.4
 
 

@@ -21,8 +21,9 @@ import pytest
 
 import summaries
 from configs import synthetic
-from unetpp_jax import models, train
+from unetpp_jax import checkpointing, models, steps, train
 from unetpp_jax.evaluation import evaluate
+from unetpp_jax.workdir import Workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 420
@@ -113,12 +114,13 @@ def test_two_processes_match_one_process_and_share_checkpoints(tmp_path):
   config.data.tfds_data_dir = str(data_dir)
   assert json.loads((job / 'validation_ids.json').read_text()) == evaluate.split_ids(
       config, 'validation')
-  template = train.create_train_state(config, jax.random.key(0), models.create_model(config.model))
-  mngr = train.checkpoint_manager(job)
+  template = steps.create_train_state(config, jax.random.key(0), models.create_model(config.model))
+  mngr = Workdir(job).checkpoint_manager()
   assert mngr.latest_step() == 4
-  restored = train.restore_or_initialize(mngr, template)
+  restored = checkpointing.restore_or_initialize(mngr, template)
   assert int(restored.step) == 4
   assert train.parameter_digest(restored.params) == digests[0]
-  reference_state = train.restore_or_initialize(train.checkpoint_manager(reference), template)
+  reference_state = checkpointing.restore_or_initialize(Workdir(reference).checkpoint_manager(),
+                                                        template)
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(reference_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

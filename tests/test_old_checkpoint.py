@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from unetpp_jax import models, train
+from unetpp_jax import models, steps, train
 from unetpp_jax.evaluation import evaluate
 
 import test_reliability
@@ -34,9 +34,9 @@ def _copy(tmp_path: pathlib.Path) -> pathlib.Path:
   return workdir
 
 
-def _full_state(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> train.TrainState:
+def _full_state(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> steps.TrainState:
   """The whole saved train state, restored into today's TrainState structure."""
-  template = train.create_train_state(config, jax.random.key(0), models.create_model(config.model))
+  template = steps.create_train_state(config, jax.random.key(0), models.create_model(config.model))
   mngr = ocp.CheckpointManager(workdir / 'checkpoints',
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   try:
@@ -57,7 +57,7 @@ def test_old_checkpoint_restores_into_todays_state_and_prediction_variables(tmp_
       {'params': state.params, 'batch_stats': state.batch_stats})):
     np.testing.assert_array_equal(got, want)
   # Trained: the parameters are not those of a fresh initialisation.
-  fresh = train.create_train_state(config, jax.random.key(0), models.create_model(config.model))
+  fresh = steps.create_train_state(config, jax.random.key(0), models.create_model(config.model))
   assert train.parameter_digest(state.params) != train.parameter_digest(fresh.params)
 
 

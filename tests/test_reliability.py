@@ -20,8 +20,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import synthetic
-from unetpp_jax import config_validation, train
+from unetpp_jax import checkpointing, config_validation, steps, train
 from unetpp_jax.data import contract, numpy_source
+from unetpp_jax.workdir import Workdir
 import summaries
 import test_train
 
@@ -152,15 +153,15 @@ def _steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
 
 
-def _restore(workdir: pathlib.Path, step: int, like: train.TrainState) -> train.TrainState:
-  mngr = train.checkpoint_manager(workdir)
+def _restore(workdir: pathlib.Path, step: int, like: steps.TrainState) -> steps.TrainState:
+  mngr = Workdir(workdir).checkpoint_manager()
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(like))
   finally:
     mngr.close()
 
 
-def _assert_same_state(a: train.TrainState, b: train.TrainState) -> None:
+def _assert_same_state(a: steps.TrainState, b: steps.TrainState) -> None:
   assert int(a.step) == int(b.step)
   test_train._assert_trees_equal((a.params, a.batch_stats, a.opt_state),
                                  (b.params, b.batch_stats, b.opt_state))
@@ -243,7 +244,7 @@ def test_interrupted_every_way_then_resumed_equals_an_uninterrupted_run(
 
 def test_second_signal_stops_at_once_and_handlers_are_restored():
   before = signal.getsignal(signal.SIGTERM)
-  with train._StopRequest() as stop:
+  with checkpointing.StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.01)  # The handler runs in the main thread at the next bytecode boundary.
     assert stop.signum == signal.SIGTERM

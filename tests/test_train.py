@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from unetpp_jax import config_validation, models, train, writers
+from unetpp_jax import config_validation, models, steps, train, writers
+from unetpp_jax.data.background import BackgroundInput
 from unetpp_jax.heads import Heads
 
 
@@ -96,14 +97,14 @@ def test_training_reduces_loss(tmp_path):
   config.num_train_steps = 30
   config.eval_every_steps = 30
   config.optimizer.learning_rate = 1e-2
-  model = models.create_model(config.model, bn_axis_name=train.AXIS)
-  state = train.create_train_state(config, jax.random.key(0), model)
+  model = models.create_model(config.model, bn_axis_name=steps.AXIS)
+  state = steps.create_train_state(config, jax.random.key(0), model)
   data = array_input_fn(config, 0)
-  p_eval = jax.pmap(functools.partial(train.eval_step, heads=Heads.from_config(config)),
-                    axis_name=train.AXIS)
-  before = train.evaluate(p_eval, flax.jax_utils.replicate(state), data.eval_batches)
+  p_eval = jax.pmap(functools.partial(steps.eval_step, heads=Heads.from_config(config)),
+                    axis_name=steps.AXIS)
+  before = steps.evaluate(p_eval, flax.jax_utils.replicate(state), data.eval_batches)
   trained = train.train_and_evaluate(config, tmp_path, array_input_fn)
-  after = train.evaluate(p_eval, flax.jax_utils.replicate(trained), data.eval_batches)
+  after = steps.evaluate(p_eval, flax.jax_utils.replicate(trained), data.eval_batches)
   assert after['eval/loss'] < 0.7 * before['eval/loss']
   assert after['eval/iou/head3'] > before['eval/iou/head3'] + 0.2
 
@@ -113,15 +114,15 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
   assert jax.local_device_count() == 2
   config = tiny_config()
   config.model.dropout_rate = 0.0
-  model = models.create_model(config.model, bn_axis_name=train.AXIS)
-  state = train.create_train_state(config, jax.random.key(0), model)
-  step = functools.partial(train.train_step, dropout_rng=jax.random.key(1),
+  model = models.create_model(config.model, bn_axis_name=steps.AXIS)
+  state = steps.create_train_state(config, jax.random.key(0), model)
+  step = functools.partial(steps.train_step, dropout_rng=jax.random.key(1),
                            heads=Heads.from_config(config))
   batch = _batch(0, config, devices=2)
   as_one = jax.tree.map(lambda x: x.reshape(1, -1, *x.shape[2:]), batch)
 
   def run(devices, batch):
-    p_step = jax.pmap(step, axis_name=train.AXIS, devices=jax.devices()[:devices])
+    p_step = jax.pmap(step, axis_name=steps.AXIS, devices=jax.devices()[:devices])
     new_state, m, _ = p_step(flax.jax_utils.replicate(state, jax.devices()[:devices]), batch)
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     return first(new_state), first(m)
@@ -198,15 +199,15 @@ def test_background_input_keeps_order_raises_source_errors_and_stops():
       yield {'x': np.full((jax.local_device_count(), 2), i, np.float32)}
     raise OSError('disk gone')
 
-  batches = train.BackgroundInput(source(), size=2)
+  batches = BackgroundInput(source(), size=2)
   got = [int(next(batches)['x'][0, 0]) for _ in range(5)]
   assert got == [0, 1, 2, 3, 4]
   with pytest.raises(OSError, match='disk gone'):
     next(batches)
   batches.close()
 
-  endless = train.BackgroundInput(({'x': np.zeros((jax.local_device_count(), 1))}
-                                   for _ in iter(int, 1)), size=2)
+  endless = BackgroundInput(({'x': np.zeros((jax.local_device_count(), 1))}
+                             for _ in iter(int, 1)), size=2)
   assert next(endless)['x'].sharding.device_set == set(jax.local_devices())
   endless.close()  # Its producer is blocked on the full queue: close must still end it.
   assert not endless._thread.is_alive()  # pylint: disable=protected-access

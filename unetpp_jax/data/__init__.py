@@ -6,6 +6,7 @@
   release_source 'release:PATH': numpy only, the Kaggle-layout zip/folder read directly (crops)
   builders      the TFDS builders 'dsb2018' and 'synthetic_nuclei'
   release       the reader of the Kaggle-layout release (folders or zip; PIL only)
+  background    `BackgroundInput`: a source's batches put on the devices ahead of the step
 
 A source module is imported only when it is used, so the numpy source never imports tensorflow.
 """

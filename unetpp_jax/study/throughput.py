@@ -20,6 +20,7 @@ import numpy as np
 
 from unetpp_jax import models, train
 from unetpp_jax.heads import Heads
+from unetpp_jax.steps import AXIS, create_train_state, train_step
 from unetpp_jax.study import flops
 
 
@@ -56,8 +57,8 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
   rng = np.random.default_rng(0)
   images = rng.random((devices, batch // devices, size, size, 3), np.float32)
   labels = (rng.random((devices, batch // devices, size, size)) > 0.7).astype(np.int32)
-  model = models.create_model(config.model, bn_axis_name=train.AXIS)
-  state = train.create_train_state(config, jax.random.key(0), model)
+  model = models.create_model(config.model, bn_axis_name=AXIS)
+  state = create_train_state(config, jax.random.key(0), model)
   replicated = flax.jax_utils.replicate(state)
   # The batch stays on the devices: this times the step, not host-to-device copies.
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',))
@@ -66,15 +67,15 @@ def benchmark_model(config, *, batch, mode, prune_level, steps, warmup, profile_
 
   if mode == 'train':
     step = jax.pmap(
-        functools.partial(train.train_step, dropout_rng=jax.random.key(1),
+        functools.partial(train_step, dropout_rng=jax.random.key(1),
                           heads=Heads.from_config(config)),
-        axis_name=train.AXIS, donate_argnums=(0,))
+        axis_name=AXIS, donate_argnums=(0,))
   else:
     def infer(state, batch):
       variables = {'params': state.params, 'batch_stats': state.batch_stats}
       return models.foreground_probability(
           model.apply(variables, batch['image'], prune_level=prune_level)[-1])
-    step = jax.pmap(infer, axis_name=train.AXIS)
+    step = jax.pmap(infer, axis_name=AXIS)
 
   # One device's program (its batch // devices images): counted on the traced program, the same on
   # every backend; XLA's cost analysis of the lowered program for comparison (0 where the backend
