@@ -1,7 +1,7 @@
 """The deep-supervision study on DSB2018 on a CPU budget: configs/dsb_paper.py at half width, short.
 
 Run (all six arms of L = 4, with the official score of the validation split):
-  .venv/bin/python scripts/ablate_deep_supervision.py --config=configs/dsb_ablation_cpu.py \
+  .venv/bin/python -m unetpp_jax.ablate_deep_supervision --config=configs/dsb_ablation_cpu.py \
       --workdir=workdirs/ablation_cpu --data=../shared/data/dsb2018/stage1_train.zip
 
 Same data, preprocessing, loss and optimiser as configs/dsb_paper.py; filters 16..256 (a quarter

@@ -1,6 +1,6 @@
 """One process that trains on exactly the global batches of an N-process job (for test_multiprocess).
 
-  python tests/emulate_processes.py WORKDIR NUM_PROCESSES --config.x=y ...
+  python -m tests.emulate_processes WORKDIR NUM_PROCESSES --config.x=y ...
 
 Each process of a real job reads its own shard; here the N per-process streams of
 tfds_source.create_input (simulated with process_index/process_count) are stitched together
@@ -8,15 +8,12 @@ along the device axis, so device d of process p in the real job and device p * D
 same examples. Run it with N * D local devices.
 """
 
-import sys
-
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, __file__.rsplit('/tests/', 1)[0])
-from unetpp_jax import train  # pylint: disable=wrong-import-position
+from unetpp_jax import train
 from unetpp_jax.data import tfds_source
 from unetpp_jax.data import contract, numpy_source
 

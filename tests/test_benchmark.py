@@ -1,4 +1,4 @@
-"""scripts/benchmark.py runs and reports what it promises (speed itself is not asserted here)."""
+"""python -m unetpp_jax.benchmark runs and reports what it promises (speed itself is not asserted here)."""
 
 import json
 import os
@@ -22,7 +22,7 @@ def test_benchmark_prints_one_json_line(mode, extra, xla_flags, devices, tmp_pat
   env = dict(os.environ, XLA_FLAGS=xla_flags, TF_CPP_MIN_LOG_LEVEL='2')
   extra = [e.replace('PROFILE', str(tmp_path / 'profile')) for e in extra]
   result = subprocess.run(
-      [sys.executable, 'scripts/benchmark.py', '--config=configs/synthetic.py', '--batch=4',
+      [sys.executable, '-m', 'unetpp_jax.benchmark', '--config=configs/synthetic.py', '--batch=4',
        '--image_size=32', '--steps=2', '--warmup=1', f'--mode={mode}', *extra],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -422,7 +422,7 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   cache = tmp_path / 'predictions.npz'
-  command = [sys.executable, 'scripts/sweep_instances.py', f'--workdir={setup.workdir}',
+  command = [sys.executable, '-m', 'unetpp_jax.sweep_instances', f'--workdir={setup.workdir}',
              f'--data={setup.data}', '--limit=3', '--noflips', f'--cache={cache}']
   results = []
   for _ in range(2):

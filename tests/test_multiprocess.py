@@ -77,7 +77,7 @@ def test_two_processes_match_one_process_and_share_checkpoints(tmp_path):
 
   # Reference: one process, 4 devices, the 2-process job's global batches; steps 1..4.
   reference = tmp_path / 'reference'
-  (log,) = _run_all([[sys.executable, 'tests/emulate_processes.py', str(reference), '2',
+  (log,) = _run_all([[sys.executable, '-m', 'tests.emulate_processes', str(reference), '2',
                       '--config=configs/synthetic.py', *common]], devices=4, logs=tmp_path)
   reference_losses = summaries.scalars(reference, 'train/loss')
   assert sorted(reference_losses) == [1, 2, 3, 4]

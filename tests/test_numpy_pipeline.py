@@ -163,7 +163,6 @@ def test_runs_without_tensorflow(npz):
 import sys
 sys.modules['tensorflow'] = None  # Any import of it now fails.
 sys.modules['tensorflow_datasets'] = None
-sys.path.insert(0, {str(REPO)!r})
 from configs import synthetic
 config = synthetic.get_config()
 config.data.source, config.data.image_size = 'npz:{npz}', {S}

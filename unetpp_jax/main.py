@@ -31,9 +31,6 @@ config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.p
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume even if the workdir\'s checkpoints were made with a config that differs '
                   'in fields that change the model, data or optimisation.')
-flags.DEFINE_integer('cpu_devices', None,
-                     'XLA devices on the CPU backend; default: one per core, as many as divide '
-                     'batch_size and eval_batch_size. Ignored on GPU/TPU.')
 flags.DEFINE_string('compilation_cache', None,
                     'Persistent compilation cache directory; default $UNETPP_JAX_CACHE, else '
                     '~/.cache/unetpp_jax/jax. "none" disables it.')
@@ -81,7 +78,7 @@ def main(argv):
   if FLAGS.compilation_cache != 'none':
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
   runtime.use_cpu_cores_as_devices(config.batch_size, config.eval_batch_size,
-                                   devices=FLAGS.cpu_devices)
+                                   devices=runtime.CPU_DEVICES.value)
   initialize_distributed()
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
   logging.info('JAX process %d of %d; local devices: %s', jax.process_index(),

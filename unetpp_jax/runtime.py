@@ -4,9 +4,16 @@ import os
 import pathlib
 
 import jax
-from absl import logging
+from absl import flags, logging
 
 DEFAULT_CACHE_DIR = pathlib.Path.home() / '.cache' / 'unetpp_jax' / 'jax'
+
+# The flag of every command line that runs the network (main, benchmark, ablate_deep_supervision):
+# pass its value to `use_cpu_cores_as_devices`.
+CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', None,
+    'XLA devices on the CPU backend; default: one per core, as many as divide every batch size '
+    'the command runs (training: batch_size and eval_batch_size). Ignored on GPU/TPU.')
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:

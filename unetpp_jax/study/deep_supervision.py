@@ -1,6 +1,6 @@
 r"""The UNet++ paper's deep-supervision and pruning study as one resumable command.
 
-  python scripts/ablate_deep_supervision.py --config=configs/dsb.py --workdir=W \
+  python -m unetpp_jax.ablate_deep_supervision --config=configs/dsb.py --workdir=W \
       [--arms=unet,wide_unet,unetpp,unetpp_ds2,unetpp_ds3,unetpp_ds4] [--seeds=0,1,2] \
       [--data=../shared/data/dsb2018/stage1_train.zip] [--config.num_train_steps=N ...]
 

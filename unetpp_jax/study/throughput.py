@@ -1,4 +1,4 @@
-"""Throughput of the train step, pruned inference and the input pipeline (scripts/benchmark.py).
+"""Throughput of the train step, pruned inference and the input pipeline (python -m unetpp_jax.benchmark).
 
 Timed on in-memory arrays already on the devices, so this needs no tensorflow (except for
 `benchmark_input`) and times the step itself, not host-to-device copies.

@@ -2,7 +2,7 @@ r"""Deep-supervision ablation and pruning study: U-Net, wide U-Net, U-Net++ with
 supervision, and pruned U-Net++ L1..L, in one resumable command
 (details: unetpp_jax/study/deep_supervision.py).
 
-  .venv/bin/python scripts/ablate_deep_supervision.py --config=configs/dsb.py --workdir=workdirs/ablation \
+  python -m unetpp_jax.ablate_deep_supervision --config=configs/dsb.py --workdir=workdirs/ablation \
       --data=../shared/data/dsb2018/stage1_train.zip [--arms=unet,unetpp_ds4] [--seeds=0,1,2] \
       [--config.num_train_steps=N ...]
 
@@ -10,16 +10,19 @@ Run the same command again after an interruption: finished arms are skipped and 
 continue from their checkpoints. SIGTERM/SIGINT save the running arm's checkpoint first.
 """
 
-import os
 import sys
 
+from unetpp_jax import cli
+
+cli.quiet_native_logs()  # Before jax is imported.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# Run as a file from a clone that is not pip-installed: the root holds unetpp_jax and configs.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unetpp_jax import runtime, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unetpp_jax.study import deep_supervision  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax import runtime, train
+from unetpp_jax.study import deep_supervision
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Base config of every arm (e.g. configs/dsb.py).')
@@ -31,26 +34,27 @@ flags.DEFINE_string('data', None, 'Kaggle-layout release (folder or zip) of the 
                     'the official DSB2018 score of the validation split; omit to skip it.')
 flags.DEFINE_integer('bench_batch', 16, 'Batch at which inference images/s are measured.')
 flags.DEFINE_integer('bench_steps', 10, 'Timed inference batches per pruning level.')
-flags.DEFINE_integer('cpu_devices', None, 'XLA devices on the CPU backend (as in unetpp_jax.main).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
+  config = cli.loaded_config('config')
+  if config.data.source == 'tfds':  # The npz source runs without tensorflow.
+    cli.import_tensorflow_quietly()
   runtime.enable_compilation_cache()
   runtime.use_cpu_cores_as_devices(config.batch_size, config.eval_batch_size, FLAGS.bench_batch,
-                                   devices=FLAGS.cpu_devices)
+                                   devices=runtime.CPU_DEVICES.value)
   try:
     deep_supervision.run_study(config, FLAGS.workdir, arms=FLAGS.arms,
-                       seeds=[int(s) for s in FLAGS.seeds] if FLAGS.seeds else None,
-                       data=FLAGS.data, bench_batch=FLAGS.bench_batch,
-                       bench_steps=FLAGS.bench_steps)
+                               seeds=[int(s) for s in FLAGS.seeds] if FLAGS.seeds else None,
+                               data=FLAGS.data, bench_batch=FLAGS.bench_batch,
+                               bench_steps=FLAGS.bench_steps)
   except train.Interrupted as e:
     logging.warning('Study interrupted; run the same command again to continue.')
     sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,6 +1,6 @@
 r"""Chooses the instance post-processing on the validation split: predicts once, scores a grid.
 
-  .venv/bin/python scripts/sweep_instances.py --workdir=workdirs/dsb_cpu \
+  python -m unetpp_jax.sweep_instances --workdir=workdirs/dsb_cpu \
       --data=../shared/data/dsb2018/stage1_train.zip [--noflips] [--strategy=auto|pad|tile]
 
 Runs the network once over the run's validation split (the ids training held out; never a test
@@ -20,16 +20,20 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
+from unetpp_jax import cli
+
+cli.quiet_native_logs()  # Before jax is imported.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import dsb_paper  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unetpp_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unetpp_jax.data import splits  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unetpp_jax.evaluation import evaluate, instances, predict  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import dsb_paper
+from unetpp_jax import atomic, losses
+from unetpp_jax.data import splits
+from unetpp_jax.evaluation import evaluate, instances, predict
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir.')
@@ -61,7 +65,8 @@ PRODUCT_GRID = [{'seeds': 'product', 'seed_threshold': seed, 'threshold': extent
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   start = time.time()
   config = evaluate.load_config(FLAGS.workdir, dsb_paper.get_config().to_dict())
   ids = evaluate.select_ids(FLAGS.data, evaluate.workdir_split_ids(FLAGS.workdir, config,
@@ -151,9 +156,11 @@ def _write_cache(path: str, key: dict, stored: list) -> None:
   arrays = {'key': np.asarray(json.dumps(key))}
   for i, (label, probs, kind) in enumerate(stored):
     arrays[f'label{i}'], arrays[f'probs{i}'], arrays[f'kind{i}'] = label, probs, np.str_(kind)
-  tmp = f'{path}.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # Never a half-written cache.
+
+  def write(tmp):
+    with open(tmp, 'wb') as f:  # A file object: np.savez would append '.npz' to a name.
+      np.savez(f, **arrays)
+  atomic.write_via(path, write)  # Never a half-written cache.
 
 
 def _score(options: instances.InstanceOptions) -> dict[str, float]:
@@ -172,4 +179,4 @@ def _score(options: instances.InstanceOptions) -> dict[str, float]:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,6 +1,6 @@
 r"""Throughput of the U-Net++ train step or inference on in-memory arrays (no tensorflow needed).
 
-  .venv/bin/python scripts/benchmark.py --config=configs/dsb.py [--batch=16] [--image_size=96] \
+  python -m unetpp_jax.benchmark --config=configs/dsb.py [--batch=16] [--image_size=96] \
       [--dtype=float32|bfloat16] [--mode=train|infer|input|matmul|loop] [--prune_level=k] \
       [--steps=N] [--profile_dir=DIR] [--loop_source=arrays|config]
 
@@ -15,17 +15,19 @@ step and prints loop_vs_step, the ratio of their rates.
 """
 
 import json
-import os
-import sys
 
+from unetpp_jax import cli
+
+cli.quiet_native_logs()  # Before jax is imported.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-# Run as a file from a clone that is not pip-installed: the root holds unetpp_jax and configs.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unetpp_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unetpp_jax.study import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unetpp_jax import runtime
+from unetpp_jax.study import throughput
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.py).')
@@ -43,15 +45,16 @@ flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 flags.DEFINE_string('profile_dir', None,
                     'Also trace two steps into this folder (TensorBoard profile) and report the '
                     'XLA operations that took the most time as top_ops.')
-flags.DEFINE_integer('cpu_devices', None,
-                     'XLA devices on the CPU backend; default one per core (as training does).')
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
-  del argv
-  config = FLAGS.config
-  runtime.use_cpu_cores_as_devices(FLAGS.batch, devices=FLAGS.cpu_devices)
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = cli.loaded_config('config')
+  if FLAGS.mode == 'input' or (FLAGS.mode == 'loop' and FLAGS.loop_source == 'config'):
+    cli.import_tensorflow_quietly()  # The config's data pipeline.
+  runtime.use_cpu_cores_as_devices(FLAGS.batch, devices=runtime.CPU_DEVICES.value)
   if FLAGS.image_size:
     config.data.image_size = FLAGS.image_size
   if FLAGS.dtype:
@@ -80,4 +83,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
