@@ -281,6 +281,27 @@ def test_dsb2018_builder_from_manual_zip(tmp_path):
   assert builders.load_builder(config).info.splits['train'].num_examples == 2
 
 
+def test_training_and_export_refuse_a_data_folder_that_does_not_exist_even_when_prepared(
+    tmp_path):
+  from unetpp_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  _write(_release_files('stage1_train/'), manual / 'stage1_train', as_zip=True)
+  config = dsb_config.get_config()
+  config.data.tfds_data_dir = str(tmp_path / 'tfds')
+  config.data.manual_dir = str(manual)
+  builders.load_builder(config)  # Prepared.
+  config.data.manual_dir = str(tmp_path / 'nope')  # A mistyped --config.data.manual_dir.
+  for read in (lambda: tfds_source.create_input(config),
+               lambda: tfds_source.export_npz(config, str(tmp_path / 'out.npz'))):
+    with pytest.raises(FileNotFoundError) as error:
+      read()
+    message = str(error.value)
+    assert message.startswith(f'The DSB2018 data folder {tmp_path / "nope"} does not exist')
+    assert '--config.data.manual_dir' in message
+  assert not (tmp_path / 'out.npz').exists()
+
+
 def _offline(monkeypatch) -> list[str]:
   """Makes downloads fail at once (offline, TFDS retries for minutes), after TFDS has made its
   `<name>.tmp.<uuid>/` folder in the downloads folder. Returns the URLs tried."""

@@ -226,7 +226,7 @@ def create_input(
     raise ValueError(f"config.data.source={config.data.source!r}: this source reads 'tfds'; "
                      "'npz:PATH' is read by numpy_source.")
   layout = contract.Layout.create(config, process_index, process_count)
-  builder = builders.load_builder(config)
+  builder = builders.load_builder(config, check_data_folder=True)
   everything, split = read_split(builder, config)
   # This process's shard of each split, contiguous in the split's order.
   train_ids, val_ids = (ids[slice(*layout.shard(len(ids)))] for ids in (split.train, split.val))
@@ -254,7 +254,7 @@ def export_npz(config: Any, output: str) -> contract.NpzData:
 
   The file (see `contract.save_npz`) is what the numpy source ('npz:PATH') reads.
   """
-  builder = builders.load_builder(config)
+  builder = builders.load_builder(config, check_data_folder=True)
   size = config.data.image_size
   everything, split = read_split(builder, config)
   train, val = (preprocess(everything.take(ids), 'resize', size) for ids in (split.train, split.val))
