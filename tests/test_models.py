@@ -174,17 +174,26 @@ def test_train_mode_uses_dropout_and_updates_batch_stats():
 
 
 def test_predict_modes():
-  model = models.UNetPlusPlus(filters=SMALL_FILTERS)
+  """The final prediction of every inference path (evaluation's `Predictor`): 'fast' is the
+  network pruned to one head, that head alone; 'accurate' the mean of the supervised heads."""
+  from configs import dsb_paper  # pylint: disable=g-import-not-at-top
+  from unetpp_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
+  config = dsb_paper.get_config()
+  config.model.filters = SMALL_FILTERS
+  config.loss.deep_supervision_heads = (2, 3)
+  model = models.create_model(config.model)
   x = jax.random.uniform(jax.random.key(5), (2, 32, 32, 3))
   variables = _randomized_variables(model, x)
   logits = model.apply(variables, x)
   probs = [jax.nn.sigmoid(l[..., 0]) for l in logits]
-  fast = models.predict(model, variables, x, mode='fast', heads=(1, 2, 3), head=2)
-  np.testing.assert_allclose(fast, probs[1], atol=1e-5)
-  accurate = models.predict(model, variables, x, mode='accurate', heads=(2, 3), head=3)
-  np.testing.assert_allclose(accurate, (probs[1] + probs[2]) / 2, atol=1e-5)
+
+  def final(mode, head):
+    options = predict.InferenceOptions(mode=mode, prune_level=head, batch_size=2)
+    return predict.Predictor(config, variables, options).run(list(np.asarray(x)))[-1, ..., 0]
+  np.testing.assert_allclose(final('fast', 2), probs[1], atol=1e-5)
+  np.testing.assert_allclose(final('accurate', 3), (probs[1] + probs[2]) / 2, atol=1e-5)
   with pytest.raises(ValueError, match='accurate'):
-    models.predict(model, variables, x, mode='best', heads=(3,), head=3)
+    final('best', 3)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])

@@ -102,9 +102,9 @@ def test_training_reduces_loss(tmp_path):
   data = array_input_fn(config, 0)
   p_eval = jax.pmap(functools.partial(steps.eval_step, heads=Heads.from_config(config)),
                     axis_name=steps.AXIS)
-  before = steps.evaluate(p_eval, flax.jax_utils.replicate(state), data.eval_batches)
+  before = steps.evaluate_batches(p_eval, flax.jax_utils.replicate(state), data.eval_batches)
   trained = train.train_and_evaluate(config, tmp_path, array_input_fn)
-  after = steps.evaluate(p_eval, flax.jax_utils.replicate(trained), data.eval_batches)
+  after = steps.evaluate_batches(p_eval, flax.jax_utils.replicate(trained), data.eval_batches)
   assert after['eval/loss'] < 0.7 * before['eval/loss']
   assert after['eval/iou/head3'] > before['eval/iou/head3'] + 0.2
 

@@ -288,32 +288,3 @@ def accurate_probability(
 def head_positions(output_heads: Sequence[int] | None, num_outputs: int) -> dict[int, int]:
   """{head: index in the model's output}; `output_heads` None means heads 1..num_outputs."""
   return {int(h): n for n, h in enumerate(output_heads or range(1, num_outputs + 1))}
-
-
-def predict(
-    model: UNetPlusPlus,
-    variables: Any,
-    images: jax.Array,
-    *,
-    mode: str,
-    heads: Sequence[int],
-    head: int,
-) -> jax.Array:
-  """Foreground probabilities [B, H, W] in one of the two prediction modes.
-
-  Args:
-    model: The U-Net++.
-    variables: Its variables ({'params', 'batch_stats'}).
-    images: [B, H, W, C] in [0, 1].
-    mode: 'accurate' averages the probabilities of `heads` (the supervised heads); 'fast' runs the
-      network pruned to `head` and uses that head alone.
-    heads: Heads averaged in 'accurate' mode.
-    head: Head used in 'fast' mode.
-  """
-  if mode == 'fast':
-    logits = model.apply(variables, images, prune_level=head)
-    return foreground_probability(logits[-1])  # The deepest head of the pruned network.
-  if mode == 'accurate':
-    logits = model.apply(variables, images, prune_level=max(heads))
-    return accurate_probability(logits, heads, model.output_heads(max(heads)))
-  raise ValueError(f"Prediction mode must be 'accurate' or 'fast', got {mode!r}.")

@@ -135,7 +135,7 @@ def eval_step(state: TrainState, batch: Batch, *, heads: Heads) -> metrics.Segme
 _p_merge = jax.pmap(lambda a, b: a.merge(b), axis_name=AXIS)
 
 
-def evaluate(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterable[Batch],
+def evaluate_batches(p_eval_step: Callable[..., Any], state: TrainState, batches: Iterable[Batch],
              output_heads: Sequence[int] | None = None) -> dict:
   """Metrics over one full pass of `batches`, summed globally before any ratio is taken.
 

@@ -43,7 +43,7 @@ from unetpp_jax.checkpointing import Interrupted  # Raised by train_and_evaluate
 from unetpp_jax.data.background import BackgroundInput
 from unetpp_jax.heads import Heads
 from unetpp_jax.steps import (AXIS, TrainState, accumulating_train_step, create_train_state,
-                              eval_step, evaluate, learning_rate_schedule, train_step)
+                              eval_step, evaluate_batches, learning_rate_schedule, train_step)
 from unetpp_jax.workdir import Workdir
 
 
@@ -271,7 +271,7 @@ def _train_loop(run: _Run, start: _Start) -> TrainState:
     if is_eval:
       evaluated = True
       with start.report_progress.timed('eval'):
-        eval_scalars = evaluate(p_eval_step, state, start.data.eval_batches, heads.output)
+        eval_scalars = evaluate_batches(p_eval_step, state, start.data.eval_batches, heads.output)
       writer.write_scalars(step, eval_scalars)
       if run.is_chief:
         run.workdir.write_eval_metrics(step, eval_scalars)
