@@ -10,7 +10,6 @@ after `cli.quiet_native_logs()` (this imports jax).
 import ml_collections
 from absl import flags
 
-from configs import dsb_paper
 from unetpp_jax.evaluation import evaluate, instances, predict
 
 FLAGS = flags.FLAGS
@@ -57,14 +56,9 @@ flags.DEFINE_bool('fill_holes', _INSTANCES.fill_holes, 'Fill holes of the foregr
 flags.mark_flag_as_required('workdir')
 
 
-def config_defaults() -> dict:
-  """Values of config fields missing from an older run's config: configs/dsb_paper.py's."""
-  return dsb_paper.get_config().to_dict()
-
-
 def load_config() -> ml_collections.ConfigDict:
   """The training config recorded in --workdir."""
-  return evaluate.load_config(FLAGS.workdir, config_defaults())
+  return evaluate.load_config(FLAGS.workdir, evaluate.config_defaults())
 
 
 def inference_options() -> predict.InferenceOptions:

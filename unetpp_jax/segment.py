@@ -24,7 +24,7 @@ cli.quiet_native_logs()  # Before jax is imported.
 from absl import app, flags
 
 from unetpp_jax import inference_flags
-from unetpp_jax.evaluation import segment
+from unetpp_jax.evaluation import evaluate, segment
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -54,7 +54,7 @@ def main(argv):
         inference=inference_flags.inference_options(),
         instance_options=inference_flags.instance_options(config.model.num_classes),
         channel=FLAGS.channel, label_format=FLAGS.label_format, overwrite=FLAGS.overwrite,
-        parquet=FLAGS.parquet, config_defaults=inference_flags.config_defaults())
+        parquet=FLAGS.parquet, config_defaults=evaluate.config_defaults())
   except OSError as e:  # Unreadable workdir files, an unwritable --output.
     raise cli.UserError(str(e)) from e
   print(json.dumps({k: report[k] for k in (

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import dsb_paper
 from unetpp_jax import atomic, losses
 from unetpp_jax.data import splits
 from unetpp_jax.evaluation import evaluate, instances, predict
@@ -68,7 +67,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   start = time.time()
-  config = evaluate.load_config(FLAGS.workdir, dsb_paper.get_config().to_dict())
+  config = evaluate.load_config(FLAGS.workdir, evaluate.config_defaults())
   ids = evaluate.select_ids(FLAGS.data, evaluate.workdir_split_ids(FLAGS.workdir, config,
                                                                    'validation'), None, None)
   ids = ids[:FLAGS.limit] if FLAGS.limit else ids

@@ -77,6 +77,20 @@ def load_config(workdir: str | os.PathLike[str],
   return Workdir(workdir).read_config(defaults)
 
 
+def config_defaults() -> dict[str, Any]:
+  """Values of config fields missing from an older run's config: configs/dsb_paper.py's.
+
+  An installed package holds configs/ as `unetpp_jax.configs`; in a clone that is not installed,
+  `configs` is the folder at the repository root (on the path when a command runs from there).
+  """
+  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  try:
+    from unetpp_jax.configs import dsb_paper
+  except ModuleNotFoundError:
+    from configs import dsb_paper
+  return dsb_paper.get_config().to_dict()
+
+
 def workdir_split_ids(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
                       split: str) -> list[str]:
   """Ids of the run's 'validation' split as training recorded them in the workdir; for 'train',
