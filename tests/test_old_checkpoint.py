@@ -1,36 +1,49 @@
-"""Workdirs made before the restructuring still resume and evaluate.
+"""Workdirs written by older code still resume and evaluate.
 
-tests/data/workdir_ccaebd1 was written by the code of commit ccaebd1 (before unetpp_jax/data,
-evaluation and study existed):
+Both were written by the same command, at two commits:
   python -m unetpp_jax.main --config=configs/synthetic.py --workdir=W \
     --config.data.source=npz:/tmp/old_tiny.npz --config.data.image_size=32 \
     '--config.model.filters=(4,8,16,32)' --config.batch_size=4 --config.eval_batch_size=4 \
     --config.num_train_steps=2 --config.log_every_steps=1 --config.eval_every_steps=2 \
     --config.checkpoint_every_steps=2
-over the .npz `test_reliability._make_npz(path, num_train=8)` writes (events files left out). It
-holds the checkpoint of step 2 and config.json, but no validation_ids.json.
+over the .npz `test_reliability._make_npz(path, num_train=8, split='tail')` writes (events files
+left out), and hold the checkpoint of step 2 and config.json:
+  workdir_ccaebd1  commit ccaebd1, before unetpp_jax/data, evaluation and study existed; no
+                   validation_ids.json.
+  workdir_81bdb9e  commit 81bdb9e, before the grouped split, input normalisation, oversampling,
+                   the workdir module and the split of train.py; with validation_ids.json.
 """
 
 import json
 import pathlib
 import shutil
+import zipfile
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from unetpp_jax import models, steps, train
+from unetpp_jax.data import contract
 from unetpp_jax.evaluation import evaluate
 
+import synthetic_release
 import test_reliability
 
-OLD = pathlib.Path(__file__).resolve().parent / 'data' / 'workdir_ccaebd1'
+DATA = pathlib.Path(__file__).resolve().parent / 'data'
+OLD = ('workdir_ccaebd1', 'workdir_81bdb9e')
 
 
-def _copy(tmp_path: pathlib.Path) -> pathlib.Path:
+@pytest.fixture(params=OLD)
+def old(request) -> pathlib.Path:
+  return DATA / request.param
+
+
+def _copy(tmp_path: pathlib.Path, old: pathlib.Path) -> pathlib.Path:
   workdir = tmp_path / 'old'
-  shutil.copytree(OLD, workdir)
+  shutil.copytree(old, workdir)
   return workdir
 
 
@@ -45,8 +58,8 @@ def _full_state(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> ste
     mngr.close()
 
 
-def test_old_checkpoint_restores_into_todays_state_and_prediction_variables(tmp_path):
-  workdir = _copy(tmp_path)
+def test_old_checkpoint_restores_into_todays_state_and_prediction_variables(tmp_path, old):
+  workdir = _copy(tmp_path, old)
   config = evaluate.load_config(workdir)
   state = _full_state(workdir, config)
   assert int(state.step) == 2
@@ -61,8 +74,8 @@ def test_old_checkpoint_restores_into_todays_state_and_prediction_variables(tmp_
   assert train.parameter_digest(state.params) != train.parameter_digest(fresh.params)
 
 
-def test_old_workdir_resumes(tmp_path):
-  workdir = _copy(tmp_path)
+def test_old_workdir_resumes(tmp_path, old):
+  workdir = _copy(tmp_path, old)
   npz = tmp_path / 'old_tiny.npz'
   test_reliability._make_npz(npz, num_train=8, split='tail')  # pylint: disable=protected-access
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
@@ -79,12 +92,33 @@ def test_old_workdir_resumes(tmp_path):
   assert train.parameter_digest(state.params) != train.parameter_digest(before.params)
 
 
-def test_old_config_gets_the_values_it_ran_with_for_fields_added_since(tmp_path):
+def test_old_config_gets_the_values_it_ran_with_for_fields_added_since(tmp_path, old):
   from configs import dsb  # pylint: disable=g-import-not-at-top
-  config = evaluate.load_config(_copy(tmp_path), dsb.get_config().to_dict())
+  config = evaluate.load_config(_copy(tmp_path, old), dsb.get_config().to_dict())
   # Not the defaults of today's recipe: the old run split by the tail, on standardised RGB, once
   # per example.
   assert config.data.split == 'tail' and dsb.get_config().data.split == 'grouped'
   assert config.model.input_norm == 'standardize'
   assert dict(config.data.repeats) == {kind: 1 for kind in dict(dsb.get_config().data.repeats)}
   assert tuple(config.data.scale_range) == (1.0, 1.0) and config.loss.contact_width == 0
+
+
+def test_old_workdir_evaluates(tmp_path, old):
+  """evaluate at native size on a Kaggle-layout zip of the run's .npz examples."""
+  npz = tmp_path / 'old_tiny.npz'
+  test_reliability._make_npz(npz, num_train=8, split='tail')  # pylint: disable=protected-access
+  data = contract.load_npz(str(npz))
+  release = tmp_path / 'stage1_train.zip'
+  with zipfile.ZipFile(release, 'w') as zf:
+    for split in (data.train, data.val):
+      for image_id, image, label in zip(split.ids, split.images, split.labels):
+        zf.writestr(f'{image_id}/images/{image_id}.png', synthetic_release.png(image))
+        zf.writestr(f'{image_id}/masks/1.png', synthetic_release.png((label > 0) * np.uint8(255)))
+  workdir = _copy(tmp_path, old)
+  # Runs that recorded their validation ids are scored on them; the oldest recorded none.
+  split = 'validation' if (workdir / 'validation_ids.json').is_file() else 'all'
+  report = evaluate.evaluate(workdir, release, tmp_path / 'eval', split=split,
+                             config_defaults=evaluate.config_defaults())
+  assert report['checkpoint_step'] == 2
+  assert report['num_images'] == (4 if split == 'validation' else 12)
+  assert 0 <= report['score'] <= 1 and report['per_kind']
