@@ -44,7 +44,8 @@ flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Watershed seeds
 flags.DEFINE_float('threshold', None, 'Foreground probability threshold; default: '
                    "instances.default_options of the model's num_classes (0.5; 0.6 for 3 classes).")
 flags.DEFINE_float('seed_h', _INSTANCES.seed_h, "Minimum dynamic (pixels) of a 'distance' seed.")
-flags.DEFINE_integer('min_size', _INSTANCES.min_size, 'Smallest nucleus kept, in pixels.')
+flags.DEFINE_integer('min_size', None, 'Smallest nucleus kept, in pixels; default: '
+                     "instances.default_options of the model's num_classes (15; 30 for 3 classes).")
 flags.DEFINE_float('marker_threshold', _INSTANCES.marker_threshold, "'boundary' seeds: threshold "
                    'of p(nucleus) for the markers; default --threshold.')
 flags.DEFINE_float('seed_threshold', _INSTANCES.seed_threshold, "'product' seeds: threshold of "
@@ -64,8 +65,8 @@ def load_config() -> ml_collections.ConfigDict:
 def inference_options() -> predict.InferenceOptions:
   return predict.InferenceOptions(
       strategy=FLAGS.strategy, mode=FLAGS.mode, prune_level=FLAGS.prune_level, flips=FLAGS.flips,
-      transpose=FLAGS.transpose, tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap, pad_multiple=FLAGS.pad_multiple,
-      batch_size=FLAGS.batch_size)
+      transpose=FLAGS.transpose, tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap,
+      pad_multiple=FLAGS.pad_multiple, batch_size=FLAGS.batch_size)
 
 
 def instance_options(num_classes: int) -> instances.InstanceOptions:
@@ -75,6 +76,8 @@ def instance_options(num_classes: int) -> instances.InstanceOptions:
   return instances.InstanceOptions(
       threshold=default.threshold if FLAGS.threshold is None else FLAGS.threshold,
       method=FLAGS.instances, seeds=default.seeds if FLAGS.seeds == 'auto' else FLAGS.seeds,
-      seed_h=FLAGS.seed_h, min_size=FLAGS.min_size, marker_threshold=FLAGS.marker_threshold,
+      seed_h=FLAGS.seed_h,
+      min_size=default.min_size if FLAGS.min_size is None else FLAGS.min_size,
+      marker_threshold=FLAGS.marker_threshold,
       seed_threshold=FLAGS.seed_threshold, min_seed_size=FLAGS.min_seed_size,
       fill_holes=FLAGS.fill_holes)
