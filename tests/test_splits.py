@@ -104,11 +104,12 @@ def test_describe_is_cached(tmp_path, monkeypatch):
 
 def test_oversampling_repeats_examples_per_epoch_and_keeps_the_stream_a_pure_function():
   config = dsb.get_config()
+  config.data.repeats.update({'tissue': 2, 'brightfield': 3})
   info = {'f': splits.ImageInfo('fluorescence_sparse', 'f'), 't': splits.ImageInfo('tissue', 't'),
           'b': splits.ImageInfo('brightfield', 'b')}
   repeats = splits.train_repeats(config, ['f', 't', 'b'], info)
   assert repeats == (1, config.data.repeats.tissue, config.data.repeats.brightfield) == (1, 2, 3)
-  assert splits.train_repeats(dsb_paper.get_config(), ['f', 't', 'b'], info) == ()
+  assert splits.train_repeats(dsb_paper.get_config(), ['f', 't', 'b'], info) == ()  # All 1.
   layout = contract.Layout(0, 1, 1, 6, 6)
   schedule = contract.TrainSchedule(3, 0, 6, layout, True, 0.0, repeats=repeats)
   epoch = schedule.step(0)[0]  # One epoch is exactly one batch of 6 here.
