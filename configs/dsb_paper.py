@@ -45,6 +45,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_preprocess = 'resize'
   config.data.augment = True  # Random flips and rot90, applied to image and label together.
   config.data.jitter = 0.1  # Strength of photometric jitter (brightness, contrast, gamma); 0 = off.
+  # Colour augmentation, so that fluorescence (bright nuclei on dark), stained tissue and
+  # brightfield (dark nuclei on bright) look alike to the network: the probability of inverting a
+  # training image, of making it grey, and whether to permute its colour channels at random.
+  config.data.invert_prob = 0.0
+  config.data.grey_prob = 0.0
+  config.data.channel_shuffle = False
   # 'crop' only: (lo, hi) of a log-uniform random zoom of each crop (nucleus sizes vary several-fold
   # across DSB2018); (1, 1) = native scale only.
   config.data.scale_range = (1.0, 1.0)

@@ -228,6 +228,33 @@ def test_tf_augment_matches_numpy_augment():
     assert not np.allclose(want_image, images[j])  # Jitter changed it.
 
 
+def test_tf_colour_augment_matches_numpy_colour_augment():
+  rng = np.random.default_rng(1)
+  images = rng.random((24, 8, 8, 3), dtype=np.float32)
+  labels = rng.integers(0, 5, (24, 8, 8)).astype(np.int32)
+  params = contract.augment_params(5, np.arange(24), augment=True, jitter=0.0, invert_prob=0.5,
+                                   grey_prob=0.5, channel_shuffle=True)
+  assert params['invert'].any() and not params['invert'].all()
+  assert params['grey'].any() and not params['grey'].all()
+  assert len(set(params['channels'].tolist())) >= 4
+  got_images, _ = tfds_source.augment(tf.constant(images), tf.constant(labels[..., None]),
+                                      params, 0.0)
+  for j in range(24):
+    want_image, _ = numpy_source.augment(images[j], labels[j],
+                                         {k: v[j] for k, v in params.items()}, 0.0)
+    np.testing.assert_allclose(got_images[j].numpy(), want_image, atol=1e-6)
+
+
+@pytest.mark.parametrize('source', ['tfds', 'npz'])
+def test_inverting_every_image_inverts_the_batches(data, source):
+  plain = _take(_create(_config(data, source, **{'data.jitter': 0.0})).train_iter, 2)
+  inverted = _take(_create(_config(data, source, **{'data.jitter': 0.0,
+                                                    'data.invert_prob': 1.0})).train_iter, 2)
+  for a, b in zip(plain, inverted):
+    np.testing.assert_array_equal(a['label'], b['label'])
+    np.testing.assert_allclose(b['image'], 1 - a['image'], atol=1e-6)
+
+
 def test_create_input_rejects_other_sources():
   config = synthetic.get_config()
   config.data.source = 'npz:/tmp/x.npz'

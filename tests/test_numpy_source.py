@@ -105,6 +105,41 @@ def test_augment_params_switches_are_independent():
   assert (np.abs(both['brightness']) <= 0.2).all() and (np.abs(both['contrast'] - 1) <= 0.2).all()
 
 
+def test_colour_params_leave_the_other_params_unchanged():
+  positions = np.arange(400)
+  off = contract.augment_params(0, positions, augment=True, jitter=0.1, scale_range=(0.5, 2.0))
+  on = contract.augment_params(0, positions, augment=True, jitter=0.1, scale_range=(0.5, 2.0),
+                               invert_prob=0.25, grey_prob=0.5, channel_shuffle=True)
+  for key in off:
+    if key not in ('channels', 'grey', 'invert'):
+      np.testing.assert_array_equal(on[key], off[key], err_msg=key)
+  assert not (off['invert'].any() or off['grey'].any() or off['channels'].any())
+  assert 0.18 < on['invert'].mean() < 0.32 and 0.42 < on['grey'].mean() < 0.58
+  assert set(on['channels'].tolist()) == set(range(6))
+
+
+def test_colour_ops():
+  rng = np.random.default_rng(0)
+  image = rng.random((4, 5, 3), dtype=np.float32)
+  np.testing.assert_array_equal(contract.colour(image, 0, False, False), image)
+  np.testing.assert_allclose(contract.colour(image, 0, False, True), 1 - image)
+  grey = contract.colour(image, 0, True, False)
+  np.testing.assert_allclose(grey[..., 1], image.mean(-1), rtol=1e-6)
+  np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+  orders = {tuple(contract.colour(image, c, False, False)[0, 0]) for c in range(6)}
+  assert len(orders) == 6  # Six different orders of the three channels.
+  assert sorted(contract.colour(image, 3, False, False)[1, 2]) == sorted(image[1, 2])
+
+
+def test_schedule_from_config_draws_the_configured_colour_params():
+  config = _config('unused', invert_prob=1.0, grey_prob=0.0, channel_shuffle=True)
+  layout = contract.Layout(0, 1, 1, 4, 4)
+  schedule = contract.TrainSchedule.from_config(config, 10, layout)
+  _, params = schedule.step(3)
+  assert params['invert'].all() and not params['grey'].any()
+  assert schedule.jitter == config.data.jitter and schedule.seed == config.seed
+
+
 def test_layout_validates_batch_sizes():
   config = _config('unused')
   config.batch_size = 6  # 2 processes x 2 local devices = 4 devices.

@@ -1,6 +1,7 @@
 """Checks a config before anything is built or compiled, with messages that say what to change."""
 
 from collections.abc import Mapping
+import copy
 import json
 import math
 from typing import Any
@@ -50,6 +51,9 @@ RESUMABLE_CHANGES = (
 ADDED_FIELDS = {
     'data.scale_range': [1.0, 1.0],
     'data.split': 'tail',
+    'data.invert_prob': 0.0,
+    'data.grey_prob': 0.0,
+    'data.channel_shuffle': False,
     **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
     'model.input_norm': 'standardize',
     'loss.contact_width': 0,
@@ -61,7 +65,7 @@ ADDED_FIELDS = {
 def upgrade(stored: Mapping[str, Any]) -> dict[str, Any]:
   """A stored config of an older run (see `workdir`) with every field of ADDED_FIELDS it lacks
   set to the value that reproduces what the run did."""
-  upgraded = json.loads(json.dumps(stored))  # A deep copy.
+  upgraded = copy.deepcopy(dict(stored))
   for dotted, value in ADDED_FIELDS.items():
     *parents, name = dotted.split('.')
     node = upgraded
@@ -72,9 +76,15 @@ def upgrade(stored: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _get(config: Any, dotted: str) -> Any:
+  """config's field `dotted`; in a config of an older run that lacks it, its ADDED_FIELDS value."""
   value = config
-  for key in dotted.split('.'):
-    value = value[key]
+  try:
+    for key in dotted.split('.'):
+      value = value[key]
+  except KeyError:
+    if dotted not in ADDED_FIELDS:
+      raise
+    return ADDED_FIELDS[dotted]
   return value
 
 
@@ -97,16 +107,15 @@ def validate(config: Any) -> None:
                     f'--config.{field}="{_TUPLE_EXAMPLES.get(field, "(1,2)")}".')
 
   for field, choices in _CHOICES.items():
-    try:
-      value = _get(config, field)
-    except KeyError:  # A config of an older run: the field did not exist yet.
-      value = ADDED_FIELDS[field]
+    value = _get(config, field)
     check(value in choices, f'config.{field}={value!r} must be one of {choices}.')
 
   source_error = data.source_error(config.data.source)
   check(source_error is None, source_error)
   check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')
   check(config.data.jitter >= 0, 'config.data.jitter must be >= 0.')
+  for field in ('data.invert_prob', 'data.grey_prob'):
+    check(0 <= _get(config, field) <= 1, f'config.{field}={_get(config, field)} must be in [0, 1].')
   repeats = config.data.get('repeats', {})
   check(set(repeats) <= set(splits.KINDS) and all(isinstance(r, int) and r >= 1
                                                   for r in repeats.values()),

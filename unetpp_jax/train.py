@@ -88,6 +88,8 @@ def train_and_evaluate(
     Interrupted: SIGTERM or SIGINT arrived; the checkpoint of the step reached has been written.
     FloatingPointError: non-finite loss or gradients with config.nonfinite_policy = 'halt'.
   """
+  # A config written before some fields existed runs as it did then.
+  config = ml_collections.ConfigDict(config_validation.upgrade(config.to_dict()))
   config_validation.validate(config)
   workdir = Workdir(workdir)
   # Nothing is written to the workdir before the data is ready: a run that fails before it

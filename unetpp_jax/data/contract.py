@@ -31,6 +31,8 @@ _PERMUTATION_STREAM = 1
 _AUGMENT_STREAM = 2
 
 PREPROCESS_MODES = ('resize', 'crop')  # config.data.train_preprocess (see tfds_source).
+# The orders of the colour channels `augment_params` draws from ('channels'); row 0 keeps them.
+CHANNEL_ORDERS = np.array(list(itertools.permutations(range(3))), np.int32)
 EXPORT_HINT = 'python -m unetpp_jax.export_npz --config=configs/dsb.py --output={path}'
 
 
@@ -126,7 +128,8 @@ def shard_range(num_examples: int, process_index: int, process_count: int) -> tu
 
 def augment_params(
     seed: int, positions: np.ndarray, *, augment: bool, jitter: float,
-    scale_range: tuple[float, float] = (1.0, 1.0),
+    scale_range: tuple[float, float] = (1.0, 1.0), invert_prob: float = 0.0,
+    grey_prob: float = 0.0, channel_shuffle: bool = False,
 ) -> dict[str, np.ndarray]:
   """Per-example augmentation parameters, each a pure function of (seed, global position).
 
@@ -140,17 +143,21 @@ def augment_params(
     jitter: photometric jitter strength s (0 = off).
     scale_range: (lo, hi) of the random zoom of native-resolution crops (log-uniform; (1, 1) =
       off).
+    invert_prob: probability of inverting an image (x -> 1 - x).
+    grey_prob: probability of replacing an image by its grey version.
+    channel_shuffle: whether to permute the colour channels of every image at random.
 
   Returns:
     Arrays [N]: 'flip_lr', 'flip_ud' (bool), 'rot90' (int32 quarter turns, counter-clockwise),
     'brightness' (added, in [-s, s]), 'contrast' (factor in [1-s, 1+s]), 'gamma' (exponent in
     [exp(-s), exp(s)]), 'crop_y', 'crop_x' (float32 in [0, 1): relative random-crop offsets),
-    'zoom' (float32 in scale_range: magnification of the crop, see `crop`).
+    'zoom' (float32 in scale_range: magnification of the crop, see `crop`), 'channels' (int32
+    row of CHANNEL_ORDERS; 0 = unchanged), 'grey', 'invert' (bool); see `colour`.
   """
-  # A generator's first 8 numbers do not depend on how many follow: adding 'zoom' (the 9th) left
-  # the other parameters of every position unchanged.
-  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(9)
-                for p in positions], np.float64).reshape(-1, 9)
+  # A generator's first k numbers do not depend on how many follow: adding 'zoom' (the 9th) and
+  # the colour parameters (10th to 12th) left the earlier parameters of every position unchanged.
+  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(12)
+                for p in positions], np.float64).reshape(-1, 12)
   lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
   symmetric = jitter * (2 * u[:, 3:6] - 1)  # U(-s, s)
   return {
@@ -163,7 +170,25 @@ def augment_params(
       'crop_y': u[:, 6].astype(np.float32),
       'crop_x': u[:, 7].astype(np.float32),
       'zoom': np.exp(lo + (hi - lo) * u[:, 8]).astype(np.float32),
+      'channels': (np.floor(u[:, 9] * len(CHANNEL_ORDERS)).astype(np.int32)
+                   * channel_shuffle).astype(np.int32),
+      'grey': u[:, 10] < grey_prob,
+      'invert': u[:, 11] < invert_prob,
   }
+
+
+def colour(image: np.ndarray, channels: int, grey: bool, invert: bool) -> np.ndarray:
+  """The colour augmentation of float32 [S, S, 3] `image` in [0, 1], so that fluorescence,
+  stained tissue and brightfield look alike to the network: channels reordered by
+  CHANNEL_ORDERS[channels], then (if grey) every channel replaced by the channels' mean, then (if
+  invert) x -> 1 - x (dark nuclei on a bright background). tfds_source.augment is its twin."""
+  image = image[..., CHANNEL_ORDERS[channels]]
+  if grey:
+    mean = (image[..., 0] + image[..., 1] + image[..., 2]) / np.float32(3)
+    image = np.repeat(mean[..., None], 3, axis=-1)
+  if invert:
+    image = np.float32(1) - image
+  return image
 
 
 def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
@@ -218,6 +243,18 @@ class TrainSchedule:
   # How often each example of the shard occurs in one epoch (oversampling of rare kinds of
   # image); () = once each.
   repeats: tuple[int, ...] = ()
+  invert_prob: float = 0.0
+  grey_prob: float = 0.0
+  channel_shuffle: bool = False
+
+  @classmethod
+  def from_config(cls, config: Any, num_examples: int, layout: Layout,
+                  repeats: tuple[int, ...] = ()) -> 'TrainSchedule':
+    """The schedule of a shard of `num_examples` under `config`'s seed, batch and config.data."""
+    data = config.data
+    return cls(num_examples, config.seed, config.batch_size, layout, data.augment, data.jitter,
+               tuple(data.scale_range), repeats, data.invert_prob, data.grey_prob,
+               data.channel_shuffle)
 
   def __post_init__(self):
     if self.num_examples <= 0:
@@ -243,8 +280,10 @@ class TrainSchedule:
       mask = epochs == epoch
       indices[mask] = pool[rng.permutation(len(pool))[offsets[mask]]]
     positions = step * self.batch_size + self.layout.process_index * b + np.arange(b)
-    return indices, augment_params(self.seed, positions, augment=self.augment, jitter=self.jitter,
-                                   scale_range=self.scale_range)
+    return indices, augment_params(
+        self.seed, positions, augment=self.augment, jitter=self.jitter,
+        scale_range=self.scale_range, invert_prob=self.invert_prob, grey_prob=self.grey_prob,
+        channel_shuffle=self.channel_shuffle)
 
   def iterate_from(self, start_step: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     return (self.step(s) for s in itertools.count(start_step))

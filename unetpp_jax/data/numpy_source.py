@@ -22,11 +22,14 @@ def augment(
   """Applies one example's `augment_params` to float32 image [S, S, 3] in [0, 1] and label [S, S].
 
   Geometric ops (left-right flip, up-down flip, rot90, in that order) act on image and label;
-  photometric ones (brightness, contrast around the image mean, gamma) on the image only, each
-  followed by clipping to [0, 1]. tfds_source implements the same ops in TensorFlow.
+  colour ones (`contract.colour`), then photometric ones (brightness, contrast around the image
+  mean, gamma, each followed by clipping to [0, 1]) on the image only. tfds_source implements the
+  same ops in TensorFlow.
   """
   geometry = (bool(params['flip_lr']), bool(params['flip_ud']), int(params['rot90']))
   image, label = contract.geometric(image, *geometry), contract.geometric(label, *geometry)
+  image = contract.colour(image, int(params['channels']), bool(params['grey']),
+                          bool(params['invert']))
   if jitter:  # Static: with jitter off the image stays bit-exact.
     image = np.clip(image + params['brightness'], 0, 1)
     mean = image.mean(dtype=np.float32)
@@ -92,8 +95,7 @@ def create_input(
   layout = Layout.create(config, process_index, process_count)
   train = data.train.slice(*layout.shard(len(data.train)))
   val = data.val.slice(*layout.shard(len(data.val)))
-  schedule = TrainSchedule(len(train), config.seed, config.batch_size, layout,
-                           config.data.augment, config.data.jitter)
+  schedule = TrainSchedule.from_config(config, len(train), layout)
   return Input(
       train_iter=_train_batches(train, schedule, start_step),
       eval_batches=contract.EvalBatches(val, layout, layout.num_eval_batches(len(data.val))),

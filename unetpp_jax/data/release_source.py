@@ -94,10 +94,8 @@ def create_input(
       np.array(val_ids, dtype=str),
       np.stack([v[0] for v in val]) if val else np.zeros((0, size, size, 3), np.uint8),
       np.stack([v[1] for v in val]) if val else np.zeros((0, size, size), np.uint16))
-  schedule = TrainSchedule(len(train_ids), config.seed, config.batch_size, layout,
-                           config.data.augment, config.data.jitter,
-                           tuple(config.data.get('scale_range', (1.0, 1.0))),
-                           splits.train_repeats(config, train_ids, split.info))
+  schedule = TrainSchedule.from_config(config, len(train_ids), layout,
+                                       splits.train_repeats(config, train_ids, split.info))
   return Input(
       train_iter=_train_batches([examples[i]['image'] for i in train_ids],
                                 [examples[i]['label'] for i in train_ids], schedule, size,

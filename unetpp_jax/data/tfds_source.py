@@ -102,6 +102,12 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
     flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
     return tf.reshape(tf.gather(flat, sources, batch_dims=1), tf.shape(x))
   images, labels = gather_pixels(images), gather_pixels(labels)
+  # The colour ops of `contract.colour`, per example.
+  images = tf.gather(images, tf.gather(contract.CHANNEL_ORDERS, params['channels']), axis=3,
+                     batch_dims=1)
+  grey = (images[..., 0] + images[..., 1] + images[..., 2]) / 3
+  images = tf.where(per_example('grey'), tf.repeat(grey[..., None], 3, axis=-1), images)
+  images = tf.where(per_example('invert'), 1 - images, images)
   if jitter:  # Static: with jitter off the image stays bit-exact.
     images = tf.clip_by_value(images + per_example('brightness'), 0, 1)
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
@@ -194,9 +200,7 @@ def create_input_from_examples(
   mode, size = config.data.train_preprocess, config.data.image_size
   if mode not in PREPROCESS_MODES:
     raise ValueError(f'config.data.train_preprocess={mode!r} is not one of {PREPROCESS_MODES}.')
-  schedule = contract.TrainSchedule(len(train), config.seed, config.batch_size, layout,
-                                    config.data.augment, config.data.jitter,
-                                    tuple(config.data.get('scale_range', (1.0, 1.0))), repeats)
+  schedule = contract.TrainSchedule.from_config(config, len(train), layout, repeats)
   source = preprocess(train, mode, size) if mode == 'resize' else train
   return contract.Input(
       train_iter=train_dataset(source, schedule, size=size, start_step=start_step)
