@@ -41,11 +41,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = cli.loaded_config('config')
-  if config.data.source == 'tfds':  # The npz source runs without tensorflow.
-    cli.import_tensorflow_quietly()
-  runtime.enable_compilation_cache()
-  runtime.use_cpu_cores_as_devices(config.batch_size, config.eval_batch_size, FLAGS.bench_batch,
-                                   devices=runtime.CPU_DEVICES.value)
+  runtime.prepare_training(config, FLAGS.bench_batch)
   try:
     deep_supervision.run_study(config, FLAGS.workdir, arms=FLAGS.arms,
                                seeds=[int(s) for s in FLAGS.seeds] if FLAGS.seeds else None,

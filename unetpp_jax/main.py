@@ -72,13 +72,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = cli.loaded_config('config')
-  if config.data.source == 'tfds':  # The npz source runs without tensorflow.
-    cli.import_tensorflow_quietly()
+  runtime.prepare_training(config, compilation_cache=FLAGS.compilation_cache)
   from unetpp_jax import train  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  if FLAGS.compilation_cache != 'none':
-    runtime.enable_compilation_cache(FLAGS.compilation_cache)
-  runtime.use_cpu_cores_as_devices(config.batch_size, config.eval_batch_size,
-                                   devices=runtime.CPU_DEVICES.value)
   initialize_distributed()
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
   logging.info('JAX process %d of %d; local devices: %s', jax.process_index(),

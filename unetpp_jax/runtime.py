@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+from typing import Any
 
 import jax
 from absl import flags, logging
@@ -84,3 +85,16 @@ def idle_cores_note(batch_sizes: tuple[int, ...], cores: int, devices: int) -> s
           f'{"is" if len(undivided) == 1 else "are"} not divisible by {cores} (each device '
           f'takes an equal share of a batch); training is slower. To use every core: '
           f'{" ".join(fixes)} (or --cpu_devices to choose).')
+
+
+def prepare_training(config: Any, *batch_sizes: int, compilation_cache: str | None = None) -> None:
+  """What a command that trains does before the first JAX computation: TensorFlow imported (quietly)
+  when the config reads data through it, the persistent compilation cache ("none": off), and one
+  XLA device per CPU core that divides config's batch sizes and `batch_sizes`."""
+  from unetpp_jax import cli  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  if config.data.source == 'tfds':  # The other sources run without tensorflow.
+    cli.import_tensorflow_quietly()
+  if compilation_cache != 'none':
+    enable_compilation_cache(compilation_cache)
+  use_cpu_cores_as_devices(config.batch_size, config.eval_batch_size, *batch_sizes,
+                           devices=CPU_DEVICES.value)
