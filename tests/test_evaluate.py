@@ -16,6 +16,7 @@ from PIL import Image
 
 from configs import synthetic
 from unetpp_jax import train
+from unetpp_jax.label_scheme import LabelScheme
 from unetpp_jax.evaluation import evaluate
 from unetpp_jax.evaluation import instances
 from unetpp_jax.evaluation import official_metric
@@ -185,7 +186,7 @@ def test_solution_labels_and_score_match_masks(setup, tmp_path):
   evaluation's own score; a missing image counts as all false negatives."""
   indices = setup.val_indices[1:5]
   data = synthetic_release.write_zip(tmp_path / 'images.zip', indices)
-  options = evaluate.InferenceOptions(strategy='resize')
+  options = evaluate.InferenceOptions(strategy='resize', flips=False)
   with_masks = evaluate.evaluate(setup.workdir, data, tmp_path / 'a', inference=options,
                                  num_overlays=0)
   solution = _write_solution(tmp_path / 'solution.csv', indices)
@@ -221,7 +222,7 @@ def test_fast_mode_pruned_and_pad_strategy(setup, tmp_path):
   report = evaluate.evaluate(
       setup.workdir, data, tmp_path / 'out', num_overlays=0,
       inference=evaluate.InferenceOptions(strategy='pad', mode='fast', prune_level=1,
-                                          pad_multiple=32),
+                                          pad_multiple=32, flips=False),
       instance_options=instances.InstanceOptions(method='components', min_size=5))
   assert sorted(report['predictions']) == ['fast', 'head1']
   assert report['predictions']['fast'] == report['predictions']['head1']
@@ -299,6 +300,25 @@ def test_resize_strategy_restores_native_size(setup):
   assert probs[0, :, :60, 0].max() < 0.05 and probs[0, :, 80:, 0].min() > 0.95
 
 
+def test_scales_resize_each_pass_and_average_back_at_native_size(setup):
+  predictor, calls = _identity_predictor(setup.config, 'pad', pad_multiple=32,
+                                         scales=(0.5, 1.0, 2.0))
+  image = np.zeros((64, 96, 3), np.uint8)
+  image[:, 48:] = 255  # A smooth enough image that resizing down and back keeps it.
+  (_, probs), = predictor.predict([{'id': 'x', 'image': image}])
+  assert calls == [(1, 32, 64, 3), (1, 64, 96, 3), (1, 128, 192, 3)]
+  assert probs.shape == (3, 64, 96, 1)
+  assert probs[0, :, :44, 0].max() < 0.01 and probs[0, :, 52:, 0].min() > 0.99
+  # The same scale twice is the plain prediction, exactly.
+  once, _ = _identity_predictor(setup.config, 'pad', pad_multiple=32)
+  twice, _ = _identity_predictor(setup.config, 'pad', pad_multiple=32, scales=(1.0, 1.0))
+  (_, a), = once.predict([{'id': 'x', 'image': image}])
+  (_, b), = twice.predict([{'id': 'x', 'image': image}])
+  np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='must be positive'):
+    _identity_predictor(setup.config, 'pad', scales=(1.0, 0.0))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: clear messages naming the file or id, and no output that looks complete.
 
@@ -310,7 +330,7 @@ def _expect_failure(setup, tmp_path, error, match, *, data=None, solution=None, 
   (out / 'metrics.json').write_text('{"previous": true}')  # An earlier, complete evaluation.
   with pytest.raises(error, match=match):
     evaluate.evaluate(workdir or setup.workdir, data or setup.data, out, solution=solution,
-                      split=split, num_overlays=0)
+                      split=split, num_overlays=0, inference=evaluate.InferenceOptions(flips=False))
   assert json.loads((out / 'metrics.json').read_text()) == {'previous': True}
   assert sorted(p.name for p in out.iterdir()) == ['metrics.json']
   assert not _leftovers(tmp_path)
@@ -403,12 +423,13 @@ def test_native_size_inference_reproduces_training_size_predictions(setup):
     logits = model.apply(variables, x[None].astype(np.float32) / 255, train=False)
     return np.stack([np.asarray(models.foreground_probability(l))[0] for l in logits])
 
-  predictor = evaluate.Predictor(config, variables, evaluate.InferenceOptions(pad_multiple=SIZE))
+  predictor = evaluate.Predictor(config, variables, evaluate.InferenceOptions(pad_multiple=SIZE,
+                                                                             flips=False))
   assert predictor.strategy == 'pad'
   (_, probs), = predictor.predict([{'id': 'a', 'image': image[:SIZE, :SIZE]}])
   np.testing.assert_allclose(probs[:-1, ..., 0], training_size(image[:SIZE, :SIZE]), atol=1e-5)
   tiles = evaluate.Predictor(config, variables, evaluate.InferenceOptions(
-      strategy='tile', tile_size=SIZE, tile_overlap=0))
+      strategy='tile', tile_size=SIZE, tile_overlap=0, flips=False))
   (_, probs), = tiles.predict([{'id': 'b', 'image': image}])
   for y in (0, SIZE):
     for x in (0, SIZE):
@@ -431,7 +452,8 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     results.append(json.loads(result.stdout))
   first, second = results
-  assert first['num_images'] == 3 and first['default'] == str(instances.default_options(1))
+  assert first['num_images'] == 3 and first['default'] == str(
+      instances.default_options(LabelScheme()))
   changes = [v['change'] for v in first['variants']]
   assert 'default' in changes and {'method': 'components'} in changes
   assert sum(isinstance(c, dict) and c.get('seeds') == 'product' for c in changes) == 9

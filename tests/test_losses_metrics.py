@@ -74,16 +74,16 @@ def test_loss_ignores_padding_and_splits_over_devices():
 def test_deep_supervision_selects_and_weights_heads():
   rng = np.random.default_rng(1)
   logits = [jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32) for _ in range(3)]
-  label = jnp.asarray(rng.integers(0, 3, (2, 8, 8)))
+  target = losses.semantic_target(jnp.asarray(rng.integers(0, 3, (2, 8, 8))), 1)
   kwargs = dict(weight=jnp.ones(2), **LOSS)
-  total, per_head = losses.deep_supervision_loss(logits, label, heads=(3,), head_weights=(),
+  total, per_head = losses.deep_supervision_loss(logits, target, heads=(3,), head_weights=(),
                                                  **kwargs)
   assert per_head.shape == (3,)
   assert float(total) == pytest.approx(float(per_head[2]))
-  total, per_head = losses.deep_supervision_loss(logits, label, heads=(1, 2, 3), head_weights=(),
+  total, per_head = losses.deep_supervision_loss(logits, target, heads=(1, 2, 3), head_weights=(),
                                                  **kwargs)
   assert float(total) == pytest.approx(float(per_head.mean()), rel=1e-6)
-  total, _ = losses.deep_supervision_loss(logits, label, heads=(1, 3), head_weights=(0.25, 2.0),
+  total, _ = losses.deep_supervision_loss(logits, target, heads=(1, 3), head_weights=(0.25, 2.0),
                                           **kwargs)
   assert float(total) == pytest.approx(float(0.25 * per_head[0] + 2.0 * per_head[2]), rel=1e-6)
 

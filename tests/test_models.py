@@ -188,7 +188,7 @@ def test_predict_modes():
   probs = [jax.nn.sigmoid(l[..., 0]) for l in logits]
 
   def final(mode, head):
-    options = predict.InferenceOptions(mode=mode, prune_level=head, batch_size=2)
+    options = predict.InferenceOptions(mode=mode, prune_level=head, batch_size=2, flips=False)
     return predict.Predictor(config, variables, options).run(list(np.asarray(x)))[-1, ..., 0]
   np.testing.assert_allclose(final('fast', 2), probs[1], atol=1e-5)
   np.testing.assert_allclose(final('accurate', 3), (probs[1] + probs[2]) / 2, atol=1e-5)

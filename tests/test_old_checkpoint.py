@@ -118,6 +118,7 @@ def test_old_workdir_evaluates(tmp_path, old):
   # Runs that recorded their validation ids are scored on them; the oldest recorded none.
   split = 'validation' if (workdir / 'validation_ids.json').is_file() else 'all'
   report = evaluate.evaluate(workdir, release, tmp_path / 'eval', split=split,
+                             inference=evaluate.InferenceOptions(flips=False),
                              config_defaults=evaluate.config_defaults())
   assert report['checkpoint_step'] == 2
   assert report['num_images'] == (4 if split == 'validation' else 12)

@@ -15,6 +15,8 @@ from configs import dsb, dsb_cpu, synthetic
 from unetpp_jax import config_validation, losses
 from unetpp_jax import data as data_sources
 from unetpp_jax.data import contract, release_source, splits
+from unetpp_jax.heads import Heads
+from unetpp_jax.label_scheme import LabelScheme
 
 S = 64  # configs/synthetic.py image size.
 
@@ -75,18 +77,16 @@ def test_contact_weight_weighs_only_the_contact_band():
   assert band[2:10, 6:10].all() and band[2:10, 14].all() and band[2:10, 16].all()
   assert band.sum() == 8 * 6 and not band[0].any()
   logits = [jnp.zeros(label.shape + (3,))]  # Uniform prediction: every pixel's CE is log 3.
-  kwargs = dict(heads=(1,), head_weights=(), bce_weight=1.0, dice_weight=0.0, contact_width=2,
-                class_weights=(1.0, 1.0, 3.0))
-  weighted, _ = losses.deep_supervision_loss(logits, label, jnp.ones(1), contact_weight=10.0,
-                                             **kwargs)
-  plain, _ = losses.deep_supervision_loss(logits, label, jnp.ones(1), **kwargs)
+  kwargs = dict(output=(1,), supervised=(1,), weights=(), bce_weight=1.0, dice_weight=0.0)
+  three = dict(scheme=LabelScheme(num_classes=3, contact_width=2), class_weights=(1.0, 1.0, 3.0),
+               **kwargs)
+  weighted, _ = Heads(contact_weight=10.0, **three).loss(logits, label, jnp.ones(1))
+  plain, _ = Heads(**three).loss(logits, label, jnp.ones(1))
   # Band pixels are boundary (class weight 3): their share of the CE grows by 3 * (10 - 1).
   np.testing.assert_allclose(float(weighted), float(plain) + np.log(3) * 27 * band.mean(),
                              rtol=1e-5)
-  one_class, _ = losses.deep_supervision_loss([logits[0][..., :1]], label, jnp.ones(1),
-                                              heads=(1,), head_weights=(), bce_weight=1.0,
-                                              dice_weight=0.0, contact_width=2,
-                                              contact_weight=10.0)
+  one_class, _ = Heads(scheme=LabelScheme(num_classes=1, contact_width=2), contact_weight=10.0,
+                       **kwargs).loss([logits[0][..., :1]], label, jnp.ones(1))
   np.testing.assert_allclose(float(one_class), np.log(2), rtol=1e-5)  # 1 class: no band.
 
 

@@ -55,6 +55,7 @@ def runs(tmp_path_factory):
     train.train_and_evaluate(_recipe_on_synthetic(data, num_classes), workdir)
     metrics[num_classes] = evaluate.evaluate(workdir, data, root / f'eval{num_classes}',
                                              split='validation', instance_options=options,
+                                             inference=evaluate.InferenceOptions(flips=False),
                                              num_overlays=0)
   for num_classes, m in metrics.items():  # Shown by pytest -s (docs/results.md quotes them).
     print(f'{num_classes} classes: touching_recall50 {m["touching_recall50"]:.3f}, official '

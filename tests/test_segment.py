@@ -19,6 +19,7 @@ from unetpp_jax import train
 from unetpp_jax.data import release
 from unetpp_jax.data.builders import synthetic_nuclei
 from unetpp_jax.evaluation import evaluate, instances, predict, rle, segment
+from unetpp_jax.label_scheme import LabelScheme
 
 import synthetic_release
 import test_evaluate  # The tiny model and its in-memory training data.
@@ -112,7 +113,7 @@ def test_cli_png_and_16bit_tiff_unreadable_file_rerun_and_evaluate_equality(setu
   assert run['num_segmented'] == 2 and run['checkpoint_step'] == 40
   assert run['inference']['flips'] and run['inference']['strategy'] == 'resize'
   assert run['instances'] == json.loads(json.dumps(
-      dataclasses.asdict(instances.default_options(setup.config.model.num_classes))))
+      dataclasses.asdict(instances.default_options(LabelScheme.from_config(setup.config)))))
 
   nuclei, summary = _table(out / 'nuclei.csv'), _table(out / 'summary.csv')
   assert [s['image'] for s in summary] == ['a', 'c']
@@ -130,7 +131,7 @@ def test_cli_png_and_16bit_tiff_unreadable_file_rerun_and_evaluate_equality(setu
 
   # Evaluation of the same PNG with the same (default) options finds the same nuclei.
   data = synthetic_release.write_zip(tmp_path / 'a.zip', [setup.png_index])
-  evaluate.evaluate(setup.workdir, data, tmp_path / 'eval', inference=predict.DEFAULT_INFERENCE,
+  evaluate.evaluate(setup.workdir, data, tmp_path / 'eval', inference=predict.InferenceOptions(),
                     num_overlays=0)
   (rows,) = rle.read_csv(tmp_path / 'eval' / 'submission.csv', require_shape=False).values()
   np.testing.assert_array_equal(rows.label_map('submission.csv', label_a.shape), label_a)

@@ -10,6 +10,7 @@ import jax
 
 from unetpp_jax import losses, models
 from unetpp_jax import metrics as metrics_lib
+from unetpp_jax.label_scheme import LabelScheme
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,16 +23,16 @@ class Heads:
       mean probability is the 'accurate' prediction.
     weights: one loss weight per supervised head; empty = equal weights summing to 1.
     bce_weight, dice_weight: the terms of each head's loss (`losses.head_loss`).
-    contact_width, class_weights, contact_weight: the 3-class target's contact band, the
-      per-class cross-entropy weights and the contact band's extra weight
-      (`losses.semantic_target`, `losses.head_loss`, `losses.deep_supervision_loss`).
+    scheme: the classes, whose `target` the heads learn.
+    class_weights, contact_weight: the per-class cross-entropy weights and the extra weight of
+      the target's contact band (`losses.head_loss`, `losses.deep_supervision_loss`).
   """
   output: tuple[int, ...]
   supervised: tuple[int, ...]
   weights: tuple[float, ...]
   bce_weight: float
   dice_weight: float
-  contact_width: int = 0
+  scheme: LabelScheme = LabelScheme()
   class_weights: tuple[float, ...] = ()
   contact_weight: float = 1.0
 
@@ -43,7 +44,7 @@ class Heads:
         weights=tuple(config.loss.head_weights),
         bce_weight=config.loss.bce_weight,
         dice_weight=config.loss.dice_weight,
-        contact_width=config.loss.get('contact_width', 0),
+        scheme=LabelScheme.from_config(config),
         class_weights=tuple(config.loss.get('class_weights', ())),
         contact_weight=config.loss.get('contact_weight', 1.0),
     )
@@ -62,10 +63,10 @@ class Heads:
            weight: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(total loss, per-head losses) of the model's output; see losses.deep_supervision_loss."""
     return losses.deep_supervision_loss(
-        logits, label, weight, heads=self.supervised, head_weights=self.weights,
-        bce_weight=self.bce_weight, dice_weight=self.dice_weight, output_heads=self.output,
-        contact_width=self.contact_width, class_weights=self.class_weights,
-        contact_weight=self.contact_weight)
+        logits, self.scheme.target(label), weight, heads=self.supervised,
+        head_weights=self.weights, bce_weight=self.bce_weight, dice_weight=self.dice_weight,
+        output_heads=self.output, class_weights=self.class_weights,
+        contact_mask=self.scheme.contact_band(label), contact_weight=self.contact_weight)
 
   def metrics(self, *, logits: Sequence[jax.Array], label: jax.Array, loss: jax.Array,
               head_losses: jax.Array, weight: jax.Array | None = None,

@@ -2,18 +2,19 @@
 
 Which checkpoint (--workdir, --step), how the network runs on native-size images
 (`InferenceOptions`) and how probabilities become nuclei (`InstanceOptions`) are defined here
-once, so both commands predict the same way and take the same defaults: `predict.DEFAULT_INFERENCE`
-(test-time flips on) and `instances.default_options` of the model's number of classes. Import
-after `cli.quiet_native_logs()` (this imports jax).
+once, so both commands predict the same way and take the same defaults: those of
+`InferenceOptions` (test-time flips on) and `instances.default_options` of the model's label
+scheme. Import after `cli.quiet_native_logs()` (this imports jax).
 """
 
 import ml_collections
 from absl import flags
 
 from unetpp_jax.evaluation import evaluate, instances, predict
+from unetpp_jax.label_scheme import LabelScheme
 
 FLAGS = flags.FLAGS
-_INFERENCE = predict.DEFAULT_INFERENCE
+_INFERENCE = predict.InferenceOptions()
 _INSTANCES = instances.InstanceOptions
 
 flags.DEFINE_string('workdir', None, 'Training workdir (--workdir of unetpp_jax.main): its '
@@ -30,6 +31,9 @@ flags.DEFINE_bool('flips', _INFERENCE.flips, 'Average the probabilities over 4 f
                   'augmentation; --noflips: off, 4x faster).')
 flags.DEFINE_bool('transpose', _INFERENCE.transpose, 'Also average over the transposed image: '
                   'with --flips, the 8 symmetries of the square (flips x rot90; 2x the time).')
+flags.DEFINE_list('scales', [str(s) for s in _INFERENCE.scales], 'Test-time scales: the '
+                  'probabilities at each factor (e.g. 0.75,1,1.5), resized back and averaged; '
+                  'each adds the time of one more pass at that size.')
 flags.DEFINE_integer('tile_size', _INFERENCE.tile_size, 'Tile size of --strategy=tile.')
 flags.DEFINE_integer('tile_overlap', _INFERENCE.tile_overlap, 'Overlap of neighbouring tiles, in '
                      'pixels.')
@@ -40,12 +44,14 @@ flags.DEFINE_integer('batch_size', _INFERENCE.batch_size, 'Inputs per network ca
 flags.DEFINE_enum('instances', _INSTANCES.method, instances.METHODS, 'Split touching nuclei by '
                   'watershed, or plain connected components.')
 flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Watershed seeds; auto = '
-                  "instances.default_options of the model's num_classes ('distance').")
+                  "instances.default_options of the model's label scheme ('distance').")
 flags.DEFINE_float('threshold', None, 'Foreground probability threshold; default: '
-                   "instances.default_options of the model's num_classes (0.5; 0.6 for 3 classes).")
+                   "instances.default_options of the model's label scheme (0.5; 0.6 for 3 "
+                   'classes).')
 flags.DEFINE_float('seed_h', _INSTANCES.seed_h, "Minimum dynamic (pixels) of a 'distance' seed.")
 flags.DEFINE_integer('min_size', None, 'Smallest nucleus kept, in pixels; default: '
-                     "instances.default_options of the model's num_classes (15; 30 for 3 classes).")
+                     "instances.default_options of the model's label scheme (15; 30 for 3 "
+                     'classes).')
 flags.DEFINE_float('marker_threshold', _INSTANCES.marker_threshold, "'boundary' seeds: threshold "
                    'of p(nucleus) for the markers; default --threshold.')
 flags.DEFINE_float('seed_threshold', _INSTANCES.seed_threshold, "'product' seeds: threshold of "
@@ -65,19 +71,23 @@ def load_config() -> ml_collections.ConfigDict:
 def inference_options() -> predict.InferenceOptions:
   return predict.InferenceOptions(
       strategy=FLAGS.strategy, mode=FLAGS.mode, prune_level=FLAGS.prune_level, flips=FLAGS.flips,
-      transpose=FLAGS.transpose, tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap,
+      transpose=FLAGS.transpose, scales=_factors('scales'), tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap,
       pad_multiple=FLAGS.pad_multiple, batch_size=FLAGS.batch_size)
 
 
-def instance_options(num_classes: int) -> instances.InstanceOptions:
-  """The instance flags; 'auto' seeds and an unset threshold are those of
-  `instances.default_options(num_classes)`."""
-  default = instances.default_options(num_classes)
-  return instances.InstanceOptions(
-      threshold=default.threshold if FLAGS.threshold is None else FLAGS.threshold,
-      method=FLAGS.instances, seeds=default.seeds if FLAGS.seeds == 'auto' else FLAGS.seeds,
-      seed_h=FLAGS.seed_h,
-      min_size=default.min_size if FLAGS.min_size is None else FLAGS.min_size,
-      marker_threshold=FLAGS.marker_threshold,
-      seed_threshold=FLAGS.seed_threshold, min_seed_size=FLAGS.min_seed_size,
-      fill_holes=FLAGS.fill_holes)
+def _factors(name: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in FLAGS[name].value)
+  except ValueError as e:
+    raise ValueError(f'--{name}={",".join(FLAGS[name].value)} must be numbers, e.g. '
+                     '0.75,1,1.5.') from e
+
+
+def instance_options(config: ml_collections.ConfigDict) -> instances.InstanceOptions:
+  """The instance flags; 'auto' seeds and unset ones are `instances.default_options` of the
+  config's label scheme."""
+  return instances.default_options(
+      LabelScheme.from_config(config), threshold=FLAGS.threshold, method=FLAGS.instances,
+      seeds=FLAGS.seeds, seed_h=FLAGS.seed_h, min_size=FLAGS.min_size,
+      marker_threshold=FLAGS.marker_threshold, seed_threshold=FLAGS.seed_threshold,
+      min_seed_size=FLAGS.min_seed_size, fill_holes=FLAGS.fill_holes)

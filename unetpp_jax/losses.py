@@ -14,6 +14,7 @@ import optax
 from unetpp_jax import models
 
 DICE_SMOOTH = 1.0  # As in the original UNet++ Keras code; keeps empty images finite.
+BOUNDARY = 2  # The boundary class of the 3-class target (`semantic_target`).
 
 
 def contact_band(label: jax.Array, contact_width: int) -> jax.Array:
@@ -48,7 +49,7 @@ def semantic_target(label: jax.Array, num_classes: int, contact_width: int = 0) 
   edge = jnp.any(jnp.stack([n != label for n in neighbours]), axis=0)
   if contact_width > 0:
     edge = edge | contact_band(label, contact_width)
-  return jnp.where(edge & (label > 0), 2, foreground)
+  return jnp.where(edge & (label > 0), BOUNDARY, foreground)
 
 
 def _weighted_mean(per_image: jax.Array, weight: jax.Array) -> jax.Array:
@@ -102,7 +103,7 @@ def head_loss(
 
 def deep_supervision_loss(
     logits: Sequence[jax.Array],
-    label: jax.Array,
+    target: jax.Array,
     weight: jax.Array,
     *,
     heads: Sequence[int],
@@ -110,35 +111,34 @@ def deep_supervision_loss(
     bce_weight: float,
     dice_weight: float,
     output_heads: Sequence[int] | None = None,
-    contact_width: int = 0,
     class_weights: Sequence[float] = (),
+    contact_mask: jax.Array | None = None,
     contact_weight: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Weighted sum of the supervised heads' losses.
 
   Args:
     logits: Logits of heads 1..k (the model's output).
-    label: [B, H, W] instance map.
+    target: [B, H, W] integer classes (`LabelScheme.target` of the instance map).
     weight: [B] example weights.
     heads: Supervised heads (1-based).
     head_weights: One weight per supervised head; empty = equal weights summing to 1.
     bce_weight: See `head_loss`.
     dice_weight: See `head_loss`.
     output_heads: The head of each entry of `logits` (`model.output_heads()`); None = 1..k.
-    contact_width: See `semantic_target`.
     class_weights: See `head_loss`.
-    contact_weight: 3 classes with contact_width > 0: factor of the cross-entropy of the
-      `contact_band` pixels (the weight map of the U-Net paper, flat). The band is a few percent
-      of the boundary pixels, most of which are the easy rims, so class_weights alone leave it
-      unlearned.
+    contact_mask: Optional bool [B, H, W], the target's `contact_band`
+      (`LabelScheme.contact_band`: 3 classes with contact_width > 0).
+    contact_weight: Factor of the cross-entropy of the contact_mask pixels (the weight map of the
+      U-Net paper, flat). The band is a few percent of the boundary pixels, most of which are the
+      easy rims, so class_weights alone leave it unlearned.
 
   Returns:
     (total loss, per-head losses [k] of every returned head, supervised or not).
   """
-  target = semantic_target(label, logits[0].shape[-1], contact_width)
   pixel_weight = None
-  if contact_weight != 1.0 and contact_width > 0 and logits[0].shape[-1] == 3:
-    pixel_weight = jnp.where(contact_band(label, contact_width), contact_weight, 1.0)
+  if contact_mask is not None and contact_weight != 1.0:
+    pixel_weight = jnp.where(contact_mask, contact_weight, 1.0)
   per_head = jnp.stack([
       head_loss(l, target, weight, bce_weight=bce_weight, dice_weight=dice_weight,
                 class_weights=class_weights, pixel_weight=pixel_weight) for l in logits
@@ -148,4 +148,3 @@ def deep_supervision_loss(
   position = models.head_positions(output_heads, len(logits))
   total = sum(w * per_head[position[h]] for h, w in zip(heads, head_weights))
   return total, per_head
-

@@ -13,7 +13,7 @@ U-Net is that U-Net with its filters scaled up until its parameter count matches
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -272,17 +272,22 @@ def foreground_probability(logits: jax.Array) -> jax.Array:
 
 
 def accurate_probability(
-    logits: Sequence[jax.Array], heads: Sequence[int], output_heads: Sequence[int] | None = None
+    logits: Sequence[jax.Array],
+    heads: Sequence[int],
+    output_heads: Sequence[int] | None = None,
+    probability: Callable[[jax.Array], jax.Array] = foreground_probability,
 ) -> jax.Array:
-  """The 'accurate' prediction: mean foreground probability of `heads`.
+  """The 'accurate' prediction: mean probability of `heads` (foreground by default).
 
   Args:
     logits: The model's output.
     heads: Heads to average.
     output_heads: The head of each entry of `logits` (`model.output_heads()`); None = 1..k.
+    probability: One head's logits -> its probabilities; evaluation's hold p(boundary) too
+      (`LabelScheme.probabilities`).
   """
   position = head_positions(output_heads, len(logits))
-  return jnp.mean(jnp.stack([foreground_probability(logits[position[h]]) for h in heads]), axis=0)
+  return jnp.mean(jnp.stack([probability(logits[position[h]]) for h in heads]), axis=0)
 
 
 def head_positions(output_heads: Sequence[int] | None, num_outputs: int) -> dict[int, int]:

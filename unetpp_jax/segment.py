@@ -52,7 +52,7 @@ def main(argv):
     report = segment.segment(
         FLAGS.workdir, inputs, FLAGS.output, step=FLAGS.step,
         inference=inference_flags.inference_options(),
-        instance_options=inference_flags.instance_options(config.model.num_classes),
+        instance_options=inference_flags.instance_options(config),
         channel=FLAGS.channel, label_format=FLAGS.label_format, overwrite=FLAGS.overwrite,
         parquet=FLAGS.parquet, config_defaults=evaluate.config_defaults())
   except OSError as e:  # Unreadable workdir files, an unwritable --output.

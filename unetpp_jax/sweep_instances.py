@@ -14,6 +14,7 @@ docs/evaluation.md describes the options).
 
 import collections
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -32,19 +33,22 @@ from absl import app, flags
 from unetpp_jax import atomic, losses
 from unetpp_jax.data import splits
 from unetpp_jax.evaluation import evaluate, instances, predict
+from unetpp_jax.label_scheme import LabelScheme
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
+_INFERENCE = predict.InferenceOptions()  # Its defaults, as evaluate's.
 flags.DEFINE_string('workdir', None, 'Training workdir.')
 flags.DEFINE_string('data', None, 'Kaggle-layout folder or zip holding the validation images.')
-flags.DEFINE_bool('flips', True, 'Flip test-time augmentation.')
-flags.DEFINE_bool('transpose', False, 'Also the transposed image (with flips: 8-way dihedral).')
-flags.DEFINE_enum('strategy', 'auto', predict.STRATEGIES, 'Native-size inference.')
+flags.DEFINE_bool('flips', _INFERENCE.flips, 'Flip test-time augmentation.')
+flags.DEFINE_bool('transpose', _INFERENCE.transpose, 'Also the transposed image (with flips: '
+                  '8-way dihedral).')
+flags.DEFINE_enum('strategy', _INFERENCE.strategy, predict.STRATEGIES, 'Native-size inference.')
 flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
 flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Base watershed seeds; auto = '
-                  "instances.default_options of the model's num_classes (as evaluate).")
+                  "instances.default_options of the model's label scheme (as evaluate).")
 flags.DEFINE_float('threshold', None, 'Base foreground threshold; default: '
-                   "instances.default_options of the model's num_classes (as evaluate).")
+                   "instances.default_options of the model's label scheme (as evaluate).")
 flags.DEFINE_integer('processes', 2, 'Scoring processes.')
 flags.DEFINE_integer('limit', 0, 'Only the first N validation images (a quick check); 0 = all.')
 flags.DEFINE_string('cache', None, 'Optional .npz of the predictions: read if it exists (and was '
@@ -74,7 +78,7 @@ def main(argv):
   variables, step = evaluate.load_variables(FLAGS.workdir, config, FLAGS.step)
   predictor = predict.Predictor(config, variables, predict.InferenceOptions(
       strategy=FLAGS.strategy, flips=FLAGS.flips, transpose=FLAGS.transpose))
-  has_boundary = predictor.channels == 2  # A 3-class model.
+  scheme = predictor.scheme
   final = len(predictor.names) - 1
   key = {'workdir': os.path.abspath(FLAGS.workdir), 'step': step, 'flips': FLAGS.flips,
          'transpose': FLAGS.transpose, 'strategy': predictor.strategy, 'ids': list(ids)}
@@ -89,29 +93,26 @@ def main(argv):
       _write_cache(FLAGS.cache, key, _STORED)
   predict_seconds = time.time() - start
 
-  default = instances.default_options(config.model.num_classes)
-  seeds = default.seeds if FLAGS.seeds == 'auto' else FLAGS.seeds
-  default = dataclasses.replace(
-      default, seeds=seeds, threshold=default.threshold if FLAGS.threshold is None
-      else FLAGS.threshold)
+  default = instances.default_options(scheme, seeds=FLAGS.seeds, threshold=FLAGS.threshold)
+  seeds = default.seeds
   variants = [{}]
   for field, values in GRID.items():
     if field == 'marker_threshold' and seeds != 'boundary':
       continue  # Distance seeds ignore it.
     variants += [{field: v} for v in values if v != getattr(default, field)]
-  if has_boundary:  # The other seeds on the same probabilities.
+  if scheme.has_boundary:  # The other seeds on the same probabilities.
     variants += [{'seeds': s} for s in ('distance', 'boundary') if s != seeds]
-  variants += [v for v in PRODUCT_GRID if has_boundary or seeds != 'product']
+  variants += [v for v in PRODUCT_GRID if scheme.has_boundary or seeds != 'product']
   variants.append({'method': 'components'})
   options = [dataclasses.replace(default, **v) for v in variants]
   # Fork: the workers share the stored probabilities; one variant per task.
   with multiprocessing.get_context('fork').Pool(FLAGS.processes) as pool:
-    scores = pool.map(_score, options)
+    scores = pool.map(functools.partial(_score, scheme), options)
   print(json.dumps({
       'checkpoint_step': step, 'num_images': len(_STORED), 'strategy': predictor.strategy,
       'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'prediction': predictor.names[final],
       'predict_seconds': round(predict_seconds), 'default': str(default),
-      'mean_probabilities': _mean_probabilities(config) if has_boundary else None,
+      'mean_probabilities': _mean_probabilities(scheme) if scheme.has_boundary else None,
       'variants': sorted(({'change': v or 'default', **r} for v, r in zip(variants, scores)),
                          key=lambda r: -r['score']),
       'seconds': round(time.time() - start)}, indent=1, default=str))
@@ -120,21 +121,22 @@ def main(argv):
 _STORED = []
 
 
-def _mean_probabilities(config) -> dict[str, dict[str, float]]:
+def _mean_probabilities(scheme: LabelScheme) -> dict[str, dict[str, float]]:
   """Mean predicted p(foreground) and p(boundary) over the pixels of each kind of the true
-  3-class target: background, interior, the 1-pixel rims, and the contact band beyond the rims
-  (`losses.contact_band` at config.loss.contact_width, at least 2). Says which part of the
+  target of a `scheme` with a boundary class: background, interior, the 1-pixel rims, and the
+  contact band beyond the rims (the scheme's, at least 2 pixels wide). Says which part of the
   target the model has learned."""
-  width = max(config.loss.get('contact_width', 0), 2)
+  rims = dataclasses.replace(scheme, contact_width=0)
+  wide = dataclasses.replace(scheme, contact_width=max(scheme.contact_width, 2))
   sums = {k: np.zeros(3) for k in ('background', 'interior', 'rim', 'contact band')}
   for label, probs, _ in _STORED:
     instance = jnp.asarray(label[None])
-    rim = np.asarray(losses.semantic_target(instance, 3))[0] == 2
-    band = np.asarray(losses.contact_band(instance, width))[0] & ~rim
-    p = probs.astype(np.float32)
+    rim = np.asarray(rims.target(instance))[0] == losses.BOUNDARY
+    band = np.asarray(wide.contact_band(instance))[0] & ~rim
+    foreground, boundary = scheme.split(probs.astype(np.float32))
     for kind, where in (('background', label == 0), ('interior', (label > 0) & ~rim & ~band),
                         ('rim', rim), ('contact band', band)):
-      sums[kind] += (p[..., 0][where].sum(), p[..., 1][where].sum(), where.sum())
+      sums[kind] += (foreground[where].sum(), boundary[where].sum(), where.sum())
   return {kind: {'pixels': int(n), 'p_foreground': round(f / max(n, 1), 4),
                  'p_boundary': round(b / max(n, 1), 4)} for kind, (f, b, n) in sums.items()}
 
@@ -162,14 +164,15 @@ def _write_cache(path: str, key: dict, stored: list) -> None:
   atomic.write_via(path, write)  # Never a half-written cache.
 
 
-def _score(options: instances.InstanceOptions) -> dict[str, float]:
-  """The official score and more of `options` on the stored predictions, overall and per kind."""
+def _score(scheme: LabelScheme, options: instances.InstanceOptions) -> dict[str, float]:
+  """The official score and more of `options` on the stored predictions of a model of `scheme`,
+  overall and per kind."""
   acc = evaluate.Accumulator()
   by_kind = collections.defaultdict(list)
   for label, probs, kind in _STORED:
-    p = probs.astype(np.float32)
-    pred = instances.to_instances(p[..., 0], p[..., 1] if p.shape[-1] == 2 else None, options)
-    _, _, result = acc.add(p[..., 0] > options.threshold, label > 0, pred, label)
+    foreground, boundary = scheme.split(probs.astype(np.float32))
+    pred = instances.to_instances(foreground, boundary, options)
+    _, _, result = acc.add(foreground > options.threshold, label > 0, pred, label)
     by_kind[kind].append(result.score)
   scores = {k: round(v, 4) for k, v in acc.summary().items()
             if k in ('score', 'ap50', 'touching_recall50', 'iou', 'iou_per_image')}

@@ -251,7 +251,7 @@ def evaluate(
     step: Checkpoint step; None = the newest.
     inference: How the network runs on native-size images.
     instance_options: Probabilities -> instances; None = `instances.default_options` of the
-      model's number of classes.
+      model's label scheme.
     num_overlays: Number of images (evenly spread over the sorted ids) drawn with contours.
     config_defaults: Values of config fields missing from an older run's config.
 
@@ -274,7 +274,7 @@ def evaluate(
   ids = select_ids(data, wanted, truth, solution)
   predictor = Predictor(config, variables, inference)
   if instance_options is None:
-    instance_options = instances.default_options(config.model.num_classes)
+    instance_options = instances.default_options(predictor.scheme)
   logging.info('Evaluating step %d of %s on %d images of %s (%s, strategy %s).', step, workdir,
                len(ids), data, predictor.mode, predictor.strategy)
 
@@ -298,11 +298,11 @@ def evaluate(
       true_mask = true_label > 0
       any_label |= bool(true_mask.any())
       for name, p in zip(predictor.names, probs):
-        pred_label = instances.to_instances(
-            p[..., 0], p[..., 1] if predictor.channels == 2 else None, instance_options)
+        foreground, boundary = predictor.scheme.split(p)
+        pred_label = instances.to_instances(foreground, boundary, instance_options)
         iou, dice, result = accumulators[name].add(
-            p[..., 0] > instance_options.threshold, true_mask, pred_label, true_label)
-      # The loop leaves the final prediction's values in p, pred_label, iou, dice and result.
+            foreground > instance_options.threshold, true_mask, pred_label, true_label)
+      # The loop leaves the final prediction's values in pred_label, iou, dice and result.
       kind = splits.image_kind(example['image'], true_label)
       by_kind[kind].append((iou, dice, result))
       submission.extend(rle.submission_rows(example['id'], pred_label))

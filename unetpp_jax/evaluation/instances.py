@@ -21,15 +21,19 @@
 3. Instances smaller than `min_size` pixels are dropped (they are mostly noise and each would be a
    false positive), and the rest renumbered 1..N.
 
-The defaults were chosen on the DSB2018 validation split; the scores behind them are in
-docs/results.md, and docs/evaluation.md lists them.
+The defaults (`default_options`: those of `InstanceOptions`, changed by the model's
+`LabelScheme.instance_defaults`) were chosen on the DSB2018 validation split; the scores behind
+them are in docs/results.md, and docs/evaluation.md lists them.
 """
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from skimage import morphology, segmentation
+
+from unetpp_jax.label_scheme import LabelScheme
 
 METHODS = ('watershed', 'components')
 SEEDS = ('distance', 'boundary', 'product')
@@ -56,17 +60,14 @@ class InstanceOptions:
       raise ValueError(f'Watershed seeds {self.seeds!r} must be one of {SEEDS}.')
 
 
-def default_options(num_classes: int) -> InstanceOptions:
-  """The options `evaluate` uses for a model with `num_classes` outputs, chosen on the DSB2018
-  validation split (docs/results.md: "The paper's setting on a CPU" for 1 class, "Every kind of
-  image, on the grouped split" for 3; docs/evaluation.md lists them). For the recipe's 3-class CPU
-  runs the distance watershed of p(foreground) beat the boundary markers and the winners' product
-  seeds, threshold 0.6 beat 0.5, and dropping nuclei under 30 pixels beat 15 on every kind of
-  image (python -m unetpp_jax.sweep_instances).
+def default_options(scheme: LabelScheme, **changes: Any) -> InstanceOptions:
+  """The options for a model of `scheme` (its `instance_defaults`), with `changes`.
+
+  A change of None, or seeds='auto', keeps the default: it is an unset flag of the commands
+  (`inference_flags`, `sweep_instances`), which thus all mean the same by it.
   """
-  if num_classes == 3:
-    return InstanceOptions(seeds='distance', threshold=0.6, min_size=30)
-  return InstanceOptions()
+  changes = {k: v for k, v in changes.items() if v is not None and (k, v) != ('seeds', 'auto')}
+  return InstanceOptions(**{**scheme.instance_defaults, **changes})
 
 
 def _relabel(labels: np.ndarray, min_size: int) -> np.ndarray:

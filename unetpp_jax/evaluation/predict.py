@@ -4,7 +4,8 @@
 built). A strategy (`Resize`, `Pad`, `Tile`: one interface, `split`) turns an image of any size
 into fixed-shape network inputs and assembles their outputs; `Predictor` batches the inputs of
 consecutive images, runs the network (pruned to a level) and returns the probabilities of every
-head plus the final prediction, ensembled by the model's own `models.accurate_probability`.
+head (the channels of the model's `LabelScheme`) plus the final prediction, ensembled by the
+model's own `models.accurate_probability`.
 The model standardises each input, so in 'tile' mode the statistics are those of the tile.
 """
 
@@ -22,6 +23,7 @@ from PIL import Image
 
 from unetpp_jax import models
 from unetpp_jax.heads import Heads
+from unetpp_jax.label_scheme import LabelScheme
 from unetpp_jax.workdir import Workdir
 
 STRATEGIES = ('auto', 'resize', 'pad', 'tile')
@@ -30,21 +32,21 @@ MODES = models.PREDICTION_MODES
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-  """How the network is run on native-size images (see `unetpp_jax.evaluation.evaluate`)."""
+  """How the network is run on native-size images (see `unetpp_jax.evaluation.evaluate`); the
+  defaults are also the commands' (`inference_flags`)."""
   strategy: str = 'auto'
   mode: str | None = None  # 'accurate' | 'fast'; None = config.predict.mode.
   prune_level: int | None = None  # None: config.predict.head ('fast'), else the deepest head.
-  flips: bool = False
+  flips: bool = True  # Average over the 4 flips (identity, left-right, up-down, both).
   # Also the transposed image: with flips, the 8 symmetries of the square (flips x rot90).
   transpose: bool = False
+  # Test-time scales: the image is also resized by each factor and the probabilities, resized
+  # back, are averaged (helps nuclei far from the training sizes); (1.0,) = native size only.
+  scales: tuple[float, ...] = (1.0,)
   tile_size: int = 256
   tile_overlap: int = 64
   pad_multiple: int = 128
   batch_size: int = 8  # Inputs per network call ('resize' and 'tile').
-
-
-# What the commands (`evaluate`, `segment`) run without flags: test-time flips on.
-DEFAULT_INFERENCE = InferenceOptions(flips=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,11 +85,8 @@ class Resize:
     height, width = image.shape[:2]
     small = Image.fromarray(image).resize((self.size, self.size), Image.BILINEAR)
 
-    def assemble(outputs):
-      return np.stack([
-          np.stack([_resize_float(o, height, width) for o in np.moveaxis(pred, -1, 0)], -1)
-          for pred in outputs[0]])
-    return [np.asarray(small, np.float32) / 255], assemble
+    return [np.asarray(small, np.float32) / 255], lambda outputs: _resize_maps(outputs[0], height,
+                                                                               width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +128,38 @@ class Tile:
     return [padded[y:y + size, x0:x0 + size] for y, x0 in corners], assemble
 
 
+@dataclasses.dataclass(frozen=True)
+class MultiScale:
+  """`base` applied to the image resized by each of `scales` (bilinear); the probabilities are
+  resized back to the image's size (bilinear) and averaged over the scales."""
+  base: Resize | Pad | Tile
+  scales: tuple[float, ...]
+
+  @property
+  def name(self) -> str:
+    return self.base.name
+
+  def split(self, image: np.ndarray) -> tuple[list[np.ndarray], Assemble]:
+    height, width = image.shape[:2]
+    inputs, parts = [], []  # parts: (first input, number of inputs, assemble) of each scale.
+    for scale in self.scales:
+      size = (max(1, round(width * scale)), max(1, round(height * scale)))
+      scaled = image if size == (width, height) else np.asarray(
+          Image.fromarray(image).resize(size, Image.BILINEAR))
+      scale_inputs, assemble = self.base.split(scaled)
+      parts.append((len(inputs), len(scale_inputs), assemble))
+      inputs += scale_inputs
+
+    def assemble_scales(outputs):
+      return sum(_resize_maps(assemble(outputs[first:first + n]), height, width)
+                 for first, n, assemble in parts) / len(parts)
+    return inputs, assemble_scales
+
+
 def create_strategy(config: ml_collections.ConfigDict, options: InferenceOptions,
-                    level: int) -> Resize | Pad | Tile:
-  """The strategy named by options.strategy; 'auto' predicts at the scale the model was trained
-  at: 'resize' after data.train_preprocess='resize', 'pad' after 'crop'."""
+                    level: int) -> Resize | Pad | Tile | MultiScale:
+  """The strategy named by options.strategy, over options.scales; 'auto' predicts at the scale
+  the model was trained at: 'resize' after data.train_preprocess='resize', 'pad' after 'crop'."""
   strategy = options.strategy
   if strategy == 'auto':
     strategy = 'resize' if config.data.train_preprocess == 'resize' else 'pad'
@@ -145,16 +172,26 @@ def create_strategy(config: ml_collections.ConfigDict, options: InferenceOptions
                        f'{factor}.')
   if not 0 <= options.tile_overlap < options.tile_size:
     raise ValueError(f'--tile_overlap={options.tile_overlap} must be in [0, tile_size).')
+  scales = tuple(float(s) for s in options.scales)
+  if not scales or min(scales) <= 0:
+    raise ValueError(f'--scales={",".join(map(str, scales))} must be positive factors.')
   if strategy == 'resize':
-    return Resize(config.data.image_size)
-  if strategy == 'pad':
-    return Pad(options.pad_multiple)
-  return Tile(options.tile_size, options.tile_overlap)
+    base = Resize(config.data.image_size)
+  elif strategy == 'pad':
+    base = Pad(options.pad_multiple)
+  else:
+    base = Tile(options.tile_size, options.tile_overlap)
+  return base if scales == (1.0,) else MultiScale(base, scales)
 
 
-def _resize_float(x: np.ndarray, height: int, width: int) -> np.ndarray:
-  return np.asarray(Image.fromarray(x.astype(np.float32), mode='F').resize(
-      (width, height), Image.BILINEAR))
+def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+  """float32 [P, h, w, c] maps resized to [P, height, width, c] (bilinear); unchanged if equal."""
+  if maps.shape[1:3] == (height, width):
+    return maps
+  return np.stack([
+      np.stack([np.asarray(Image.fromarray(channel.astype(np.float32), mode='F').resize(
+          (width, height), Image.BILINEAR)) for channel in np.moveaxis(m, -1, 0)], -1)
+      for m in maps])
 
 
 def _reflect_pad(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -206,20 +243,15 @@ class Predictor:
     self.final_heads = ([self.level] if self.mode == 'fast'
                         else [h for h in supervised if h <= self.level] or [self.level])
     self.names = [f'head{j}' for j in self.heads] + [self.mode]
-    self.num_classes = config.model.num_classes
+    self.scheme = LabelScheme.from_config(config)
     self._strategy = create_strategy(config, options, self.level)
     self.strategy = self._strategy.name
     self.batch_size = 1 if self.strategy == 'pad' else options.batch_size
     self._forward = jax.jit(self._probabilities)
 
-  @property
-  def channels(self) -> int:
-    """Channels of each prediction: foreground, plus boundary for 3-class models."""
-    return 2 if self.num_classes == 3 else 1
-
   def _probabilities(self, variables: Any, images: jax.Array) -> jax.Array:
-    """images [B, h, w, 3] -> [P, B, h, w, channels]: heads 1..k, then the final prediction,
-    averaged over the test-time augmentations."""
+    """images [B, h, w, 3] -> [P, B, h, w, c]: the c `scheme.channels` of heads 1..k, then of the
+    final prediction, averaged over the test-time augmentations."""
     probs = self._flipped_probabilities(variables, images)
     if self.options.transpose:  # A transposed image's probabilities, transposed back.
       transposed = self._flipped_probabilities(variables, jnp.swapaxes(images, 1, 2))
@@ -232,20 +264,11 @@ class Predictor:
     if self.options.flips:  # Identity, left-right, up-down, both; undone after the network.
       images = jnp.concatenate([images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]])
     logits = self.model.apply(variables, images, prune_level=self.level)
-    heads = []
-    for head_logits in logits:
-      channels = [models.foreground_probability(head_logits)]
-      if self.num_classes == 3:
-        channels.append(jax.nn.softmax(head_logits, axis=-1)[..., 2])
-      heads.append(jnp.stack(channels, axis=-1))
-    # The final prediction's foreground is the model's own ensemble of the final heads; its
-    # boundary channel (3 classes) is averaged over the same heads.
-    final = [models.accurate_probability(logits, self.final_heads, self.heads)]
-    if self.num_classes == 3:
-      position = models.head_positions(self.heads, len(self.heads))
-      final.append(jnp.mean(jnp.stack([heads[position[h]][..., 1] for h in self.final_heads]),
-                            axis=0))
-    probs = jnp.stack(heads + [jnp.stack(final, axis=-1)])  # [k + 1, n * B, h, w, c]
+    heads = [self.scheme.probabilities(head_logits) for head_logits in logits]
+    # The final prediction is the model's own ensemble of the final heads, channel by channel.
+    final = models.accurate_probability(logits, self.final_heads, self.heads,
+                                        self.scheme.probabilities)
+    probs = jnp.stack(heads + [final])  # [k + 1, n * B, h, w, c]
     if self.options.flips:  # The mean over flips commutes with the mean over heads.
       g = probs.reshape(probs.shape[0], 4, batch, *probs.shape[2:])
       probs = (g[:, 0] + g[:, 1, :, :, ::-1] + g[:, 2, :, ::-1] + g[:, 3, :, ::-1, ::-1]) / 4

@@ -291,7 +291,7 @@ def segment(
     output: str | os.PathLike[str],
     *,
     step: int | None = None,
-    inference: predict.InferenceOptions = predict.DEFAULT_INFERENCE,
+    inference: predict.InferenceOptions = predict.InferenceOptions(),
     instance_options: instances.InstanceOptions | None = None,
     channel: int | None = None,
     label_format: str = 'tiff',
@@ -306,9 +306,9 @@ def segment(
     inputs: Folders, glob patterns or files (`find_images`).
     output: Folder for the results (created; earlier results there are kept and reused).
     step: Checkpoint step; None = the newest.
-    inference: How the network runs on native-size images; default: the commands' (flips on).
+    inference: How the network runs on native-size images.
     instance_options: Probabilities -> nuclei; None = `instances.default_options` of the model's
-      number of classes.
+      label scheme.
     channel: The channel of multi-channel images to segment (0-based); None: RGB or grey.
     label_format: 'tiff' or 'png' label images.
     overwrite: Segment again images whose results are already in `output`.
@@ -333,7 +333,7 @@ def segment(
   variables, step = predict.load_variables(workdir, config, step)
   predictor = predict.Predictor(config, variables, inference)
   if instance_options is None:
-    instance_options = instances.default_options(config.model.num_classes)
+    instance_options = instances.default_options(predictor.scheme)
   settings = json.loads(json.dumps({
       'workdir': str(pathlib.Path(workdir).absolute()), 'checkpoint_step': step,
       'inference': {**dataclasses.asdict(inference), 'strategy': predictor.strategy,
@@ -366,9 +366,7 @@ def segment(
 
   loop_start = time.time()
   for example, probs in predictor.predict(examples()):
-    final = probs[-1]
-    labels = instances.to_instances(
-        final[..., 0], final[..., 1] if predictor.channels == 2 else None, instance_options)
+    labels = instances.to_instances(*predictor.scheme.split(probs[-1]), instance_options)
     name, path = example['id'], example['path']
     rows = measure_nuclei(name, labels, example['intensity'])
     _write_labels(output / 'labels' / f'{name}{LABEL_FORMATS[label_format]}', labels)

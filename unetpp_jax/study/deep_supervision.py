@@ -17,7 +17,7 @@ evaluated on the validation split:
     sub-network) and, for deep supervision, the 'accurate' mean of the supervised heads: pooled and
     per-image IoU and Dice, by the training evaluator at config.data.image_size;
   - with --data (the Kaggle-layout release), the official DSB2018 score and AP@0.5 of the same
-    predictions at native size, by unetpp_jax.evaluation.evaluate.
+    predictions at native size (without test-time flips), by unetpp_jax.evaluation.evaluate.
 A finished (arm, seed) leaves result.json in its folder; the next run skips it. Inference cost per
 architecture and pruning level (parameters used, XLA FLOPs per image, images/s at --bench_batch on
 the current backend) is measured once into W/cost.json.
@@ -92,7 +92,8 @@ def _train_and_score(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if data:
     report = evaluate.evaluate(
         workdir, data, workdir / 'official', split='validation', num_overlays=4,
-        inference=evaluate.InferenceOptions(mode='accurate', prune_level=model.levels))
+        inference=evaluate.InferenceOptions(mode='accurate', prune_level=model.levels,
+                                            flips=False))
     for p in predictions:
       scores[p].update({m: report['predictions'][p][m] for m in OFFICIAL})
   return scores
