@@ -262,13 +262,19 @@ def test_default_manual_dir(monkeypatch, tmp_path):
   assert dsb2018.default_manual_dir() == repo_root.parent / 'shared' / 'data' / 'dsb2018'
 
 
-def test_dsb2018_builder_from_manual_zip(tmp_path):
+def _config_with_manual_zip(tmp_path):
+  """configs/dsb.py reading a two-image stage1_train.zip in tmp_path/manual, prepared there."""
   manual = tmp_path / 'manual'
   manual.mkdir()
   _write(_release_files('stage1_train/'), manual / 'stage1_train', as_zip=True)
   config = dsb_config.get_config()
   config.data.tfds_data_dir = str(tmp_path / 'tfds')
   config.data.manual_dir = str(manual)
+  return config
+
+
+def test_dsb2018_builder_from_manual_zip(tmp_path):
+  config = _config_with_manual_zip(tmp_path)
   builder = builders.load_builder(config)
   assert builder.name == 'dsb2018'
   examples = {e['id'].decode(): e for e in builder.as_dataset(split='train').as_numpy_iterator()}
@@ -284,12 +290,7 @@ def test_dsb2018_builder_from_manual_zip(tmp_path):
 def test_training_and_export_refuse_a_data_folder_that_does_not_exist_even_when_prepared(
     tmp_path):
   from unetpp_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  manual = tmp_path / 'manual'
-  manual.mkdir()
-  _write(_release_files('stage1_train/'), manual / 'stage1_train', as_zip=True)
-  config = dsb_config.get_config()
-  config.data.tfds_data_dir = str(tmp_path / 'tfds')
-  config.data.manual_dir = str(manual)
+  config = _config_with_manual_zip(tmp_path)
   builders.load_builder(config)  # Prepared.
   config.data.manual_dir = str(tmp_path / 'nope')  # A mistyped --config.data.manual_dir.
   for read in (lambda: tfds_source.create_input(config),
