@@ -25,6 +25,7 @@ from unetpp_jax.data import splits
 from unetpp_jax.data.builders import synthetic_nuclei
 
 import synthetic_release
+import test_main  # Which library lines no command may print.
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -118,6 +119,8 @@ def test_cli_evaluates_validation_split_and_score_cli_agrees(setup, tmp_path):
   result = _run('evaluate', f'--workdir={setup.workdir}', f'--data={setup.data}',
                 f'--output={out}', '--split=validation', '--flips', '--num_overlays=3')
   assert result.returncode == 0, result.stderr[-3000:]
+  for noise in test_main._NOISE:  # pylint: disable=protected-access
+    assert noise not in result.stderr, noise  # As quiet as training.
   umask = os.umask(0)
   os.umask(umask)
   assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # As mkdir makes it, not mkdtemp's 0700.

@@ -124,12 +124,16 @@ class Workdir:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
     return ocp.CheckpointManager(self.checkpoints, options=options)
 
-  def latest_step(self) -> int | None:
-    """The newest complete checkpoint's step (Orbax names finished step folders by number)."""
+  def steps(self) -> list[int]:
+    """The steps of the complete checkpoints, in order (Orbax names a step's folder by its number
+    only once the save is finished)."""
     if not self.checkpoints.is_dir():
-      return None
-    return max((int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit()),
-               default=None)
+      return []
+    return sorted(int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit())
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step."""
+    return max(self.steps(), default=None)
 
   def restore_variables(self, like: Mapping[str, Any],
                         step: int | None = None) -> tuple[dict[str, Any], int]:
@@ -143,24 +147,18 @@ class Workdir:
     if self.latest_step() is None:
       raise FileNotFoundError(f'No checkpoint in {directory}: train first (python -m '
                               'unetpp_jax.main) or pass the workdir of a trained model.')
-    mngr = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    try:
-      available = list(mngr.all_steps())
-      step = mngr.latest_step() if step is None else step
-      if step not in available:
-        raise FileNotFoundError(f'No checkpoint of step {step} in {directory} (found '
-                                f'{sorted(available)}).')
-      item = dict(like)
-      restored = ocp.PyTreeCheckpointer().restore(
-          directory / str(step) / _STATE_ITEM,
-          args=ocp.args.PyTreeRestore(
-              item=item,
-              restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                        item),
-              partial_restore=True))
-    finally:
-      mngr.close()
+    # Read directly, not through a CheckpointManager: that would warn that it is read-only.
+    available = self.steps()
+    step = available[-1] if step is None else step
+    if step not in available:
+      raise FileNotFoundError(f'No checkpoint of step {step} in {directory} (found {available}).')
+    item = dict(like)
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory / str(step) / _STATE_ITEM,
+        args=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),
+            partial_restore=True))
     return {key: restored[key] for key in item}, int(step)
 
   # --------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from absl import logging
 from PIL import Image
 from skimage import segmentation
 
-from unetpp_jax import writers
+from unetpp_jax import cli, writers
 from unetpp_jax.data import release, splits
 from unetpp_jax.evaluation import instances, official_metric, rle
 # Re-exported: callers of `evaluate` pass InferenceOptions and may predict or load themselves.
@@ -108,6 +108,7 @@ def split_ids(config: ml_collections.ConfigDict, split: str) -> list[str]:
 
   Prepares the dataset if needed (and needs tensorflow); see `workdir_split_ids`.
   """
+  cli.import_tensorflow_quietly()  # Without TensorFlow's start-up notices.
   from unetpp_jax.data import builders, tfds_source  # pylint: disable=g-import-not-at-top
   _, ids = tfds_source.read_split(builders.load_builder(config), config)
   return ids.val if split == 'validation' else ids.train
