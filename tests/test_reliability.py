@@ -345,6 +345,27 @@ def test_changed_config_is_refused_before_compiling(tmp_path, monkeypatch):
   assert '"learning_rate": 0.1' in (tmp_path / 'config.json').read_text()
 
 
+def test_resuming_with_another_validation_split_is_refused(tmp_path):
+  data = tmp_path / 'tiny.npz'
+  _make_npz(data, num_train=8)
+  config = _config(data)
+  config.num_train_steps = config.checkpoint_every_steps = 2
+  train.train_and_evaluate(config, tmp_path / 'work')
+  recorded = json.loads((tmp_path / 'work' / 'validation_ids.json').read_text())
+  assert len(recorded) == 4
+  # The same examples, but two validation ones named differently: as if the split had changed.
+  moved = contract.load_npz(str(data))
+  renamed = moved.val.ids.copy()
+  renamed[:2] = ['train0', 'train1']
+  contract.save_npz(str(data), dataclasses.replace(
+      moved, val=contract.Examples(renamed, moved.val.images, moved.val.labels)))
+  config.num_train_steps = 4
+  with pytest.raises(ValueError, match='The validation split has 4 images, 2 of them among the 4 '
+                     'this run started with'):
+    train.train_and_evaluate(config, tmp_path / 'work')
+  assert json.loads((tmp_path / 'work' / 'validation_ids.json').read_text()) == recorded
+
+
 def test_config_changes_lists_added_and_removed_fields():
   config = test_train.tiny_config()
   stored = json.loads(config.to_json_best_effort())  # As train_and_evaluate writes config.json.

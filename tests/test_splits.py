@@ -84,6 +84,17 @@ def test_grouped_split_keeps_groups_whole_and_every_kind_at_least_its_share():
   assert splits.grouped_split(dict(reversed(list(info.items()))), 0.2) == (train, val)
 
 
+def test_a_group_of_two_kinds_is_split_alike_in_any_input_order():
+  info = _info({'fluorescence_sparse': [1] * 40, 'fluorescence_crowded': [1] * 10})
+  for g in range(12):  # Mosaics whose two tiles are of two kinds: a tie for the group's kind.
+    info[f'mixed-{g:02d}-a'] = splits.ImageInfo('fluorescence_sparse', f'mixed-{g:02d}-a')
+    info[f'mixed-{g:02d}-b'] = splits.ImageInfo('fluorescence_crowded', f'mixed-{g:02d}-a')
+  ids = sorted(info)
+  splits_seen = {tuple(map(tuple, splits.grouped_split({i: info[i] for i in order}, 0.2)))
+                 for order in (ids, ids[::-1], ids[1::2] + ids[::2])}
+  assert len(splits_seen) == 1
+
+
 def test_describe_is_cached(tmp_path, monkeypatch):
   monkeypatch.setenv('UNETPP_JAX_SPLIT_CACHE', str(tmp_path))
   image, label = _fluorescence()

@@ -155,7 +155,7 @@ def _train(run: _Run, input_fn: Callable[[ml_collections.ConfigDict, int], Any])
     logging.info('Parameters: %d', sum(x.size for x in jax.tree.leaves(state.params)))
 
   data = input_fn(config, start_step)
-  _write_validation_ids(run, data.eval_batches)
+  _record_validation_ids(run, data.eval_batches, resumed=start_step > 0)
   # Batches are prepared and copied to the devices on a background thread, ahead of the step.
   train_iter = BackgroundInput(data.train_iter, size=2)
   report_progress = writers.ReportProgress(
@@ -169,14 +169,27 @@ def _train(run: _Run, input_fn: Callable[[ml_collections.ConfigDict, int], Any])
     train_iter.close()
 
 
-def _write_validation_ids(run: _Run, eval_batches: Any) -> None:
+def _record_validation_ids(run: _Run, eval_batches: Any, resumed: bool) -> None:
   """Records the validation split's ids (all processes') so that evaluation needs no data
-  preparation to select them. Skipped for inputs that do not report ids."""
+  preparation to select them; a resumed run must have the split it started with. Skipped for
+  inputs that do not report ids.
+
+  Raises:
+    ValueError: resumed with other validation ids than recorded (the data or the split changed:
+      training would go on with some validation images).
+  """
   ids = getattr(eval_batches, 'ids', None)
   if ids is None:
     return
   # Each process holds a contiguous shard of the split, in order: process order is split order.
-  ids = checkpointing.gather_strings(np.asarray(ids).reshape(-1))
+  ids = [i for i in checkpointing.gather_strings(np.asarray(ids).reshape(-1)) if i]
+  recorded = run.workdir.validation_ids() if resumed else None
+  if recorded is not None and set(recorded) != set(ids):
+    raise ValueError(
+        f'The validation split has {len(ids)} images, {len(set(ids) & set(recorded))} of them '
+        f'among the {len(recorded)} this run started with ({run.workdir.validation_ids_path}): '
+        'the data or the split changed, and resuming would train on validation images. Use a '
+        'new --workdir, or delete that file to resume anyway.')
   if run.is_chief:
     run.workdir.write_validation_ids(ids)
 

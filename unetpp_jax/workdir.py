@@ -172,13 +172,17 @@ class Workdir:
     """The latest evaluation's scalars, with its 'step'."""
     return json.loads((self.path / EVAL_METRICS).read_text())
 
+  @property
+  def validation_ids_path(self) -> epath.Path:
+    return self.path / VALIDATION_IDS
+
   def write_validation_ids(self, ids: Sequence[str]) -> None:
-    atomic.write_atomically(self.path / VALIDATION_IDS,
+    atomic.write_atomically(self.validation_ids_path,
                             json.dumps([str(i) for i in ids if i], indent=0))
 
   def validation_ids(self) -> list[str] | None:
     """The validation split's ids as training recorded them; None for runs older than that."""
-    path = self.path / VALIDATION_IDS
+    path = self.validation_ids_path
     return list(json.loads(path.read_text())) if path.is_file() else None
 
 

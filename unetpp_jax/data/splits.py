@@ -199,14 +199,15 @@ def grouped_split(info: Mapping[str, ImageInfo], val_fraction: float
                   ) -> tuple[list[str], list[str]]:
   """(train ids, validation ids): whole mosaic groups, each kind at least its share in validation.
 
-  A group's kind is its most common one. For each kind, groups are taken into validation in a
-  fixed pseudo-random order (the md5 of their id) until the kind's validation images reach
-  ceil(val_fraction * its images); a group that would overshoot that target by more than half of
-  itself is passed over for a smaller one. The result depends on the ids and pixels only, not on
-  the seed, so runs with different seeds share their validation split.
+  A group's kind is its most common one (in a tie, that of its first image in id order). For
+  each kind, groups are taken into validation in a fixed pseudo-random order (the md5 of their
+  id) until the kind's validation images reach ceil(val_fraction * its images); a group that
+  would overshoot that target by more than half of itself is passed over for a smaller one. The
+  result depends on the ids and pixels only (not on the seed, nor on the order of `info`), so
+  runs with different seeds share their validation split.
   """
   members = collections.defaultdict(list)
-  for image_id, item in info.items():
+  for image_id, item in sorted(info.items()):  # Independent of `info`'s order.
     members[item.group].append(image_id)
   by_kind = collections.defaultdict(list)
   for group, ids in members.items():
