@@ -64,13 +64,7 @@ def create_input(
     process_count: int | None = None,
 ) -> Input:
   """Input from the release named by config.data.source ('release:PATH'); see the docstring.
-
-  Args:
-    config: the experiment config (configs/dsb.py).
-    start_step: global step of the first training batch.
-    process_index: this process (default jax.process_index(); tests simulate others).
-    process_count: number of processes (default jax.process_count()).
-  """
+  The arguments are those of every source (`numpy_source.create_input`)."""
   path = sources.source_argument(config, NAME)
   if config.data.train_preprocess != 'crop':
     raise ValueError(
