@@ -459,6 +459,8 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
       instances.default_options(LabelScheme()))
   changes = [v['change'] for v in first['variants']]
   assert 'default' in changes and {'method': 'components'} in changes
+  assert {'seed_h': 1.0} in changes and {'seed_h_per_radius': 0.1} in changes  # Distance seeds'.
+  assert not any(isinstance(c, dict) and 'marker_threshold' in c for c in changes)  # Boundary's.
   assert sum(isinstance(c, dict) and c.get('seeds') == 'product' for c in changes) == 9
   for variant in first['variants']:
     assert 0 <= variant['score'] <= 1 and set(variant['per_kind']) <= set(splits.KINDS)

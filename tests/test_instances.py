@@ -95,3 +95,20 @@ def test_holes_are_filled_and_marker_threshold_applies():
   split = instances.to_instances(foreground, boundary, instances.InstanceOptions(
       seeds='boundary', marker_threshold=0.7))
   assert split.max() == 2 and merged.max() == 1
+
+
+def test_seed_dynamic_scales_with_the_median_nucleus_radius():
+  yy, xx = np.mgrid[:80, :160]
+  disk = lambda cy, cx, r: (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+  dented = disk(40, 40, 20) | disk(40, 58, 18)  # A large nucleus with a shallow dent.
+  pair = disk(40, 110, 6) | disk(40, 120, 5)  # Two small touching nuclei: a deep neck.
+  prob = (dented | pair).astype(np.float32)
+  absolute = instances.to_instances(prob)
+  relative = instances.to_instances(prob, options=instances.InstanceOptions(seed_h_per_radius=0.1))
+  pieces = lambda label, where: len(np.unique(label[where]))
+  assert (pieces(absolute, dented), pieces(absolute, pair)) == (2, 2)
+  assert (pieces(relative, dented), pieces(relative, pair)) == (1, 2)
+  assert np.array_equal(relative > 0, prob > 0.5)
+  # Never below seed_h: a fraction of the radius under it changes nothing.
+  small = instances.InstanceOptions(seed_h_per_radius=0.01)
+  assert np.array_equal(instances.to_instances(prob, options=small), absolute)

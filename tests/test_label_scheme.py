@@ -59,10 +59,12 @@ def test_default_instance_options_and_unset_changes():
   assert instances.default_options(LabelScheme(1)) == instances.InstanceOptions()
   assert instances.default_options(LabelScheme(2)) == instances.InstanceOptions()
   three = instances.default_options(LabelScheme(3, contact_width=2))
-  assert (three.seeds, three.threshold, three.min_size) == ('distance', 0.6, 30)
+  assert (three.seeds, three.threshold, three.min_size, three.seed_h_per_radius) == (
+      'distance', 0.6, 30, 0.1)
   # Unset flags (None, --seeds=auto) keep the scheme's defaults; set ones replace them.
   assert instances.default_options(LabelScheme(3), seeds='auto', threshold=None,
-                                   min_size=None, marker_threshold=None) == three
+                                   min_size=None, marker_threshold=None, seed_h=None,
+                                   seed_h_per_radius=None) == three
   changed = instances.default_options(LabelScheme(3), seeds='boundary', threshold=0.5,
                                       fill_holes=False)
   assert (changed.seeds, changed.threshold, changed.min_size, changed.fill_holes) == (

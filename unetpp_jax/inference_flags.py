@@ -48,7 +48,11 @@ flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Watershed seeds
 flags.DEFINE_float('threshold', None, 'Foreground probability threshold; default: '
                    "instances.default_options of the model's label scheme (0.5; 0.6 for 3 "
                    'classes).')
-flags.DEFINE_float('seed_h', _INSTANCES.seed_h, "Minimum dynamic (pixels) of a 'distance' seed.")
+flags.DEFINE_float('seed_h', None, "Minimum dynamic (pixels) of a 'distance' seed; default: "
+                   "instances.default_options of the model's label scheme (0.5).")
+flags.DEFINE_float('seed_h_per_radius', None, "'distance' seeds: the dynamic is at least this "
+                   "fraction of the image's median nucleus radius; default: "
+                   "instances.default_options of the model's label scheme (0; 0.1 for 3 classes).")
 flags.DEFINE_integer('min_size', None, 'Smallest nucleus kept, in pixels; default: '
                      "instances.default_options of the model's label scheme (15; 30 for 3 "
                      'classes).')
@@ -88,6 +92,7 @@ def instance_options(config: ml_collections.ConfigDict) -> instances.InstanceOpt
   config's label scheme."""
   return instances.default_options(
       LabelScheme.from_config(config), threshold=FLAGS.threshold, method=FLAGS.instances,
-      seeds=FLAGS.seeds, seed_h=FLAGS.seed_h, min_size=FLAGS.min_size,
-      marker_threshold=FLAGS.marker_threshold, seed_threshold=FLAGS.seed_threshold,
-      min_seed_size=FLAGS.min_seed_size, fill_holes=FLAGS.fill_holes)
+      seeds=FLAGS.seeds, seed_h=FLAGS.seed_h, seed_h_per_radius=FLAGS.seed_h_per_radius,
+      min_size=FLAGS.min_size, marker_threshold=FLAGS.marker_threshold,
+      seed_threshold=FLAGS.seed_threshold, min_seed_size=FLAGS.min_seed_size,
+      fill_holes=FLAGS.fill_holes)

@@ -58,10 +58,14 @@ flags.mark_flags_as_required(['workdir', 'data'])
 
 GRID = {
     'threshold': (0.4, 0.5, 0.6),
+    'seed_h': (0.5, 1.0),
+    'seed_h_per_radius': (0.0, 0.1, 0.2),
     'marker_threshold': (0.3, 0.5, 0.7),
     'min_size': (5, 15, 30),
     'fill_holes': (True, False),
 }
+# The seeds that read each seed-specific option; the sweep skips the others' options.
+_SEEDS_OF = {'marker_threshold': 'boundary', 'seed_h': 'distance', 'seed_h_per_radius': 'distance'}
 # 'product' seeds (the winners' decoding): seed and extent thresholds together.
 PRODUCT_GRID = [{'seeds': 'product', 'seed_threshold': seed, 'threshold': extent}
                 for seed in (0.5, 0.7, 0.8) for extent in (0.3, 0.4, 0.5)]
@@ -97,8 +101,8 @@ def main(argv):
   seeds = default.seeds
   variants = [{}]
   for field, values in GRID.items():
-    if field == 'marker_threshold' and seeds != 'boundary':
-      continue  # Distance seeds ignore it.
+    if _SEEDS_OF.get(field, seeds) != seeds:
+      continue  # An option of the other seeds.
     variants += [{field: v} for v in values if v != getattr(default, field)]
   if scheme.has_boundary:  # The other seeds on the same probabilities.
     variants += [{'seeds': s} for s in ('distance', 'boundary') if s != seeds]

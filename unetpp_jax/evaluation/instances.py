@@ -7,6 +7,9 @@
    * 'distance' seeds: the h-maxima of the (Gaussian-smoothed) Euclidean distance to the background,
      i.e. the centres of the roughly convex blobs; two nuclei joined by a neck yield two maxima
      whose dynamic exceeds `seed_h` pixels. The flooding follows the inverted distance map.
+     With `seed_h_per_radius` the dynamic is at least that fraction of the image's median
+     nucleus radius, measured on a first pass: a neck that separates two 5-pixel nuclei is a
+     dent in a 20-pixel one, which should stay whole.
    * 'boundary' seeds (3-class models: background / nucleus / boundary, see
      `losses.semantic_target`): the connected components of the nucleus-interior prediction
      p(nucleus) > marker_threshold (default: threshold); the flooding follows p(boundary), so the
@@ -46,6 +49,7 @@ class InstanceOptions:
   method: str = 'watershed'
   seeds: str = 'distance'
   seed_h: float = 0.5  # Minimum dynamic (in pixels of distance) of a 'distance' seed.
+  seed_h_per_radius: float = 0.0  # 'distance' seeds: or this fraction of the median radius.
   smooth: float = 1.0  # Gaussian sigma applied to the distance map before finding seeds.
   min_size: int = 15  # Instances with fewer pixels are removed.
   fill_holes: bool = True  # Fill holes of the foreground mask first.
@@ -78,6 +82,14 @@ def _relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
   new_ids = np.zeros(len(counts), np.int32)
   new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
   return new_ids[labels]
+
+
+def _median_radius(labels: np.ndarray, min_size: int) -> float:
+  """The radius (pixels) of a disk with the median area of the instances of at least min_size
+  pixels; 0 without any."""
+  areas = np.bincount(labels.ravel())[1:]
+  areas = areas[areas >= max(min_size, 1)]
+  return float(np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
 
 
 def to_instances(
@@ -119,6 +131,11 @@ def to_instances(
       distance = ndimage.gaussian_filter(distance, options.smooth)
     markers, _ = ndimage.label(morphology.h_maxima(distance, options.seed_h) & mask)
     surface = -distance
+    if options.seed_h_per_radius > 0:  # Second pass, scaled to this image's nuclei.
+      first = segmentation.watershed(surface, markers, mask=mask)
+      seed_h = options.seed_h_per_radius * _median_radius(first, options.min_size)
+      if seed_h > options.seed_h:
+        markers, _ = ndimage.label(morphology.h_maxima(distance, seed_h) & mask)
   labels = segmentation.watershed(surface, markers, mask=mask)
 
   unreached, _ = ndimage.label(mask & (labels == 0))
