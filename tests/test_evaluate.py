@@ -453,6 +453,7 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 'os.fork()' not in result.stderr  # The scoring workers never run JAX.
     results.append(json.loads(result.stdout))
   first, second = results
   assert first['num_images'] == 3 and first['default'] == str(

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 
 from unetpp_jax import cli
 
@@ -109,9 +110,12 @@ def main(argv):
   variants += [v for v in PRODUCT_GRID if scheme.has_boundary or seeds != 'product']
   variants.append({'method': 'components'})
   options = [dataclasses.replace(default, **v) for v in variants]
-  # Fork: the workers share the stored probabilities; one variant per task.
-  with multiprocessing.get_context('fork').Pool(FLAGS.processes) as pool:
-    scores = pool.map(functools.partial(_score, scheme), options)
+  # Fork: the workers share the stored probabilities; one variant per task. They run numpy and
+  # scipy only, never JAX, so Python's warning that a forked JAX process may deadlock is moot.
+  with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', r'os\.fork\(\) was called', RuntimeWarning)
+    with multiprocessing.get_context('fork').Pool(FLAGS.processes) as pool:
+      scores = pool.map(functools.partial(_score, scheme), options)
   print(json.dumps({
       'checkpoint_step': step, 'num_images': len(_STORED), 'strategy': predictor.strategy,
       'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'prediction': predictor.names[final],
