@@ -10,8 +10,8 @@ the FLOPs), 128x128 crops, batch 8 and 1,200 steps (about 18 epochs of crops of 
 images of the grouped split), so that CI-class machines can show the recipe works.
 
 Measured: 2-core AMD EPYC CPU, about 26 minutes alone (70 minutes beside two other trainings);
-official score 0.542 on the grouped validation split with the evaluate defaults (fluorescence
-sparse 0.614, crowded 0.582, tissue 0.286, brightfield 0.197; docs/results.md).
+official score 0.552 on the grouped validation split with the evaluate defaults (fluorescence
+sparse 0.625, crowded 0.583, tissue 0.301, brightfield 0.201; docs/results.md).
 """
 
 from configs import dsb
