@@ -49,7 +49,7 @@ class InstanceOptions:
   method: str = 'watershed'
   seeds: str = 'distance'
   seed_h: float = 0.5  # Minimum dynamic (in pixels of distance) of a 'distance' seed.
-  seed_h_per_radius: float = 0.0  # 'distance' seeds: or this fraction of the median radius.
+  seed_h_per_radius: float = 0.0  # Or, if larger, this fraction of the median nucleus radius.
   smooth: float = 1.0  # Gaussian sigma applied to the distance map before finding seeds.
   min_size: int = 15  # Instances with fewer pixels are removed.
   fill_holes: bool = True  # Fill holes of the foreground mask first.
