@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage import color
 
 from configs import dsb, dsb_paper
 from unetpp_jax import models
@@ -151,3 +152,33 @@ def test_grey_invert_makes_bright_background_images_look_like_fluorescence():
   model = models.UNetPlusPlus(filters=(4, 8), input_norm='grey_invert')
   variables = model.init(jax.random.key(0), dark)
   assert variables['params']['X0_0']['Conv_0']['kernel'].shape[-2] == 1  # One grey channel.
+
+
+def test_haematoxylin_keeps_eosin_stroma_dark_where_grey_invert_lights_it_up():
+  image, label = _fluorescence((64, 64))
+  dark = jnp.asarray(image[None] / 255, jnp.float32)
+  # Fluorescence is left as grey_invert leaves it.
+  np.testing.assert_allclose(models.normalize_input(dark, 'haematoxylin'),
+                             models.normalize_input(dark, 'grey_invert'), atol=1e-6)
+  # An H&E-like section: white background, eosin-pink stroma on the right half, purple nuclei.
+  nuclei, stroma = label > 0, (np.arange(64) >= 32)[None, :] & (label == 0)
+  section = np.full((64, 64, 3), (0.95, 0.93, 0.95), np.float32)
+  section[stroma] = (0.90, 0.55, 0.75)
+  section[nuclei] = (0.45, 0.30, 0.65)
+  background = ~nuclei & ~stroma
+
+  def contrast(input_norm):
+    """How far stroma rises above the background, as a fraction of how far nuclei rise."""
+    view = np.asarray(models.normalize_input(jnp.asarray(section[None]), input_norm))[0, ..., 0]
+    return ((view[stroma].mean() - view[background].mean())
+            / (view[nuclei].mean() - view[background].mean()))
+
+  assert contrast('grey_invert') > 0.35  # Stroma looks like a dim nucleus...
+  assert abs(contrast('haematoxylin')) < 0.1  # ...but holds almost no haematoxylin.
+  # The density is skimage's colour deconvolution, up to its fixed scale.
+  reference = color.rgb2hed(section)[..., :1]
+  density = np.asarray(models.haematoxylin(jnp.asarray(section)))
+  np.testing.assert_allclose(density / density.max(), reference / reference.max(), atol=1e-5)
+  model = models.UNetPlusPlus(filters=(4, 8), input_norm='haematoxylin')
+  variables = model.init(jax.random.key(0), jnp.asarray(section[None]))
+  assert variables['params']['X0_0']['Conv_0']['kernel'].shape[-2] == 1  # One stain channel.

@@ -19,6 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from skimage import color
 
 
 def standardize(images: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -29,21 +31,36 @@ def standardize(images: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 # How the network sees its input [B, H, W, 3] in [0, 1] (config.model.input_norm):
-#   'standardize'  the RGB image, standardised per image;
-#   'grey_invert'  one grey channel (the mean of R, G, B), inverted where the image's median grey
-#                  exceeds 0.5 (a bright background: stained tissue, brightfield), then
-#                  standardised: nuclei are then bright on a dark background in every kind of
-#                  image, as in the fluorescence images that make up most of DSB2018.
+#   'standardize'   the RGB image, standardised per image;
+#   'grey_invert'   one grey channel (the mean of R, G, B), inverted where the image's median grey
+#                   exceeds 0.5 (a bright background: stained tissue, brightfield), then
+#                   standardised: nuclei are then bright on a dark background in every kind of
+#                   image, as in the fluorescence images that make up most of DSB2018;
+#   'haematoxylin'  as 'grey_invert', but a bright-background image becomes its haematoxylin
+#                   (nuclear stain) density instead of its inverted grey, so the eosin-pink stroma
+#                   of H&E sections stays dark while nuclei light up. On a grey brightfield image
+#                   it is the optical density, which like the inverted grey rises with darkness.
 # It is part of the model, so training and every inference path apply it identically.
-INPUT_NORMS = ('standardize', 'grey_invert')
+INPUT_NORMS = ('standardize', 'grey_invert', 'haematoxylin')
+
+# Optical density (R, G, B) -> haematoxylin density: colour deconvolution with Ruifrok & Johnston's
+# stain vectors (skimage.color.rgb2hed).
+_HAEMATOXYLIN_FROM_OD = np.asarray(color.hed_from_rgb[:, 0], np.float32)
+
+
+def haematoxylin(images: jax.Array) -> jax.Array:
+  """The haematoxylin density [..., H, W, 1] of float32 RGB `images` [..., H, W, 3] in [0, 1]."""
+  optical_density = -jnp.log(jnp.maximum(images, 1 / 255))  # Clipped like an 8-bit camera's.
+  return jnp.maximum(optical_density @ _HAEMATOXYLIN_FROM_OD, 0)[..., None]
 
 
 def normalize_input(images: jax.Array, input_norm: str) -> jax.Array:
   """The network's view of float32 `images` [B, H, W, 3] in [0, 1] (see INPUT_NORMS)."""
-  if input_norm == 'grey_invert':
+  if input_norm in ('grey_invert', 'haematoxylin'):
     grey = jnp.mean(images, axis=-1, keepdims=True)
     bright = jnp.median(grey, axis=(-3, -2, -1), keepdims=True) > 0.5
-    images = jnp.where(bright, 1.0 - grey, grey)
+    stain = 1.0 - grey if input_norm == 'grey_invert' else haematoxylin(images)
+    images = jnp.where(bright, stain, grey)
   elif input_norm != 'standardize':
     raise ValueError(f'input_norm must be one of {INPUT_NORMS}, got {input_norm!r}.')
   return standardize(images)
