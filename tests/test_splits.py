@@ -179,6 +179,11 @@ def test_haematoxylin_keeps_eosin_stroma_dark_where_grey_invert_lights_it_up():
   reference = color.rgb2hed(section)[..., :1]
   density = np.asarray(models.haematoxylin(jnp.asarray(section)))
   np.testing.assert_allclose(density / density.max(), reference / reference.max(), atol=1e-5)
-  model = models.UNetPlusPlus(filters=(4, 8), input_norm='haematoxylin')
-  variables = model.init(jax.random.key(0), jnp.asarray(section[None]))
-  assert variables['params']['X0_0']['Conv_0']['kernel'].shape[-2] == 1  # One stain channel.
+  # 'rgb_haematoxylin' gives the network both views: the standardised colours, then the stain.
+  both = models.normalize_input(jnp.asarray(section[None]), 'rgb_haematoxylin')
+  np.testing.assert_allclose(both[..., :3], models.normalize_input(section[None], 'standardize'))
+  np.testing.assert_allclose(both[..., 3:], models.normalize_input(section[None], 'haematoxylin'))
+  for input_norm, channels in (('haematoxylin', 1), ('rgb_haematoxylin', 4)):
+    model = models.UNetPlusPlus(filters=(4, 8), input_norm=input_norm)
+    variables = model.init(jax.random.key(0), jnp.asarray(section[None]))
+    assert variables['params']['X0_0']['Conv_0']['kernel'].shape[-2] == channels

@@ -39,9 +39,11 @@ def standardize(images: jax.Array, eps: float = 1e-6) -> jax.Array:
 #   'haematoxylin'  as 'grey_invert', but a bright-background image becomes its haematoxylin
 #                   (nuclear stain) density instead of its inverted grey, so the eosin-pink stroma
 #                   of H&E sections stays dark while nuclei light up. On a grey brightfield image
-#                   it is the optical density, which like the inverted grey rises with darkness.
+#                   it is the optical density, which like the inverted grey rises with darkness;
+#   'rgb_haematoxylin'  four channels: 'standardize' followed by 'haematoxylin', so the network
+#                   keeps the colours and also sees the nuclear stain.
 # It is part of the model, so training and every inference path apply it identically.
-INPUT_NORMS = ('standardize', 'grey_invert', 'haematoxylin')
+INPUT_NORMS = ('standardize', 'grey_invert', 'haematoxylin', 'rgb_haematoxylin')
 
 # Optical density (R, G, B) -> haematoxylin density: colour deconvolution with Ruifrok & Johnston's
 # stain vectors (skimage.color.rgb2hed).
@@ -56,6 +58,9 @@ def haematoxylin(images: jax.Array) -> jax.Array:
 
 def normalize_input(images: jax.Array, input_norm: str) -> jax.Array:
   """The network's view of float32 `images` [B, H, W, 3] in [0, 1] (see INPUT_NORMS)."""
+  if input_norm == 'rgb_haematoxylin':
+    return jnp.concatenate(
+        [normalize_input(images, 'standardize'), normalize_input(images, 'haematoxylin')], axis=-1)
   if input_norm in ('grey_invert', 'haematoxylin'):
     grey = jnp.mean(images, axis=-1, keepdims=True)
     bright = jnp.median(grey, axis=(-3, -2, -1), keepdims=True) > 0.5
