@@ -9,8 +9,9 @@ What it changes against the paper's setting (configs/dsb_paper.py: whole images 
 1 class), following the DSB2018 winners: random 256x256 crops at native resolution with a random
 zoom around 1 (a 520x348 image with 290 nuclei resized to 96x96 leaves 2 to 3 pixels per
 nucleus); a 3-class target (background / nucleus interior / boundary: a rim around every nucleus
-plus a band where nuclei touch) with a weighted cross-entropy and Dice per class; every head deeply
-supervised; evaluation at native size (padded whole images), flip test-time augmentation, and
+plus a band where nuclei touch) with a weighted cross-entropy and Dice per class; the RGB input
+joined by its haematoxylin (nuclear-stain) density, which keeps the stroma of H&E sections dark;
+every head deeply supervised; evaluation at native size (padded whole images), flip test-time augmentation, and
 the instance post-processing chosen on the validation split (`instances.default_options`).
 
 Sized for one accelerator (20,000 steps of batch 16). configs/dsb_cpu.py is the same recipe on a
@@ -29,6 +30,7 @@ def get_config():
   config.data.train_preprocess = 'crop'  # Native resolution; validation uses the central crop.
   config.data.scale_range = (0.75, 1.33)  # Random zoom of each crop, log-uniform.
   config.model.num_classes = 3  # Background / nucleus interior / boundary.
+  config.model.input_norm = 'rgb_haematoxylin'  # RGB plus the nuclear-stain density (model.md).
   config.loss.contact_width = 2  # Nucleus pixels within 2 px of another nucleus are boundary.
   config.loss.class_weights = (1.0, 1.0, 3.0)  # The thin boundary class weighs 3x in the CE.
   config.loss.deep_supervision_heads = (1, 2, 3, 4)  # Every head.
