@@ -11,8 +11,9 @@ zoom around 1 (a 520x348 image with 290 nuclei resized to 96x96 leaves 2 to 3 pi
 nucleus); a 3-class target (background / nucleus interior / boundary: a rim around every nucleus
 plus a band where nuclei touch) with a weighted cross-entropy and Dice per class; the RGB input
 joined by its haematoxylin (nuclear-stain) density, which keeps the stroma of H&E sections dark;
-every head deeply supervised; evaluation at native size (padded whole images), flip test-time augmentation, and
-the instance post-processing chosen on the validation split (`instances.default_options`).
+every head deeply supervised; evaluation at native size (padded whole images), flip test-time
+augmentation, and the instance post-processing chosen on the validation split
+(`instances.default_options`).
 
 Sized for one accelerator (20,000 steps of batch 16). configs/dsb_cpu.py is the same recipe on a
 CPU budget; docs/results.md has its measured scores and commands.

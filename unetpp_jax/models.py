@@ -59,8 +59,7 @@ def haematoxylin(images: jax.Array) -> jax.Array:
 def normalize_input(images: jax.Array, input_norm: str) -> jax.Array:
   """The network's view of float32 `images` [B, H, W, 3] in [0, 1] (see INPUT_NORMS)."""
   if input_norm == 'rgb_haematoxylin':
-    return jnp.concatenate(
-        [normalize_input(images, 'standardize'), normalize_input(images, 'haematoxylin')], axis=-1)
+    return jnp.concatenate([standardize(images), normalize_input(images, 'haematoxylin')], axis=-1)
   if input_norm in ('grey_invert', 'haematoxylin'):
     grey = jnp.mean(images, axis=-1, keepdims=True)
     bright = jnp.median(grey, axis=(-3, -2, -1), keepdims=True) > 0.5
