@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.invert_prob = 0.0
   config.data.grey_prob = 0.0
   config.data.channel_shuffle = False
+  # Stain augmentation of bright-background images (stained tissue, brightfield): their
+  # haematoxylin and eosin densities each scaled by a log-uniform factor in [exp(-t), exp(t)], as
+  # H&E sections differ between labs; t = 0 = off.
+  config.data.stain_jitter = 0.0
   # 'crop' only: (lo, hi) of a log-uniform random zoom of each crop (nucleus sizes vary several-fold
   # across DSB2018); (1, 1) = native scale only.
   config.data.scale_range = (1.0, 1.0)

@@ -245,6 +245,27 @@ def test_tf_colour_augment_matches_numpy_colour_augment():
     np.testing.assert_allclose(got_images[j].numpy(), want_image, atol=1e-6)
 
 
+def test_tf_stain_augment_matches_numpy_stain_augment():
+  rng = np.random.default_rng(2)
+  images = rng.random((12, 10, 10, 3), dtype=np.float32)
+  images[:8] = 0.45 + 0.55 * images[:8]  # Bright backgrounds: stained.
+  images[8:] *= 0.4  # Dark: left alone.
+  labels = rng.integers(0, 5, (12, 10, 10)).astype(np.int32)
+  params = contract.augment_params(7, np.arange(12), augment=True, jitter=0.1, stain_jitter=1.0,
+                                   channel_shuffle=True)
+  got_images, _ = tfds_source.augment(tf.constant(images), tf.constant(labels[..., None]),
+                                      params, 0.1, 1.0)
+  plain = {k: v.copy() for k, v in params.items()}
+  plain['haematoxylin'][:] = plain['eosin'][:] = 1
+  for j in range(12):
+    want_image, _ = numpy_source.augment(images[j], labels[j],
+                                         {k: v[j] for k, v in params.items()}, 0.1)
+    unstained, _ = numpy_source.augment(images[j], labels[j],
+                                        {k: v[j] for k, v in plain.items()}, 0.1)
+    np.testing.assert_allclose(got_images[j].numpy(), want_image, atol=1e-5)
+    assert np.array_equal(want_image, unstained) == (j >= 8)
+
+
 @pytest.mark.parametrize('source', ['tfds', 'npz'])
 def test_inverting_every_image_inverts_the_batches(data, source):
   plain = _take(_create(_config(data, source, **{'data.jitter': 0.0})).train_iter, 2)

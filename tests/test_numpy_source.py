@@ -131,12 +131,76 @@ def test_colour_ops():
   assert sorted(contract.colour(image, 3, False, False)[1, 2]) == sorted(image[1, 2])
 
 
+def test_stain_params_are_log_uniform_and_leave_the_other_params_unchanged():
+  positions = np.arange(400)
+  off = contract.augment_params(0, positions, augment=True, jitter=0.1, invert_prob=0.5)
+  on = contract.augment_params(0, positions, augment=True, jitter=0.1, invert_prob=0.5,
+                               stain_jitter=1.0)
+  for key in off:
+    if key not in ('haematoxylin', 'eosin'):
+      np.testing.assert_array_equal(on[key], off[key], err_msg=key)
+  for key in ('haematoxylin', 'eosin'):
+    assert (off[key] == 1).all()
+    log = np.log(on[key])
+    assert -1 <= log.min() < -0.9 and 0.9 < log.max() <= 1 and abs(log.mean()) < 0.1
+  assert abs(np.corrcoef(np.log(on['haematoxylin']), np.log(on['eosin']))[0, 1]) < 0.15
+
+
+def _he_section(densities):
+  """float32 RGB of haematoxylin / eosin / DAB densities [..., 3] (Beer-Lambert)."""
+  return np.exp(-(np.asarray(densities, np.float32) @ contract.RGB_FROM_HED)).astype(np.float32)
+
+
+def test_stain_scales_each_stain_density_of_bright_images_only():
+  rng = np.random.default_rng(0)
+  densities = np.zeros((16, 16, 3), np.float32)
+  densities[..., 0] = rng.uniform(0.0, 0.3, (16, 16))  # Haematoxylin: light cytoplasm,
+  densities[4:8, 4:8, 0] = 0.6  # a nucleus,
+  densities[..., 1] = rng.uniform(0.0, 0.2, (16, 16))  # and eosin everywhere,
+  densities[10:, :, 1] = 0.5  # strongly in a band of stroma.
+  densities[0, :] = 0  # A row of white background.
+  section = _he_section(densities)
+  assert np.median(section.mean(-1)) > 0.5  # Bright background: the stain applies.
+
+  stained = contract.stain(section, 0.5, 2.0)
+  got = -np.log(np.maximum(stained, 1 / 255)) @ contract.HED_FROM_RGB
+  np.testing.assert_allclose(got, densities * [0.5, 2.0, 1.0], atol=2e-3)
+  np.testing.assert_allclose(stained[0], 1.0, atol=1e-5)  # White stays white.
+  assert contract.stain(section, 1.0, 1.0) is section  # Factors of 1: untouched.
+  # The stain augmentation reaches the network through `colour`, before the other colour ops.
+  np.testing.assert_array_equal(contract.colour(section, 0, False, True, 0.5, 2.0), 1 - stained)
+
+  fluorescence = (0.8 * rng.random((16, 16, 3)) ** 8).astype(np.float32)  # Dark background.
+  assert contract.stain(fluorescence, 0.5, 2.0) is fluorescence
+
+
+def test_stain_leaves_the_networks_haematoxylin_channel_as_it_was():
+  """Per image standardised, the 'haematoxylin' input does not see either stain's factor: with
+  `stain` the network learns to read it rather than the colours of the sections it trained on."""
+  from unetpp_jax import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  densities = np.stack([rng.uniform(0, 0.8, (32, 32)), rng.uniform(0, 0.5, (32, 32)),
+                        np.zeros((32, 32))], -1)
+  section = _he_section(densities)
+  want = np.asarray(models.normalize_input(section[None], 'haematoxylin'))
+  for factors in ((0.4, 1.0), (1.0, 3.0), (2.5, 0.3)):
+    stained = contract.stain(section, *factors)
+    assert np.abs(stained - section).max() > 0.05
+    got = np.asarray(models.normalize_input(stained[None], 'haematoxylin'))
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
 def test_schedule_from_config_draws_the_configured_colour_params():
   config = _config('unused', invert_prob=1.0, grey_prob=0.0, channel_shuffle=True)
   layout = contract.Layout(0, 1, 1, 4, 4)
   schedule = contract.TrainSchedule.from_config(config, 10, layout)
   _, params = schedule.step(3)
   assert params['invert'].all() and not params['grey'].any()
+  assert (params['haematoxylin'] == 1).all()  # Stain augmentation off by default.
+  config.data.stain_jitter = 0.5
+  schedule = contract.TrainSchedule.from_config(config, 10, layout)
+  _, params = schedule.step(3)
+  assert schedule.stain_jitter == 0.5 and (params['eosin'] != 1).all()
   assert schedule.jitter == config.data.jitter and schedule.seed == config.seed
 
 

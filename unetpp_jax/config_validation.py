@@ -54,6 +54,7 @@ ADDED_FIELDS = {
     'data.invert_prob': 0.0,
     'data.grey_prob': 0.0,
     'data.channel_shuffle': False,
+    'data.stain_jitter': 0.0,
     **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
     'model.input_norm': 'standardize',
     'loss.contact_width': 0,
@@ -114,6 +115,7 @@ def validate(config: Any) -> None:
   check(source_error is None, source_error)
   check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')
   check(config.data.jitter >= 0, 'config.data.jitter must be >= 0.')
+  check(config.data.stain_jitter >= 0, 'config.data.stain_jitter must be >= 0.')
   for field in ('data.invert_prob', 'data.grey_prob'):
     check(0 <= _get(config, field) <= 1, f'config.{field}={_get(config, field)} must be in [0, 1].')
   repeats = config.data.get('repeats', {})

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from skimage import color
 
+from unetpp_jax.data import splits
+
 
 def standardize(images: jax.Array, eps: float = 1e-6) -> jax.Array:
   """Per-image zero mean, unit variance: DSB2018 mixes dark fluorescence and bright brightfield."""
@@ -62,7 +64,7 @@ def normalize_input(images: jax.Array, input_norm: str) -> jax.Array:
     return jnp.concatenate([standardize(images), normalize_input(images, 'haematoxylin')], axis=-1)
   if input_norm in ('grey_invert', 'haematoxylin'):
     grey = jnp.mean(images, axis=-1, keepdims=True)
-    bright = jnp.median(grey, axis=(-3, -2, -1), keepdims=True) > 0.5
+    bright = jnp.median(grey, axis=(-3, -2, -1), keepdims=True) > splits.BRIGHT_MEDIAN
     stain = 1.0 - grey if input_norm == 'grey_invert' else haematoxylin(images)
     images = jnp.where(bright, stain, grey)
   elif input_norm != 'standardize':

@@ -23,8 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 from PIL import Image
+from skimage import color
 
 from unetpp_jax import atomic
+from unetpp_jax.data import splits
 
 # Distinguishes the random streams derived from config.seed.
 _PERMUTATION_STREAM = 1
@@ -34,6 +36,10 @@ PREPROCESS_MODES = ('resize', 'crop')  # config.data.train_preprocess (see tfds_
 # The orders of the colour channels `augment_params` draws from ('channels'); row 0 keeps them.
 CHANNEL_ORDERS = np.array(list(itertools.permutations(range(3))), np.int32)
 EXPORT_HINT = 'python -m unetpp_jax.export_npz --config=configs/dsb.py --output={path}'
+# Colour deconvolution of optical density into (haematoxylin, eosin, DAB) densities and back, with
+# Ruifrok & Johnston's stain vectors (skimage.color.rgb2hed); `stain` rescales the densities.
+HED_FROM_RGB = np.asarray(color.hed_from_rgb, np.float32)
+RGB_FROM_HED = np.asarray(color.rgb_from_hed, np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +135,7 @@ def shard_range(num_examples: int, process_index: int, process_count: int) -> tu
 def augment_params(
     seed: int, positions: np.ndarray, *, augment: bool, jitter: float,
     scale_range: tuple[float, float] = (1.0, 1.0), invert_prob: float = 0.0,
-    grey_prob: float = 0.0, channel_shuffle: bool = False,
+    grey_prob: float = 0.0, channel_shuffle: bool = False, stain_jitter: float = 0.0,
 ) -> dict[str, np.ndarray]:
   """Per-example augmentation parameters, each a pure function of (seed, global position).
 
@@ -146,18 +152,22 @@ def augment_params(
     invert_prob: probability of inverting an image (x -> 1 - x).
     grey_prob: probability of replacing an image by its grey version.
     channel_shuffle: whether to permute the colour channels of every image at random.
+    stain_jitter: strength t of the stain augmentation of bright-background images: haematoxylin
+      and eosin densities each scaled by a factor log-uniform in [exp(-t), exp(t)] (0 = off).
 
   Returns:
     Arrays [N]: 'flip_lr', 'flip_ud' (bool), 'rot90' (int32 quarter turns, counter-clockwise),
     'brightness' (added, in [-s, s]), 'contrast' (factor in [1-s, 1+s]), 'gamma' (exponent in
     [exp(-s), exp(s)]), 'crop_y', 'crop_x' (float32 in [0, 1): relative random-crop offsets),
     'zoom' (float32 in scale_range: magnification of the crop, see `crop`), 'channels' (int32
-    row of CHANNEL_ORDERS; 0 = unchanged), 'grey', 'invert' (bool); see `colour`.
+    row of CHANNEL_ORDERS; 0 = unchanged), 'grey', 'invert' (bool), 'haematoxylin', 'eosin'
+    (float32 stain density factors, 1 = unchanged); see `colour`.
   """
-  # A generator's first k numbers do not depend on how many follow: adding 'zoom' (the 9th) and
-  # the colour parameters (10th to 12th) left the earlier parameters of every position unchanged.
-  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(12)
-                for p in positions], np.float64).reshape(-1, 12)
+  # A generator's first k numbers do not depend on how many follow: adding 'zoom' (the 9th), the
+  # colour parameters (10th to 12th) and the stain factors (13th, 14th) left the earlier
+  # parameters of every position unchanged.
+  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(14)
+                for p in positions], np.float64).reshape(-1, 14)
   lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
   symmetric = jitter * (2 * u[:, 3:6] - 1)  # U(-s, s)
   return {
@@ -174,15 +184,36 @@ def augment_params(
                    * channel_shuffle).astype(np.int32),
       'grey': u[:, 10] < grey_prob,
       'invert': u[:, 11] < invert_prob,
+      'haematoxylin': np.exp(stain_jitter * (2 * u[:, 12] - 1)).astype(np.float32),
+      'eosin': np.exp(stain_jitter * (2 * u[:, 13] - 1)).astype(np.float32),
   }
 
 
-def colour(image: np.ndarray, channels: int, grey: bool, invert: bool) -> np.ndarray:
+def stain(image: np.ndarray, haematoxylin: float, eosin: float) -> np.ndarray:
+  """float32 [S, S, 3] `image` in [0, 1] with its haematoxylin and eosin densities scaled, if it has
+  a bright background; a dark-background (fluorescence) image is returned as it is.
+
+  H&E sections differ from lab to lab in how much of each stain they take up: deep purple nuclei in
+  lilac cytoplasm, or pale nuclei beside pink stroma and red muscle. Rescaling the two densities
+  shows the network both from the same labelled section. White stays white (density 0).
+  tfds_source.augment is its twin.
+  """
+  grey = (image[..., 0] + image[..., 1] + image[..., 2]) / np.float32(3)
+  if (haematoxylin == 1 and eosin == 1) or not np.median(grey) > splits.BRIGHT_MEDIAN:
+    return image
+  densities = -np.log(np.maximum(image, np.float32(1 / 255))) @ HED_FROM_RGB
+  densities = densities * np.array([haematoxylin, eosin, 1], np.float32)
+  return np.clip(np.exp(-(densities @ RGB_FROM_HED)), 0, 1).astype(np.float32)
+
+
+def colour(image: np.ndarray, channels: int, grey: bool, invert: bool,
+           haematoxylin: float = 1.0, eosin: float = 1.0) -> np.ndarray:
   """The colour augmentation of float32 [S, S, 3] `image` in [0, 1], so that fluorescence,
-  stained tissue and brightfield look alike to the network: channels reordered by
-  CHANNEL_ORDERS[channels], then (if grey) every channel replaced by the channels' mean, then (if
-  invert) x -> 1 - x (dark nuclei on a bright background). tfds_source.augment is its twin."""
-  image = image[..., CHANNEL_ORDERS[channels]]
+  stained tissue and brightfield look alike to the network: stain densities scaled (`stain`),
+  channels reordered by CHANNEL_ORDERS[channels], then (if grey) every channel replaced by the
+  channels' mean, then (if invert) x -> 1 - x (dark nuclei on a bright background).
+  tfds_source.augment is its twin."""
+  image = stain(image, haematoxylin, eosin)[..., CHANNEL_ORDERS[channels]]
   if grey:
     mean = (image[..., 0] + image[..., 1] + image[..., 2]) / np.float32(3)
     image = np.repeat(mean[..., None], 3, axis=-1)
@@ -246,6 +277,7 @@ class TrainSchedule:
   invert_prob: float = 0.0
   grey_prob: float = 0.0
   channel_shuffle: bool = False
+  stain_jitter: float = 0.0
 
   @classmethod
   def from_config(cls, config: Any, num_examples: int, layout: Layout,
@@ -254,7 +286,7 @@ class TrainSchedule:
     data = config.data
     return cls(num_examples, config.seed, config.batch_size, layout, data.augment, data.jitter,
                tuple(data.scale_range), repeats, data.invert_prob, data.grey_prob,
-               data.channel_shuffle)
+               data.channel_shuffle, data.stain_jitter)
 
   def __post_init__(self):
     if self.num_examples <= 0:
@@ -283,7 +315,7 @@ class TrainSchedule:
     return indices, augment_params(
         self.seed, positions, augment=self.augment, jitter=self.jitter,
         scale_range=self.scale_range, invert_prob=self.invert_prob, grey_prob=self.grey_prob,
-        channel_shuffle=self.channel_shuffle)
+        channel_shuffle=self.channel_shuffle, stain_jitter=self.stain_jitter)
 
   def iterate_from(self, start_step: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     return (self.step(s) for s in itertools.count(start_step))

@@ -29,7 +29,7 @@ def augment(
   geometry = (bool(params['flip_lr']), bool(params['flip_ud']), int(params['rot90']))
   image, label = contract.geometric(image, *geometry), contract.geometric(label, *geometry)
   image = contract.colour(image, int(params['channels']), bool(params['grey']),
-                          bool(params['invert']))
+                          bool(params['invert']), params['haematoxylin'], params['eosin'])
   if jitter:  # Static: with jitter off the image stays bit-exact.
     image = np.clip(image + params['brightness'], 0, 1)
     mean = image.mean(dtype=np.float32)

@@ -7,7 +7,7 @@ the model has never seen, so the 'grouped' split keeps each mosaic whole, on one
 every kind of image at least its share of the validation split.
 
 Kinds (`image_kind`), from the image and its true labels:
-  tissue                bright background (median grey > 128 of 255), colour (stained tissue,
+  tissue                bright background (median grey > half of white), colour (stained tissue,
                         H&E-like purple/pink)
   brightfield           bright background, grey (R = G = B up to a mean deviation of 2 levels)
   fluorescence_crowded  dark background, at least 60 true nuclei
@@ -43,7 +43,9 @@ from unetpp_jax import atomic
 KINDS = ('fluorescence_sparse', 'fluorescence_crowded', 'tissue', 'brightfield')
 SPLITS = ('grouped', 'tail')  # config.data.split: see `split_ids` and the sources.
 
-BRIGHT_MEDIAN = 128  # Median grey level (0..255) above which the background is bright.
+# Median grey (0 = black, 1 = white) above which an image's background is bright. The network's
+# input norms (models.normalize_input) and the stain augmentation (contract.stain) use it too.
+BRIGHT_MEDIAN = 0.5
 GREY_DEVIATION = 2.0  # Mean |channel - grey| (levels) up to which an image counts as grey.
 CROWDED_NUCLEI = 60  # True nuclei from which a fluorescence image counts as crowded.
 
@@ -57,7 +59,7 @@ _CACHE_VERSION = 1  # Bump when kinds or groups are computed differently.
 
 def bright_background(image: np.ndarray) -> bool:
   """Whether uint8 [H, W, 3] `image` has a bright background (stained tissue, brightfield)."""
-  return float(np.median(image.mean(axis=-1))) > BRIGHT_MEDIAN
+  return float(np.median(image.mean(axis=-1))) > BRIGHT_MEDIAN * 255
 
 
 def image_kind(image: np.ndarray, label: np.ndarray) -> str:

@@ -77,8 +77,8 @@ def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: Any, fx: Any, zoom:
   return tf.ensure_shape(image, [size, size, 3]), tf.ensure_shape(label, [size, size])[..., None]
 
 
-def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], jitter: float
-            ) -> tuple[tf.Tensor, tf.Tensor]:
+def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], jitter: float,
+            stain_jitter: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
   """Batched TensorFlow twin of `numpy_source.augment`.
 
   Args:
@@ -86,6 +86,7 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
     labels: [N, S, S, 1].
     params: `contract.augment_params` of the N examples ([N] each).
     jitter: photometric jitter strength (0 = off).
+    stain_jitter: the stain augmentation's strength (0 = off: its factors are then all 1).
 
   Returns:
     The augmented images and labels.
@@ -102,6 +103,19 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
     flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
     return tf.reshape(tf.gather(flat, sources, batch_dims=1), tf.shape(x))
   images, labels = gather_pixels(images), gather_pixels(labels)
+  if stain_jitter:  # `contract.stain`, per example; static, as with the factors all 1 it is a no-op.
+    grey = tf.sort(tf.reshape((images[..., 0] + images[..., 1] + images[..., 2]) / 3,
+                              [tf.shape(images)[0], -1]), axis=1)
+    pixels = grey.shape[1]
+    median = (grey[:, (pixels - 1) // 2] + grey[:, pixels // 2]) / 2  # np.median's.
+    factors = tf.stack([params['haematoxylin'], params['eosin'], tf.ones_like(params['eosin'])], 1)
+    densities = tf.einsum('nhwc,cd->nhwd', -tf.math.log(tf.maximum(images, 1 / 255)),
+                          contract.HED_FROM_RGB) * factors[:, None, None, :]
+    stained = tf.clip_by_value(tf.exp(-tf.einsum('nhwd,dc->nhwc', densities,
+                                                 contract.RGB_FROM_HED)), 0, 1)
+    changed = ((median > splits.BRIGHT_MEDIAN)
+               & ((params['haematoxylin'] != 1) | (params['eosin'] != 1)))
+    images = tf.where(tf.reshape(changed, [-1, 1, 1, 1]), stained, images)
   # The colour ops of `contract.colour`, per example.
   images = tf.gather(images, tf.gather(contract.CHANNEL_ORDERS, params['channels']), axis=3,
                      batch_dims=1)
@@ -175,7 +189,8 @@ def train_dataset(
     ds = ds.batch(b, drop_remainder=True)
 
   def augment_batch(image, label, params):
-    image, label = augment(tf.cast(image, tf.float32) / 255, label, params, schedule.jitter)
+    image, label = augment(tf.cast(image, tf.float32) / 255, label, params, schedule.jitter,
+                           schedule.stain_jitter)
     return {'image': tf.reshape(image, [d, b // d, size, size, 3]),
             'label': tf.reshape(tf.cast(label, tf.int32), [d, b // d, size, size])}
   ds = ds.map(augment_batch, tf.data.AUTOTUNE, deterministic=True)
