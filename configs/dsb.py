@@ -10,10 +10,11 @@ What it changes against the paper's setting (configs/dsb_paper.py: whole images 
 zoom around 1 (a 520x348 image with 290 nuclei resized to 96x96 leaves 2 to 3 pixels per
 nucleus); a 3-class target (background / nucleus interior / boundary: a rim around every nucleus
 plus a band where nuclei touch) with a weighted cross-entropy and Dice per class; the RGB input
-joined by its haematoxylin (nuclear-stain) density, which keeps the stroma of H&E sections dark;
-every head deeply supervised; evaluation at native size (padded whole images), flip test-time
-augmentation, and the instance post-processing chosen on the validation split
-(`instances.default_options`).
+joined by its haematoxylin (nuclear-stain) density, which keeps the stroma of H&E sections dark,
+and the stain densities of bright-background training images rescaled at random, so that H&E
+sections stained unlike the training ones look familiar; every head deeply supervised;
+evaluation at native size (padded whole images), flip test-time augmentation, and the instance
+post-processing chosen on the validation split (`instances.default_options`).
 
 Sized for one accelerator (20,000 steps of batch 16). configs/dsb_cpu.py is the same recipe on a
 CPU budget; docs/results.md has its measured scores and commands.
@@ -32,6 +33,7 @@ def get_config():
   config.data.scale_range = (0.75, 1.33)  # Random zoom of each crop, log-uniform.
   config.model.num_classes = 3  # Background / nucleus interior / boundary.
   config.model.input_norm = 'rgb_haematoxylin'  # RGB plus the nuclear-stain density (model.md).
+  config.data.stain_jitter = 1.2  # H and E densities scaled by 0.3..3.3 on bright backgrounds.
   config.loss.contact_width = 2  # Nucleus pixels within 2 px of another nucleus are boundary.
   config.loss.class_weights = (1.0, 1.0, 3.0)  # The thin boundary class weighs 3x in the CE.
   config.loss.deep_supervision_heads = (1, 2, 3, 4)  # Every head.

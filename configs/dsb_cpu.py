@@ -9,9 +9,9 @@ Same data, split, targets, loss and evaluation as configs/dsb.py; half the filte
 the FLOPs), 128x128 crops, batch 8 and 1,200 steps (about 18 epochs of crops of the 532 training
 images of the grouped split), so that CI-class machines can show the recipe works.
 
-Measured: 2-core AMD EPYC CPU, about 27 minutes alone; official score 0.561 on the grouped
-validation split with the evaluate defaults (fluorescence sparse 0.635, crowded 0.595, tissue
-0.300, brightfield 0.233; docs/results.md).
+Measured: 2-core AMD EPYC CPU, 25 min 37 s alone; official score 0.555 on the grouped validation
+split with the evaluate defaults (fluorescence sparse 0.629, crowded 0.585, tissue 0.303,
+brightfield 0.183; docs/results.md).
 """
 
 from configs import dsb

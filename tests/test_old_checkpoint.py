@@ -101,6 +101,7 @@ def test_old_config_gets_the_values_it_ran_with_for_fields_added_since(tmp_path,
   assert config.model.input_norm == 'standardize'
   assert dict(config.data.repeats) == {kind: 1 for kind in dict(dsb.get_config().data.repeats)}
   assert tuple(config.data.scale_range) == (1.0, 1.0) and config.loss.contact_width == 0
+  assert config.data.stain_jitter == 0 and dsb.get_config().data.stain_jitter > 0
 
 
 def test_old_workdir_evaluates(tmp_path, old):
