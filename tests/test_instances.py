@@ -35,6 +35,23 @@ def test_small_instances_are_removed_and_ids_are_consecutive():
   assert label.dtype == np.int32
 
 
+@pytest.mark.parametrize('method', instances.METHODS)
+def test_hesitant_instances_are_removed(method):
+  # Two nuclei of one size: one the network is sure of, one above the threshold only in patches
+  # (as the dark cytoplasm of a brightfield cell), whose mean probability is 0.7.
+  sure, hesitant = _disk(30, 20, 12), _disk(30, 75, 12)
+  patches = np.where((YY + XX) % 2 == 0, 0.9, 0.5)
+  prob = np.where(sure, 0.95, np.where(hesitant, patches, 0.0)).astype(np.float32)
+  options = instances.InstanceOptions(method=method, threshold=0.4)
+  assert instances.to_instances(prob, options=options).max() == 2  # Off by default.
+  label = instances.to_instances(prob, options=dataclasses.replace(options, min_confidence=0.8))
+  assert label.max() == 1 and label[30, 20] == 1 and not label[hesitant].any()
+  assert np.array_equal(label > 0, sure)  # The confident nucleus keeps every pixel.
+  mean = float(prob[hesitant].mean())
+  kept = instances.to_instances(prob, options=dataclasses.replace(options, min_confidence=mean - 1e-3))
+  assert kept.max() == 2
+
+
 def test_threshold_and_empty_input():
   prob = np.where(TOUCHING, 0.6, 0.1).astype(np.float32)
   assert instances.to_instances(prob).max() == 2

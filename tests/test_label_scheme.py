@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 
-from unetpp_jax import losses
+from unetpp_jax import inference_flags, losses
 from unetpp_jax.evaluation import instances
 from unetpp_jax.label_scheme import LabelScheme
 
@@ -59,15 +61,29 @@ def test_default_instance_options_and_unset_changes():
   assert instances.default_options(LabelScheme(1)) == instances.InstanceOptions()
   assert instances.default_options(LabelScheme(2)) == instances.InstanceOptions()
   three = instances.default_options(LabelScheme(3, contact_width=2))
-  assert (three.seeds, three.threshold, three.min_size, three.seed_h_per_radius) == (
-      'distance', 0.6, 30, 0.1)
+  assert (three.seeds, three.threshold, three.min_size, three.seed_h_per_radius,
+          three.min_confidence) == ('distance', 0.6, 30, 0.1, 0.8)
   # Unset flags (None, --seeds=auto) keep the scheme's defaults; set ones replace them.
   assert instances.default_options(LabelScheme(3), seeds='auto', threshold=None,
                                    min_size=None, marker_threshold=None, seed_h=None,
-                                   seed_h_per_radius=None) == three
+                                   seed_h_per_radius=None, min_confidence=None) == three
   changed = instances.default_options(LabelScheme(3), seeds='boundary', threshold=0.5,
                                       fill_holes=False)
   assert (changed.seeds, changed.threshold, changed.min_size, changed.fill_holes) == (
       'boundary', 0.5, 30, False)
   with pytest.raises(TypeError):
     instances.default_options(LabelScheme(1), no_such_option=1)
+
+
+def test_instance_flags_of_evaluate_and_segment_reach_the_options():
+  config = ml_collections.ConfigDict({'model': {'num_classes': 3}, 'loss': {}})
+  parsed = flags.FLAGS.is_parsed()  # pytest parses no absl flags: their defaults, then.
+  flags.FLAGS.mark_as_parsed()
+  try:
+    assert inference_flags.instance_options(config) == instances.default_options(LabelScheme(3))
+    with flagsaver.flagsaver(min_confidence=0.5, min_size=7, seeds='boundary'):
+      assert inference_flags.instance_options(config) == instances.default_options(
+          LabelScheme(3), min_confidence=0.5, min_size=7, seeds='boundary')
+  finally:
+    if not parsed:
+      flags.FLAGS.unparse_flags()

@@ -56,6 +56,9 @@ flags.DEFINE_float('seed_h_per_radius', None, "'distance' seeds: the dynamic is 
 flags.DEFINE_integer('min_size', None, 'Smallest nucleus kept, in pixels; default: '
                      "instances.default_options of the model's label scheme (15; 30 for 3 "
                      'classes).')
+flags.DEFINE_float('min_confidence', None, 'Nuclei whose mean foreground probability is lower '
+                   "are dropped; default: instances.default_options of the model's label scheme "
+                   '(0; 0.8 for 3 classes).')
 flags.DEFINE_float('marker_threshold', _INSTANCES.marker_threshold, "'boundary' seeds: threshold "
                    'of p(nucleus) for the markers; default --threshold.')
 flags.DEFINE_float('seed_threshold', _INSTANCES.seed_threshold, "'product' seeds: threshold of "
@@ -93,6 +96,7 @@ def instance_options(config: ml_collections.ConfigDict) -> instances.InstanceOpt
   return instances.default_options(
       LabelScheme.from_config(config), threshold=FLAGS.threshold, method=FLAGS.instances,
       seeds=FLAGS.seeds, seed_h=FLAGS.seed_h, seed_h_per_radius=FLAGS.seed_h_per_radius,
-      min_size=FLAGS.min_size, marker_threshold=FLAGS.marker_threshold,
+      min_size=FLAGS.min_size, min_confidence=FLAGS.min_confidence,
+      marker_threshold=FLAGS.marker_threshold,
       seed_threshold=FLAGS.seed_threshold, min_seed_size=FLAGS.min_seed_size,
       fill_holes=FLAGS.fill_holes)

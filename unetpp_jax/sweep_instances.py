@@ -63,6 +63,7 @@ GRID = {
     'seed_h_per_radius': (0.0, 0.1, 0.2),
     'marker_threshold': (0.3, 0.5, 0.7),
     'min_size': (5, 15, 30),
+    'min_confidence': (0.0, 0.7, 0.8, 0.85),
     'fill_holes': (True, False),
 }
 # The seeds that read each seed-specific option; the sweep skips the others' options.

@@ -22,7 +22,10 @@
    Foreground pieces that no seed reaches (e.g. thin slivers without an h-maximum) are kept as
    instances of their own.
 3. Instances smaller than `min_size` pixels are dropped (they are mostly noise and each would be a
-   false positive), and the rest renumbered 1..N.
+   false positive), and so are those whose mean p(foreground) is below `min_confidence`: the
+   network is sure of a nucleus throughout it, and hesitant over the dark cytoplasm of brightfield
+   cells or the stroma of a stained section that crosses the threshold in patches. The rest are
+   renumbered 1..N.
 
 The defaults (`default_options`: those of `InstanceOptions`, changed by the model's
 `LabelScheme.instance_defaults`) were chosen on the DSB2018 validation split; the scores behind
@@ -52,6 +55,7 @@ class InstanceOptions:
   seed_h_per_radius: float = 0.0  # Or, if larger, this fraction of the median nucleus radius.
   smooth: float = 1.0  # Gaussian sigma applied to the distance map before finding seeds.
   min_size: int = 15  # Instances with fewer pixels are removed.
+  min_confidence: float = 0.0  # Instances with a lower mean p(foreground) are removed.
   fill_holes: bool = True  # Fill holes of the foreground mask first.
   marker_threshold: float | None = None  # 'boundary' seeds: p(nucleus) threshold; None = threshold.
   seed_threshold: float = 0.7  # 'product' seeds: threshold of p(foreground) * (1 - p(boundary)).
@@ -74,10 +78,14 @@ def default_options(scheme: LabelScheme, **changes: Any) -> InstanceOptions:
   return InstanceOptions(**{**scheme.instance_defaults, **changes})
 
 
-def _relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
-  """Drops instances smaller than min_size and renumbers the rest 1..N (int32)."""
+def _relabel(labels: np.ndarray, foreground: np.ndarray, options: InstanceOptions) -> np.ndarray:
+  """Drops instances smaller than min_size or less confident than min_confidence and renumbers
+  the rest 1..N (int32)."""
   counts = np.bincount(labels.ravel())
-  keep = counts >= min_size
+  keep = counts >= options.min_size
+  if options.min_confidence > 0:
+    sums = np.bincount(labels.ravel(), weights=foreground.ravel(), minlength=len(counts))
+    keep &= sums >= options.min_confidence * counts
   keep[0] = False
   new_ids = np.zeros(len(counts), np.int32)
   new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
@@ -109,7 +117,7 @@ def to_instances(
     mask = ndimage.binary_fill_holes(mask)
   if options.method == 'components' or not mask.any():
     labels, _ = ndimage.label(mask)
-    return _relabel(labels, options.min_size)
+    return _relabel(labels, foreground, options)
 
   if options.seeds == 'boundary':
     if boundary is None:
@@ -140,4 +148,4 @@ def to_instances(
 
   unreached, _ = ndimage.label(mask & (labels == 0))
   labels = np.where(unreached > 0, unreached + labels.max(), labels)
-  return _relabel(labels, options.min_size)
+  return _relabel(labels, foreground, options)
