@@ -48,8 +48,10 @@ def test_hesitant_instances_are_removed(method):
   assert label.max() == 1 and label[30, 20] == 1 and not label[hesitant].any()
   assert np.array_equal(label > 0, sure)  # The confident nucleus keeps every pixel.
   mean = float(prob[hesitant].mean())
-  kept = instances.to_instances(prob, options=dataclasses.replace(options, min_confidence=mean - 1e-3))
-  assert kept.max() == 2
+  just_under = dataclasses.replace(options, min_confidence=mean - 1e-3)
+  assert instances.to_instances(prob, options=just_under).max() == 2
+  with pytest.raises(ValueError, match='must be a probability'):
+    instances.InstanceOptions(min_confidence=80)
 
 
 def test_threshold_and_empty_input():

@@ -66,6 +66,8 @@ class InstanceOptions:
       raise ValueError(f'Instance method {self.method!r} must be one of {METHODS}.')
     if self.seeds not in SEEDS:
       raise ValueError(f'Watershed seeds {self.seeds!r} must be one of {SEEDS}.')
+    if not 0 <= self.min_confidence <= 1:
+      raise ValueError(f'min_confidence={self.min_confidence} must be a probability, 0 to 1.')
 
 
 def default_options(scheme: LabelScheme, **changes: Any) -> InstanceOptions:
