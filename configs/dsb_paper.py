@@ -58,6 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 'crop' only: (lo, hi) of a log-uniform random zoom of each crop (nucleus sizes vary several-fold
   # across DSB2018); (1, 1) = native scale only.
   config.data.scale_range = (1.0, 1.0)
+  # 'crop' only: size normalisation. Every training window is zoomed so that its image's median
+  # nucleus (measured on the labels) is this many pixels across, before the random zoom;
+  # inference measures each image's nuclei on a first pass and predicts again at that scale.
+  # 0 = off (native scale).
+  config.data.nucleus_diameter = 0.0
   # Bad examples in the release (undecodable PNG, mask size != image size, masks without an image,
   # an id in two folders): 'error' stops with a message naming the file; 'skip' logs, counts and
   # leaves them out. Applies when TFDS prepares the data (prepared data is cached and reused).

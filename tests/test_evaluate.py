@@ -21,7 +21,7 @@ from unetpp_jax.evaluation import evaluate
 from unetpp_jax.evaluation import instances
 from unetpp_jax.evaluation import official_metric
 from unetpp_jax.evaluation import rle
-from unetpp_jax.data import splits
+from unetpp_jax.data import contract, splits
 from unetpp_jax.data.builders import synthetic_nuclei
 
 import synthetic_release
@@ -320,6 +320,33 @@ def test_scales_resize_each_pass_and_average_back_at_native_size(setup):
   np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='must be positive'):
     _identity_predictor(setup.config, 'pad', scales=(1.0, 0.0))
+
+
+def test_size_normalisation_predicts_again_at_the_trained_nucleus_size(setup):
+  config = setup.config.copy_and_resolve_references()
+  config.data.nucleus_diameter = 20.0
+  image = np.zeros((64, 96, 3), np.uint8)
+  yy, xx = np.mgrid[:64, :96]
+  for y, x in [(16, 16), (16, 60), (44, 30), (44, 76)]:  # Disks 10 pixels across.
+    image[(yy - y)**2 + (xx - x)**2 <= 25] = 255
+  predictor, calls = _identity_predictor(config, 'pad', pad_multiple=32)
+  diameter = contract.median_diameter(instances.to_instances(
+      image[..., 0] / 255, options=instances.default_options(predictor.scheme)), 15)
+  factor = 20.0 / diameter
+  assert 1.8 < factor < 2.2
+  assert predictor.magnification(image[..., :1] / 255) == pytest.approx(factor)
+  (_, probs), = predictor.predict([{'id': 'x', 'image': image}])
+  # A first pass at native size, then one at the factor (padded to a multiple of 32).
+  assert calls == [(1, 64, 96, 3), (1, -(-round(64 * factor) // 32) * 32,
+                                    -(-round(96 * factor) // 32) * 32, 3)]
+  assert probs.shape == (3, 64, 96, 1)
+  assert ((probs[0, ..., 0] > 0.5) == (image[..., 0] > 127)).mean() > 0.98  # Back at native size.
+  # The same as asking for that scale, and nothing more without nuclei or without the option.
+  plain, _ = _identity_predictor(setup.config, 'pad', pad_multiple=32, scales=(factor,))
+  np.testing.assert_array_equal(probs, next(plain.predict([{'id': 'x', 'image': image}]))[1])
+  calls.clear()
+  list(predictor.predict([{'id': 'empty', 'image': np.zeros_like(image)}]))
+  assert calls == [(1, 64, 96, 3)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
       ('loss.class_weights', (1.0, 2.0), 'config.loss.class_weights'),
       ('data.scale_range', (1.5, 1.0), 'config.data.scale_range'),
       ('loss.contact_width', -1, 'config.loss.contact_width'),
+      ('data.nucleus_diameter', -4.0, 'config.data.nucleus_diameter=-4.0 must be a size'),
   ]:
     config = dsb_cpu.get_config()
     config.update_from_flattened_dict({field: value})
@@ -108,6 +109,9 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
   config = dsb_cpu.get_config()
   config.data.train_preprocess = 'resize'
   with pytest.raises(ValueError, match='config.data.scale_range'):
+    config_validation.validate(config)
+  config.data.scale_range, config.data.nucleus_diameter = (1.0, 1.0), 16.0
+  with pytest.raises(ValueError, match="nucleus_diameter=16.0 zooms native-resolution crops"):
     config_validation.validate(config)
 
 
@@ -144,6 +148,44 @@ def test_crop_keeps_image_and_label_aligned(shape, zoom):
     got_image, got_label = contract.crop(image, label, S, 0.0, 0.0)
     np.testing.assert_array_equal(got_image[:40, :50], image)
     np.testing.assert_array_equal(got_label[40:48, :50], label[::-1][:8])
+
+
+def _grid_of_squares(side, spacing=10, size=200):
+  """uint16 [size, size] label of side x side squares every `spacing` pixels, and one large
+  40x40 square (the median, not the mean, sets an image's nucleus size)."""
+  label = np.zeros((size, size), np.uint16)
+  for n, (y, x) in enumerate([(y, x) for y in range(2, size - side, spacing)
+                              for x in range(2, size - side, spacing)]):
+    label[y:y + side, x:x + side] = n + 1
+  label[150:190, 150:190] = label.max() + 1
+  return label
+
+
+def test_median_diameter_and_size_factor():
+  label = _grid_of_squares(6)
+  assert contract.median_diameter(label) == pytest.approx(2 * np.sqrt(36 / np.pi))
+  assert contract.median_diameter(label, min_size=37) == pytest.approx(2 * np.sqrt(1600 / np.pi))
+  assert contract.median_diameter(np.zeros((9, 9), np.uint16)) == 0.0
+  assert contract.size_factor(8.0, 16.0) == 2.0
+  assert contract.size_factor(100.0, 16.0) == 1 / contract.MAX_SIZE_FACTOR  # Clipped.
+  assert contract.size_factor(0.0, 16.0) == contract.size_factor(8.0, 0.0) == 1.0  # Nothing to do.
+
+
+@pytest.mark.parametrize('side', [4, 6])
+def test_size_normalised_crops_show_nuclei_at_the_set_diameter(side):
+  label = _grid_of_squares(side)
+  image = np.repeat((label > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)
+  target = 2 * 2 * np.sqrt(side * side / np.pi)  # Twice the squares' diameter.
+  for fy, fx in [(0.0, 0.0), (0.3, 0.6), (0.9, 0.2)]:
+    _, got = contract.crop(image, label, S, fy, fx, zoom=1.0, nucleus_diameter=target)
+    areas = np.bincount(got.ravel())[1:]
+    # Squares magnified 2x: (2 side)^2 pixels each, less where the window cuts one.
+    assert areas.max() == (2 * side)**2 and (areas == (2 * side)**2).sum() >= 2
+    # The random zoom applies on top, and the normalised crop is the plain crop at the product.
+    for zoom in (0.8, 1.25):
+      np.testing.assert_array_equal(
+          contract.crop(image, label, S, fy, fx, zoom, nucleus_diameter=target)[1],
+          contract.crop(image, label, S, fy, fx, zoom * 2.0)[1])
 
 
 def test_zoom_is_drawn_with_the_other_augmentation_parameters():
@@ -204,8 +246,9 @@ def test_release_source_matches_tfds_and_resumes_exactly(tmp_path_factory, relea
   def config_of(source):
     config = _release_config(tmp_path, release_zip, source)
     config.data.split = split
-    if split == 'grouped':  # Oversampling too: both sources must repeat the same examples.
+    if split == 'grouped':  # Oversampling and size normalisation too: both sources must agree.
       config.data.repeats.update({'tissue': 2, 'brightfield': 3, 'fluorescence_crowded': 2})
+      config.data.nucleus_diameter = 20.0
     return config
   tfds_input = data_sources.create_input(config_of('tfds'), start_step=2)
   config = config_of('release')

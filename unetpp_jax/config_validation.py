@@ -55,6 +55,7 @@ ADDED_FIELDS = {
     'data.grey_prob': 0.0,
     'data.channel_shuffle': False,
     'data.stain_jitter': 0.0,
+    'data.nucleus_diameter': 0.0,
     **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
     'model.input_norm': 'standardize',
     'loss.contact_width': 0,
@@ -188,6 +189,16 @@ def validate(config: Any) -> None:
       scale_range == (1.0, 1.0) or config.data.train_preprocess == 'crop',
       f'config.data.scale_range={scale_range} zooms native-resolution crops: it needs '
       "config.data.train_preprocess='crop' (or scale_range=(1, 1)).",
+  )
+  nucleus_diameter = _get(config, 'data.nucleus_diameter')
+  check(
+      isinstance(nucleus_diameter, (int, float)) and nucleus_diameter >= 0,
+      f'config.data.nucleus_diameter={nucleus_diameter} must be a size in pixels (0 = off).',
+  )
+  check(
+      not nucleus_diameter or config.data.train_preprocess == 'crop',
+      f'config.data.nucleus_diameter={nucleus_diameter} zooms native-resolution crops: it needs '
+      "config.data.train_preprocess='crop' (or nucleus_diameter=0).",
   )
   check(
       1 <= config.predict.head <= levels,

@@ -40,6 +40,9 @@ EXPORT_HINT = 'python -m unetpp_jax.export_npz --config=configs/dsb.py --output=
 # Ruifrok & Johnston's stain vectors (skimage.color.rgb2hed); `stain` rescales the densities.
 HED_FROM_RGB = np.asarray(color.hed_from_rgb, np.float32)
 RGB_FROM_HED = np.asarray(color.rgb_from_hed, np.float32)
+# Size normalisation (config.data.nucleus_diameter) magnifies or shrinks by at most this factor:
+# beyond it a mis-measured image (a few huge blobs, specks) would be blown up or lost.
+MAX_SIZE_FACTOR = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,14 +225,34 @@ def colour(image: np.ndarray, channels: int, grey: bool, invert: bool,
   return image
 
 
+def median_diameter(label: np.ndarray, min_size: int = 1) -> float:
+  """The diameter (pixels) of a disk with the median area of the instances of at least min_size
+  pixels in the instance map `label`; 0 without any."""
+  areas = np.bincount(label.ravel())[1:]
+  areas = areas[areas >= max(min_size, 1)]
+  return float(2 * np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
+
+
+def size_factor(diameter: float, nucleus_diameter: float) -> float:
+  """The magnification that brings nuclei of median `diameter` to `nucleus_diameter` pixels
+  (config.data.nucleus_diameter), within MAX_SIZE_FACTOR either way; 1 when either is 0 (off, or
+  no nuclei to measure)."""
+  if not diameter > 0 or not nucleus_diameter > 0:
+    return 1.0
+  return float(np.clip(nucleus_diameter / diameter, 1 / MAX_SIZE_FACTOR, MAX_SIZE_FACTOR))
+
+
 def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
-         zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+         zoom: float = 1.0, nucleus_diameter: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
   """A size x size training window of a native-resolution example, shared by every source.
 
   The window covers round(size / zoom) source pixels (zoom > 1 magnifies), at relative offsets
   fy, fx in [0, 1], and is resized to size (image bilinear, label nearest). An image smaller than
   the window is first reflect-padded at the bottom/right, its label with it (the mirrored nuclei
   are labelled like the ones they mirror), so that the window never sees an artificial border.
+  With `nucleus_diameter` the zoom is also multiplied by the example's `size_factor` (measured
+  on its whole label), so that its median nucleus is that many pixels across before the random
+  zoom.
 
   Args:
     image: uint8 [H, W, 3].
@@ -237,10 +260,13 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
     size: output size S.
     fy, fx: relative offsets (`augment_params`' 'crop_y', 'crop_x'; 0.5, 0.5 is the centre).
     zoom: magnification (`augment_params`' 'zoom').
+    nucleus_diameter: config.data.nucleus_diameter (0 = native scale).
 
   Returns:
     uint8 [S, S, 3] and uint16 [S, S].
   """
+  if nucleus_diameter:
+    zoom = float(zoom) * size_factor(median_diameter(label), nucleus_diameter)
   window = max(1, int(round(size / float(zoom))))
   height, width = max(image.shape[0], window), max(image.shape[1], window)
   pad = ((0, height - image.shape[0]), (0, width - image.shape[1]))

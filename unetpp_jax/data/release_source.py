@@ -36,12 +36,13 @@ def tfds_order(ids: Sequence[str], split: str = 'train') -> list[str]:
 
 
 def _train_batches(images: list[np.ndarray], labels: list[np.ndarray], schedule: TrainSchedule,
-                   size: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+                   size: int, start_step: int, nucleus_diameter: float
+                   ) -> Iterator[dict[str, np.ndarray]]:
   d = schedule.layout.local_devices
 
   def window(index, p):
     image, label = contract.crop(images[index], labels[index], size, p['crop_y'], p['crop_x'],
-                                 p['zoom'])
+                                 p['zoom'], nucleus_diameter)
     return numpy_source.augment(image / np.float32(255), label, p, schedule.jitter)
 
   # Numpy and Pillow release the GIL, so threads prepare a batch's windows in parallel (an
@@ -82,8 +83,9 @@ def create_input(
   train_lo, train_hi = layout.shard(len(split.train))
   train_ids = split.train[train_lo:train_hi]
   val_ids = split.val[slice(*layout.shard(len(split.val)))]
-  size = config.data.image_size
-  val = [contract.crop(examples[i]['image'], examples[i]['label'], size, 0.5, 0.5) for i in val_ids]
+  size, nucleus_diameter = config.data.image_size, config.data.nucleus_diameter
+  val = [contract.crop(examples[i]['image'], examples[i]['label'], size, 0.5, 0.5,
+                       nucleus_diameter=nucleus_diameter) for i in val_ids]
   val_examples = Examples(
       np.array(val_ids, dtype=str),
       np.stack([v[0] for v in val]) if val else np.zeros((0, size, size, 3), np.uint8),
@@ -93,7 +95,7 @@ def create_input(
   return Input(
       train_iter=_train_batches([examples[i]['image'] for i in train_ids],
                                 [examples[i]['label'] for i in train_ids], schedule, size,
-                                start_step),
+                                start_step, nucleus_diameter),
       eval_batches=contract.EvalBatches(val_examples, layout,
                                         layout.num_eval_batches(len(split.val))),
       num_train=len(split.train),

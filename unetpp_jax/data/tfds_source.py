@@ -68,11 +68,11 @@ def _resize(image: tf.Tensor, label: tf.Tensor, size: int) -> tuple[tf.Tensor, t
   return image, tf.image.resize(label, [size, size], 'nearest')
 
 
-def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: Any, fx: Any, zoom: Any = 1.0
-          ) -> tuple[tf.Tensor, tf.Tensor]:
+def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: Any, fx: Any, zoom: Any = 1.0,
+          nucleus_diameter: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
   """`contract.crop` (the one crop every source shares), as a tf.data op."""
   image, label = tf.numpy_function(
-      lambda i, l, y, x, z: contract.crop(i, l[..., 0], size, y, x, z),
+      lambda i, l, y, x, z: contract.crop(i, l[..., 0], size, y, x, z, nucleus_diameter),
       [image, label, fy, fx, zoom], [tf.uint8, tf.uint16], stateful=False)
   return tf.ensure_shape(image, [size, size, 3]), tf.ensure_shape(label, [size, size])[..., None]
 
@@ -130,14 +130,16 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
   return images, labels
 
 
-def preprocess(examples: EncodedExamples, mode: str, size: int) -> contract.Examples:
-  """Decodes and resizes (mode 'resize') or centre-crops ('crop') every example, in memory."""
+def preprocess(examples: EncodedExamples, mode: str, size: int, nucleus_diameter: float = 0.0
+               ) -> contract.Examples:
+  """Decodes and resizes (mode 'resize') or centre-crops ('crop', with `contract.crop`'s size
+  normalisation) every example, in memory."""
   def fn(image_png, label_png):
     image, label = _decode(image_png, label_png)
     if mode == 'resize':
       image, label = _resize(image, label, size)
     else:
-      image, label = _crop(image, label, size, 0.5, 0.5)
+      image, label = _crop(image, label, size, 0.5, 0.5, nucleus_diameter=nucleus_diameter)
     return tf.ensure_shape(image, [size, size, 3]), tf.ensure_shape(label[..., 0], [size, size])
 
   images = np.zeros((0, size, size, 3), np.uint8)
@@ -157,6 +159,7 @@ def train_dataset(
     *,
     size: int,
     start_step: int = 0,
+    nucleus_diameter: float = 0.0,
 ) -> tf.data.Dataset:
   """Training batches from global step `start_step` on (infinite).
 
@@ -166,6 +169,7 @@ def train_dataset(
     schedule: order and augmentation parameters of every step.
     size: image size S.
     start_step: global step of the first batch.
+    nucleus_diameter: config.data.nucleus_diameter ('crop' mode; 0 = native scale).
 
   Returns:
     A dataset of {'image': float32 [D, B, S, S, 3], 'label': int32 [D, B, S, S]}.
@@ -183,8 +187,8 @@ def train_dataset(
   else:
     def decode_and_crop(index, params):
       image, label = _decode(tf.gather(images, index), tf.gather(labels, index))
-      return (*_crop(image, label, size, params['crop_y'], params['crop_x'], params['zoom']),
-              params)
+      return (*_crop(image, label, size, params['crop_y'], params['crop_x'], params['zoom'],
+                     nucleus_diameter), params)
     ds = ds.unbatch().map(decode_and_crop, tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
 
@@ -213,14 +217,15 @@ def create_input_from_examples(
   """Input over this process's shards `train` and `val` of splits of num_train / num_eval;
   `repeats`: `contract.TrainSchedule.repeats` of `train`."""
   mode, size = config.data.train_preprocess, config.data.image_size
+  nucleus_diameter = config.data.nucleus_diameter
   if mode not in PREPROCESS_MODES:
     raise ValueError(f'config.data.train_preprocess={mode!r} is not one of {PREPROCESS_MODES}.')
   schedule = contract.TrainSchedule.from_config(config, len(train), layout, repeats)
   source = preprocess(train, mode, size) if mode == 'resize' else train
   return contract.Input(
-      train_iter=train_dataset(source, schedule, size=size, start_step=start_step)
-      .as_numpy_iterator(),
-      eval_batches=contract.EvalBatches(preprocess(val, mode, size), layout,
+      train_iter=train_dataset(source, schedule, size=size, start_step=start_step,
+                               nucleus_diameter=nucleus_diameter).as_numpy_iterator(),
+      eval_batches=contract.EvalBatches(preprocess(val, mode, size, nucleus_diameter), layout,
                                               layout.num_eval_batches(num_eval)),
       num_train=num_train,
       num_eval=num_eval)

@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import morphology, segmentation
 
+from unetpp_jax.data import contract
 from unetpp_jax.label_scheme import LabelScheme
 
 METHODS = ('watershed', 'components')
@@ -94,14 +95,6 @@ def _relabel(labels: np.ndarray, foreground: np.ndarray, options: InstanceOption
   return new_ids[labels]
 
 
-def _median_radius(labels: np.ndarray, min_size: int) -> float:
-  """The radius (pixels) of a disk with the median area of the instances of at least min_size
-  pixels; 0 without any."""
-  areas = np.bincount(labels.ravel())[1:]
-  areas = areas[areas >= max(min_size, 1)]
-  return float(np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
-
-
 def to_instances(
     foreground: np.ndarray,
     boundary: np.ndarray | None = None,
@@ -143,7 +136,7 @@ def to_instances(
     surface = -distance
     if options.seed_h_per_radius > 0:  # Second pass, scaled to this image's nuclei.
       first = segmentation.watershed(surface, markers, mask=mask)
-      seed_h = options.seed_h_per_radius * _median_radius(first, options.min_size)
+      seed_h = options.seed_h_per_radius * contract.median_diameter(first, options.min_size) / 2
       if seed_h > options.seed_h:
         markers, _ = ndimage.label(morphology.h_maxima(distance, seed_h) & mask)
   labels = segmentation.watershed(surface, markers, mask=mask)

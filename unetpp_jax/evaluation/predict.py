@@ -5,7 +5,9 @@ built). A strategy (`Resize`, `Pad`, `Tile`: one interface, `split`) turns an im
 into fixed-shape network inputs and assembles their outputs; `Predictor` batches the inputs of
 consecutive images, runs the network (pruned to a level) and returns the probabilities of every
 head (the channels of the model's `LabelScheme`) plus the final prediction, ensembled by the
-model's own `models.accurate_probability`.
+model's own `models.accurate_probability`. A model trained with size normalisation
+(config.data.nucleus_diameter) is run twice on every image, the second time at the scale that
+brings the nuclei found by the first to the trained size.
 The model standardises each input, so in 'tile' mode the statistics are those of the tile.
 """
 
@@ -22,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from unetpp_jax import models
+from unetpp_jax.data import contract
+from unetpp_jax.evaluation import instances
 from unetpp_jax.heads import Heads
 from unetpp_jax.label_scheme import LabelScheme
 from unetpp_jax.workdir import Workdir
@@ -157,9 +161,10 @@ class MultiScale:
 
 
 def create_strategy(config: ml_collections.ConfigDict, options: InferenceOptions,
-                    level: int) -> Resize | Pad | Tile | MultiScale:
-  """The strategy named by options.strategy, over options.scales; 'auto' predicts at the scale
-  the model was trained at: 'resize' after data.train_preprocess='resize', 'pad' after 'crop'."""
+                    level: int, magnification: float = 1.0) -> Resize | Pad | Tile | MultiScale:
+  """The strategy named by options.strategy, over options.scales times `magnification`; 'auto'
+  predicts at the scale the model was trained at: 'resize' after data.train_preprocess='resize',
+  'pad' after 'crop'."""
   strategy = options.strategy
   if strategy == 'auto':
     strategy = 'resize' if config.data.train_preprocess == 'resize' else 'pad'
@@ -175,6 +180,7 @@ def create_strategy(config: ml_collections.ConfigDict, options: InferenceOptions
   scales = tuple(float(s) for s in options.scales)
   if not scales or min(scales) <= 0:
     raise ValueError(f'--scales={",".join(map(str, scales))} must be positive factors.')
+  scales = tuple(magnification * s for s in scales)
   if strategy == 'resize':
     base = Resize(config.data.image_size)
   elif strategy == 'pad':
@@ -244,6 +250,8 @@ class Predictor:
                         else [h for h in supervised if h <= self.level] or [self.level])
     self.names = [f'head{j}' for j in self.heads] + [self.mode]
     self.scheme = LabelScheme.from_config(config)
+    self.nucleus_diameter = float(config.data.nucleus_diameter)
+    self._config = config
     self._strategy = create_strategy(config, options, self.level)
     self.strategy = self._strategy.name
     self.batch_size = 1 if self.strategy == 'pad' else options.batch_size
@@ -280,17 +288,39 @@ class Predictor:
     batch[:len(inputs)] = np.stack(inputs)
     return np.asarray(self._forward(self.variables, batch))[:, :len(inputs)]
 
-  def split(self, image: np.ndarray) -> tuple[list[np.ndarray], Assemble]:
-    """Network inputs (float32 in [0, 1]) of a uint8 image [H, W, 3], and their assembler."""
-    return self._strategy.split(image)
+  def magnification(self, final: np.ndarray) -> float:
+    """The size normalisation's factor for an image whose final probabilities [H, W, c] at
+    native scale are `final`: its instances (the scheme's default options) give the median
+    nucleus diameter, which the factor brings to config.data.nucleus_diameter
+    (`contract.size_factor`; 1 without nuclei or without size normalisation)."""
+    options = instances.default_options(self.scheme)
+    labels = instances.to_instances(*self.scheme.split(final), options)
+    return contract.size_factor(contract.median_diameter(labels, options.min_size),
+                                self.nucleus_diameter)
 
   def predict(self, examples: Iterable[dict[str, Any]]
               ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """Yields (example, probabilities [P, H, W, c]) in input order.
 
     Inputs of consecutive images share batches, so small images do not each run a mostly empty
-    batch.
+    batch. With size normalisation, the probabilities are those of the second pass, at
+    `magnification` (resized back to the image's size).
     """
+    first = self._predict(examples, self._strategy)
+    if not self.nucleus_diameter:
+      yield from first
+      return
+    for example, probs in first:
+      factor = self.magnification(probs[-1])
+      if factor == 1.0:
+        yield example, probs
+      else:
+        yield from self._predict([example], create_strategy(self._config, self.options,
+                                                            self.level, factor))
+
+  def _predict(self, examples: Iterable[dict[str, Any]], strategy: Resize | Pad | Tile | MultiScale
+               ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """`predict` with `strategy`, in one pass."""
     pending = collections.deque()  # [example, assemble, outputs (None until computed)]
     queue = []  # (entry, index of the input within its image, input)
 
@@ -301,7 +331,7 @@ class Predictor:
       queue.clear()
 
     for example in examples:
-      inputs, assemble = self.split(example['image'])
+      inputs, assemble = strategy.split(example['image'])
       entry = [example, assemble, [None] * len(inputs)]
       pending.append(entry)
       for index, x in enumerate(inputs):
