@@ -9,9 +9,9 @@ Same data, split, targets, loss and evaluation as configs/dsb.py; half the filte
 the FLOPs), 128x128 crops, batch 8 and 1,800 steps (about 27 epochs of crops of the 532 training
 images of the grouped split), so that CI-class machines can show the recipe works.
 
-Measured: 2-core AMD EPYC CPU, 1.28 s per step alone (1,200 steps in 25 min 37 s), so about 38 min
-for the 1,800; official score 0.568 on the grouped validation split with the evaluate defaults
-(fluorescence sparse 0.636, crowded 0.580, tissue 0.345, brightfield 0.298; docs/results.md).
+Measured: 2-core AMD EPYC CPU, 1,800 steps in 36 min 8 s with only light work beside it (the
+time table of docs/results.md); official score 0.568 on the grouped validation split with the
+evaluate defaults (fluorescence sparse 0.636, crowded 0.580, tissue 0.345, brightfield 0.298).
 """
 
 from configs import dsb
