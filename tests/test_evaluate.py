@@ -2,6 +2,7 @@
 CLIs, native-size inference strategies, and bad inputs."""
 
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -232,6 +233,29 @@ def test_fast_mode_pruned_and_pad_strategy(setup, tmp_path):
   assert report['inference']['final_heads'] == [1]
 
 
+def test_bright_background_images_are_decoded_with_their_options(setup, tmp_path):
+  # Synthetic images have dark or bright backgrounds; one of each (masks in hand).
+  background = {i: splits.bright_background(synthetic_nuclei.generate_example(i)['image'])
+                for i in setup.val_indices[1:]}
+  dark, bright = (next(i for i, b in background.items() if b == want) for want in (False, True))
+  data = synthetic_release.write_zip(tmp_path / 'images.zip', [dark, bright])
+  inference = evaluate.InferenceOptions(strategy='pad', pad_multiple=32, flips=False)
+  options = instances.InstanceOptions(method='components', min_size=5)
+  rows = {}
+  for name, instance_options in (
+      ('same', options), ('own', dataclasses.replace(options, bright={'threshold': 1.0}))):
+    report = evaluate.evaluate(setup.workdir, data, tmp_path / name, num_overlays=0,
+                               inference=inference, instance_options=instance_options)
+    assert report['instances'] == dataclasses.asdict(instance_options)
+    rows[name] = {r['id']: r for r in csv.DictReader(open(tmp_path / name / 'per_image.csv'))}
+  dark_id, bright_id = (synthetic_nuclei.generate_example(i)['id'] for i in (dark, bright))
+  assert rows['same'][bright_id]['kind'] in splits.BRIGHT_KINDS
+  assert int(rows['same'][dark_id]['num_pred']) > 0 and int(rows['same'][bright_id]['num_pred']) > 0
+  assert rows['own'][dark_id] == rows['same'][dark_id]
+  assert int(rows['own'][bright_id]['num_pred']) == 0  # No probability exceeds 1.
+  assert float(rows['own'][bright_id]['iou']) == 0
+
+
 def test_flips_make_predictions_flip_equivariant(setup):
   variables, step = evaluate.load_variables(setup.workdir, setup.config)
   assert step == 40
@@ -334,7 +358,7 @@ def test_size_normalisation_predicts_again_at_the_trained_nucleus_size(setup):
       image[..., 0] / 255, options=instances.default_options(predictor.scheme)), 15)
   factor = 20.0 / diameter
   assert 1.8 < factor < 2.2
-  assert predictor.magnification(image[..., :1] / 255) == pytest.approx(factor)
+  assert predictor.magnification(image, image[..., :1] / 255) == pytest.approx(factor)
   (_, probs), = predictor.predict([{'id': 'x', 'image': image}])
   # A first pass at native size, then one at the factor (padded to a multiple of 32).
   assert calls == [(1, 64, 96, 3), (1, -(-round(64 * factor) // 32) * 32,
@@ -487,7 +511,8 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
       instances.default_options(LabelScheme()))
   changes = [v['change'] for v in first['variants']]
   assert 'default' in changes and {'method': 'components'} in changes
-  assert {'seed_h': 1.0} in changes and {'seed_h_per_radius': 0.1} in changes  # Distance seeds'.
+  assert {'seed_h': 1.5} in changes and {'seed_h_per_radius': 0.1} in changes  # Distance seeds'.
+  assert {'smooth': 2.0} in changes and {'threshold': 0.7} in changes
   assert not any(isinstance(c, dict) and 'marker_threshold' in c for c in changes)  # Boundary's.
   assert sum(isinstance(c, dict) and c.get('seeds') == 'product' for c in changes) == 9
   for variant in first['variants']:

@@ -60,6 +60,24 @@ def test_threshold_and_empty_input():
   assert instances.to_instances(prob, options=instances.InstanceOptions(threshold=0.7)).max() == 0
 
 
+def test_bright_background_images_take_their_own_options():
+  prob = np.where(TOUCHING, 0.65, 0.1).astype(np.float32)
+  options = instances.InstanceOptions(threshold=0.7,
+                                      bright={'threshold': 0.6, 'method': 'components'})
+  assert instances.to_instances(prob, options=options).max() == 0  # Under the threshold.
+  bright = instances.to_instances(prob, options=options, bright_background=True)
+  assert bright.max() == 1 and np.array_equal(bright > 0, TOUCHING)  # Not split.
+  assert options.for_background(True) == instances.InstanceOptions(threshold=0.6,
+                                                                   method='components')
+  assert options.for_background(False) == instances.InstanceOptions(threshold=0.7)
+  without = instances.InstanceOptions(threshold=0.6)
+  assert instances.to_instances(prob, options=without, bright_background=True).max() == 2
+  with pytest.raises(ValueError, match=r'may only change the fields .*seed_h'):
+    instances.InstanceOptions(bright={'sed_h': 2.0})
+  with pytest.raises(ValueError, match='must be a probability'):
+    instances.InstanceOptions(bright={'min_confidence': 80})
+
+
 def test_boundary_seeds_follow_the_predicted_boundary():
   # A 3-class prediction: two nuclei in one foreground blob, separated by a boundary line.
   foreground = (_disk(30, 30, 15) | _disk(30, 52, 15)).astype(np.float32)

@@ -62,7 +62,8 @@ def test_default_instance_options_and_unset_changes():
   assert instances.default_options(LabelScheme(2)) == instances.InstanceOptions()
   three = instances.default_options(LabelScheme(3, contact_width=2))
   assert (three.seeds, three.threshold, three.min_size, three.seed_h_per_radius,
-          three.min_confidence) == ('distance', 0.6, 30, 0.1, 0.8)
+          three.min_confidence) == ('distance', 0.7, 30, 0.1, 0.8)
+  assert three.bright == {'threshold': 0.6, 'seed_h': 1.5}
   # Unset flags (None, --seeds=auto) keep the scheme's defaults; set ones replace them.
   assert instances.default_options(LabelScheme(3), seeds='auto', threshold=None,
                                    min_size=None, marker_threshold=None, seed_h=None,
@@ -71,6 +72,9 @@ def test_default_instance_options_and_unset_changes():
                                       fill_holes=False)
   assert (changed.seeds, changed.threshold, changed.min_size, changed.fill_holes) == (
       'boundary', 0.5, 30, False)
+  # A change is for every image: it replaces the bright-background default of its field.
+  assert changed.bright == {'seed_h': 1.5}
+  assert changed.for_background(bright=True).threshold == 0.5
   with pytest.raises(TypeError):
     instances.default_options(LabelScheme(1), no_such_option=1)
 

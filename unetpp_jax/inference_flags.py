@@ -45,11 +45,12 @@ flags.DEFINE_enum('instances', _INSTANCES.method, instances.METHODS, 'Split touc
                   'watershed, or plain connected components.')
 flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Watershed seeds; auto = '
                   "instances.default_options of the model's label scheme ('distance').")
-flags.DEFINE_float('threshold', None, 'Foreground probability threshold; default: '
-                   "instances.default_options of the model's label scheme (0.5; 0.6 for 3 "
-                   'classes).')
-flags.DEFINE_float('seed_h', None, "Minimum dynamic (pixels) of a 'distance' seed; default: "
-                   "instances.default_options of the model's label scheme (0.5).")
+flags.DEFINE_float('threshold', None, 'Foreground probability threshold, for every image; '
+                   "default: instances.default_options of the model's label scheme (0.5; for 3 "
+                   'classes 0.7, and 0.6 on a bright background).')
+flags.DEFINE_float('seed_h', None, "Minimum dynamic (pixels) of a 'distance' seed, for every "
+                   "image; default: instances.default_options of the model's label scheme (0.5; "
+                   'for 3 classes 1.5 on a bright background).')
 flags.DEFINE_float('seed_h_per_radius', None, "'distance' seeds: the dynamic is at least this "
                    "fraction of the image's median nucleus radius; default: "
                    "instances.default_options of the model's label scheme (0; 0.1 for 3 classes).")

@@ -78,13 +78,15 @@ class LabelScheme:
     Chosen on the DSB2018 validation split (docs/results.md: "The paper's setting on a CPU" for 1
     class, "Every kind of image, on the grouped split" for 3; docs/evaluation.md lists them). For
     the recipe's 3-class CPU runs the distance watershed of p(foreground) beat the boundary
-    markers and the winners' product seeds, threshold 0.6 beat 0.5, dropping nuclei under 30
-    pixels beat 15 on every kind of image, a seed dynamic of a tenth of the median nucleus
-    radius beat a fixed 0.5 or 1 pixel, and dropping nuclei with a mean p(foreground) under 0.8
-    gained on tissue and brightfield for every model measured (python -m
+    markers and the winners' product seeds, dropping nuclei under 30 pixels beat 15 on every
+    kind of image, a seed dynamic of a tenth of the median nucleus radius beat a fixed 0.5 or 1
+    pixel, and dropping nuclei with a mean p(foreground) under 0.8 gained on tissue and
+    brightfield. Fluorescence gained from threshold 0.7 over 0.6; bright-background images
+    lost, and kept 0.6 with a seed dynamic of at least 1.5 pixels, which splits their large
+    textured nuclei less. Each held for every model measured (python -m
     unetpp_jax.sweep_instances).
     """
     if self.has_boundary:
-      return {'seeds': 'distance', 'threshold': 0.6, 'min_size': 30, 'seed_h_per_radius': 0.1,
-              'min_confidence': 0.8}
+      return {'seeds': 'distance', 'threshold': 0.7, 'min_size': 30, 'seed_h_per_radius': 0.1,
+              'min_confidence': 0.8, 'bright': {'threshold': 0.6, 'seed_h': 1.5}}
     return {}

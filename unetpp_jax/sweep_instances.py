@@ -7,9 +7,12 @@ Runs the network once over the run's validation split (the ids training held out
 set), keeps the final prediction's probabilities, then prints as JSON its official score with the
 default `InstanceOptions` and with one option at a time changed to each value of `GRID` (a full
 grid costs too many watersheds on a CPU), plus the other watershed seeds (3-class models) and plain
-connected components. Per-head scores come from `python -m unetpp_jax.evaluate`. The chosen values
-become the defaults in `unetpp_jax/evaluation/instances.py` (docs/results.md quotes the sweep;
-docs/evaluation.md describes the options).
+connected components, overall and per kind of image. A change applies to every image, as an
+evaluate flag does; the scores of the bright-background kinds (tissue, brightfield) choose
+`InstanceOptions.bright`, those of fluorescence the rest. Per-head scores come from
+`python -m unetpp_jax.evaluate`. The chosen values become the defaults in
+`LabelScheme.instance_defaults` (docs/results.md quotes the sweep; docs/evaluation.md describes
+the options).
 """
 
 import collections
@@ -58,8 +61,9 @@ flags.DEFINE_string('cache', None, 'Optional .npz of the predictions: read if it
 flags.mark_flags_as_required(['workdir', 'data'])
 
 GRID = {
-    'threshold': (0.4, 0.5, 0.6),
-    'seed_h': (0.5, 1.0),
+    'threshold': (0.5, 0.6, 0.7, 0.8),
+    'seed_h': (0.5, 1.0, 1.5, 2.0),
+    'smooth': (1.0, 2.0),
     'seed_h_per_radius': (0.0, 0.1, 0.2),
     'marker_threshold': (0.3, 0.5, 0.7),
     'min_size': (5, 15, 30),
@@ -67,7 +71,8 @@ GRID = {
     'fill_holes': (True, False),
 }
 # The seeds that read each seed-specific option; the sweep skips the others' options.
-_SEEDS_OF = {'marker_threshold': 'boundary', 'seed_h': 'distance', 'seed_h_per_radius': 'distance'}
+_SEEDS_OF = {'marker_threshold': 'boundary', 'seed_h': 'distance', 'seed_h_per_radius': 'distance',
+             'smooth': 'distance'}
 # 'product' seeds (the winners' decoding): seed and extent thresholds together.
 PRODUCT_GRID = [{'seeds': 'product', 'seed_threshold': seed, 'threshold': extent}
                 for seed in (0.5, 0.7, 0.8) for extent in (0.3, 0.4, 0.5)]
@@ -99,18 +104,21 @@ def main(argv):
       _write_cache(FLAGS.cache, key, _STORED)
   predict_seconds = time.time() - start
 
-  default = instances.default_options(scheme, seeds=FLAGS.seeds, threshold=FLAGS.threshold)
+  base = {'seeds': FLAGS.seeds, 'threshold': FLAGS.threshold}
+  default = instances.default_options(scheme, **base)
   seeds = default.seeds
   variants = [{}]
   for field, values in GRID.items():
     if _SEEDS_OF.get(field, seeds) != seeds:
       continue  # An option of the other seeds.
-    variants += [{field: v} for v in values if v != getattr(default, field)]
+    variants += [{field: v} for v in values
+                 if v != getattr(default, field) or field in default.bright]
   if scheme.has_boundary:  # The other seeds on the same probabilities.
     variants += [{'seeds': s} for s in ('distance', 'boundary') if s != seeds]
   variants += [v for v in PRODUCT_GRID if scheme.has_boundary or seeds != 'product']
   variants.append({'method': 'components'})
-  options = [dataclasses.replace(default, **v) for v in variants]
+  # As a flag of evaluate would: a change applies to every image, bright background or not.
+  options = [instances.default_options(scheme, **{**base, **v}) for v in variants]
   # Fork: the workers share the stored probabilities; one variant per task. They run numpy and
   # scipy only, never JAX, so Python's warning that a forked JAX process may deadlock is moot.
   with warnings.catch_warnings():
@@ -180,8 +188,9 @@ def _score(scheme: LabelScheme, options: instances.InstanceOptions) -> dict[str,
   by_kind = collections.defaultdict(list)
   for label, probs, kind in _STORED:
     foreground, boundary = scheme.split(probs.astype(np.float32))
-    pred = instances.to_instances(foreground, boundary, options)
-    _, _, result = acc.add(foreground > options.threshold, label > 0, pred, label)
+    image_options = options.for_background(kind in splits.BRIGHT_KINDS)
+    pred = instances.to_instances(foreground, boundary, image_options)
+    _, _, result = acc.add(foreground > image_options.threshold, label > 0, pred, label)
     by_kind[kind].append(result.score)
   scores = {k: round(v, 4) for k, v in acc.summary().items()
             if k in ('score', 'ap50', 'touching_recall50', 'iou', 'iou_per_image')}

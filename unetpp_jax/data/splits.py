@@ -41,6 +41,7 @@ import numpy as np
 from unetpp_jax import atomic
 
 KINDS = ('fluorescence_sparse', 'fluorescence_crowded', 'tissue', 'brightfield')
+BRIGHT_KINDS = ('tissue', 'brightfield')  # The kinds of `bright_background` images.
 SPLITS = ('grouped', 'tail')  # config.data.split: see `split_ids` and the sources.
 
 # Median grey (0 = black, 1 = white) above which an image's background is bright. The network's

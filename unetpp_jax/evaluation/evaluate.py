@@ -298,11 +298,12 @@ def evaluate(
       true_label = example['label'].astype(np.int32)
       true_mask = true_label > 0
       any_label |= bool(true_mask.any())
+      options = instance_options.for_background(splits.bright_background(example['image']))
       for name, p in zip(predictor.names, probs):
         foreground, boundary = predictor.scheme.split(p)
-        pred_label = instances.to_instances(foreground, boundary, instance_options)
+        pred_label = instances.to_instances(foreground, boundary, options)
         iou, dice, result = accumulators[name].add(
-            foreground > instance_options.threshold, true_mask, pred_label, true_label)
+            foreground > options.threshold, true_mask, pred_label, true_label)
       # The loop leaves the final prediction's values in pred_label, iou, dice and result.
       kind = splits.image_kind(example['image'], true_label)
       by_kind[kind].append((iou, dice, result))

@@ -27,6 +27,11 @@
    cells or the stroma of a stained section that crosses the threshold in patches. The rest are
    renumbered 1..N.
 
+Images with a bright background (stained tissue, brightfield: `splits.bright_background` of the
+image) may take other values of these options (`InstanceOptions.bright`): the network's
+probabilities over textured, large nuclei on a bright background call for other thresholds and
+seeds than over a fluorescence image's crowded small nuclei.
+
 The defaults (`default_options`: those of `InstanceOptions`, changed by the model's
 `LabelScheme.instance_defaults`) were chosen on the DSB2018 validation split; the scores behind
 them are in docs/results.md, and docs/evaluation.md lists them.
@@ -61,6 +66,9 @@ class InstanceOptions:
   marker_threshold: float | None = None  # 'boundary' seeds: p(nucleus) threshold; None = threshold.
   seed_threshold: float = 0.7  # 'product' seeds: threshold of p(foreground) * (1 - p(boundary)).
   min_seed_size: int = 5  # 'product' seeds: smaller seeds (pixels) are dropped.
+  # Changes of the fields above for images with a bright background (stained tissue and
+  # brightfield, `splits.bright_background`): see `for_background`.
+  bright: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -69,6 +77,16 @@ class InstanceOptions:
       raise ValueError(f'Watershed seeds {self.seeds!r} must be one of {SEEDS}.')
     if not 0 <= self.min_confidence <= 1:
       raise ValueError(f'min_confidence={self.min_confidence} must be a probability, 0 to 1.')
+    fields = {f.name for f in dataclasses.fields(self)} - {'bright'}
+    if set(self.bright) - fields:
+      raise ValueError(f'bright={self.bright} may only change the fields {sorted(fields)}.')
+    self.for_background(bright=True)  # Checks the values of the bright-background options.
+
+  def for_background(self, bright: bool) -> 'InstanceOptions':
+    """The options for one image: with the `bright` changes if its background is bright."""
+    if not self.bright:
+      return self
+    return dataclasses.replace(self, **(self.bright if bright else {}), bright={})
 
 
 def default_options(scheme: LabelScheme, **changes: Any) -> InstanceOptions:
@@ -78,7 +96,10 @@ def default_options(scheme: LabelScheme, **changes: Any) -> InstanceOptions:
   (`inference_flags`, `sweep_instances`), which thus all mean the same by it.
   """
   changes = {k: v for k, v in changes.items() if v is not None and (k, v) != ('seeds', 'auto')}
-  return InstanceOptions(**{**scheme.instance_defaults, **changes})
+  defaults = scheme.instance_defaults
+  # A change is meant for every image: it replaces the bright-background default of its field.
+  bright = {k: v for k, v in defaults.get('bright', {}).items() if k not in changes}
+  return InstanceOptions(**{**defaults, 'bright': bright, **changes})
 
 
 def _relabel(labels: np.ndarray, foreground: np.ndarray, options: InstanceOptions) -> np.ndarray:
@@ -99,6 +120,7 @@ def to_instances(
     foreground: np.ndarray,
     boundary: np.ndarray | None = None,
     options: InstanceOptions = InstanceOptions(),
+    bright_background: bool = False,
 ) -> np.ndarray:
   """Instance label map int32 [H, W] from probabilities.
 
@@ -106,7 +128,10 @@ def to_instances(
     foreground: [H, W] probability that a pixel belongs to a nucleus (boundary included).
     boundary: [H, W] probability of the boundary class; required by 'boundary' seeds.
     options: See `InstanceOptions`.
+    bright_background: Whether the image has a bright background (`splits.bright_background`);
+      if so, `options.bright` applies.
   """
+  options = options.for_background(bright_background)
   mask = foreground > options.threshold
   if options.fill_holes:
     mask = ndimage.binary_fill_holes(mask)

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from unetpp_jax import models
-from unetpp_jax.data import contract
+from unetpp_jax.data import contract, splits
 from unetpp_jax.evaluation import instances
 from unetpp_jax.heads import Heads
 from unetpp_jax.label_scheme import LabelScheme
@@ -288,12 +288,13 @@ class Predictor:
     batch[:len(inputs)] = np.stack(inputs)
     return np.asarray(self._forward(self.variables, batch))[:, :len(inputs)]
 
-  def magnification(self, final: np.ndarray) -> float:
-    """The size normalisation's factor for an image whose final probabilities [H, W, c] at
-    native scale are `final`: its instances (the scheme's default options) give the median
-    nucleus diameter, which the factor brings to config.data.nucleus_diameter
+  def magnification(self, image: np.ndarray, final: np.ndarray) -> float:
+    """The size normalisation's factor for uint8 `image` [H, W, 3] whose final probabilities
+    [H, W, c] at native scale are `final`: its instances (the scheme's default options) give the
+    median nucleus diameter, which the factor brings to config.data.nucleus_diameter
     (`contract.size_factor`; 1 without nuclei or without size normalisation)."""
-    options = instances.default_options(self.scheme)
+    options = instances.default_options(self.scheme).for_background(
+        splits.bright_background(image))
     labels = instances.to_instances(*self.scheme.split(final), options)
     return contract.size_factor(contract.median_diameter(labels, options.min_size),
                                 self.nucleus_diameter)
@@ -311,7 +312,7 @@ class Predictor:
       yield from first
       return
     for example, probs in first:
-      factor = self.magnification(probs[-1])
+      factor = self.magnification(example['image'], probs[-1])
       if factor == 1.0:
         yield example, probs
       else:

@@ -49,6 +49,7 @@ from PIL import Image
 from skimage import measure
 
 from unetpp_jax import atomic
+from unetpp_jax.data import splits
 from unetpp_jax.evaluation import evaluate, instances, predict
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
@@ -366,7 +367,8 @@ def segment(
 
   loop_start = time.time()
   for example, probs in predictor.predict(examples()):
-    labels = instances.to_instances(*predictor.scheme.split(probs[-1]), instance_options)
+    labels = instances.to_instances(*predictor.scheme.split(probs[-1]), instance_options,
+                                    splits.bright_background(example['image']))
     name, path = example['id'], example['path']
     rows = measure_nuclei(name, labels, example['intensity'])
     _write_labels(output / 'labels' / f'{name}{LABEL_FORMATS[label_format]}', labels)
