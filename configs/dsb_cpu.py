@@ -10,8 +10,8 @@ the FLOPs), 128x128 crops, batch 8 and 1,800 steps (about 27 epochs of crops of 
 images of the grouped split), so that CI-class machines can show the recipe works.
 
 Measured: 2-core AMD EPYC CPU, 1,800 steps in 36 min 8 s with only light work beside it (the
-time table of docs/results.md); official score 0.568 on the grouped validation split with the
-evaluate defaults (fluorescence sparse 0.636, crowded 0.580, tissue 0.345, brightfield 0.298).
+time table of docs/results.md); official score 0.581 on the grouped validation split with the
+evaluate defaults (fluorescence sparse 0.644, crowded 0.605, tissue 0.363, brightfield 0.295).
 """
 
 from configs import dsb
