@@ -64,14 +64,18 @@ def test_bright_background_images_take_their_own_options():
   prob = np.where(TOUCHING, 0.65, 0.1).astype(np.float32)
   options = instances.InstanceOptions(threshold=0.7,
                                       bright={'threshold': 0.6, 'method': 'components'})
-  assert instances.to_instances(prob, options=options).max() == 0  # Under the threshold.
-  bright = instances.to_instances(prob, options=options, bright_background=True)
-  assert bright.max() == 1 and np.array_equal(bright > 0, TOUCHING)  # Not split.
   assert options.for_background(True) == instances.InstanceOptions(threshold=0.6,
                                                                    method='components')
   assert options.for_background(False) == instances.InstanceOptions(threshold=0.7)
-  without = instances.InstanceOptions(threshold=0.6)
-  assert instances.to_instances(prob, options=without, bright_background=True).max() == 2
+  dark = instances.to_instances(prob, options=options.for_background(False))
+  assert dark.max() == 0  # Under the threshold.
+  bright = instances.to_instances(prob, options=options.for_background(True))
+  assert bright.max() == 1 and np.array_equal(bright > 0, TOUCHING)  # Not split.
+  same = instances.InstanceOptions(threshold=0.6)  # No bright changes: one set for every image.
+  assert same.for_background(True) == same.for_background(False) == same
+  assert instances.to_instances(prob, options=same).max() == 2
+  with pytest.raises(ValueError, match='pass those of the image'):
+    instances.to_instances(prob, options=options)  # Which image's options is not said.
   with pytest.raises(ValueError, match=r'may only change the fields .*seed_h'):
     instances.InstanceOptions(bright={'sed_h': 2.0})
   with pytest.raises(ValueError, match='must be a probability'):

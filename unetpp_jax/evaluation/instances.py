@@ -120,18 +120,17 @@ def to_instances(
     foreground: np.ndarray,
     boundary: np.ndarray | None = None,
     options: InstanceOptions = InstanceOptions(),
-    bright_background: bool = False,
 ) -> np.ndarray:
   """Instance label map int32 [H, W] from probabilities.
 
   Args:
     foreground: [H, W] probability that a pixel belongs to a nucleus (boundary included).
     boundary: [H, W] probability of the boundary class; required by 'boundary' seeds.
-    options: See `InstanceOptions`.
-    bright_background: Whether the image has a bright background (`splits.bright_background`);
-      if so, `options.bright` applies.
+    options: See `InstanceOptions`; those of this image (`for_background`).
   """
-  options = options.for_background(bright_background)
+  if options.bright:
+    raise ValueError('Instance options with bright-background changes: pass those of the image, '
+                     'options.for_background(splits.bright_background(image)).')
   mask = foreground > options.threshold
   if options.fill_holes:
     mask = ndimage.binary_fill_holes(mask)

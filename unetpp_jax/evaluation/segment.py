@@ -367,8 +367,8 @@ def segment(
 
   loop_start = time.time()
   for example, probs in predictor.predict(examples()):
-    labels = instances.to_instances(*predictor.scheme.split(probs[-1]), instance_options,
-                                    splits.bright_background(example['image']))
+    options = instance_options.for_background(splits.bright_background(example['image']))
+    labels = instances.to_instances(*predictor.scheme.split(probs[-1]), options)
     name, path = example['id'], example['path']
     rows = measure_nuclei(name, labels, example['intensity'])
     _write_labels(output / 'labels' / f'{name}{LABEL_FORMATS[label_format]}', labels)
