@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   # haematoxylin and eosin densities each scaled by a log-uniform factor in [exp(-t), exp(t)], as
   # H&E sections differ between labs; t = 0 = off.
   config.data.stain_jitter = 0.0
+  # The probability of drawing a fluorescence training image as an H&E section (nuclei
+  # haematoxylin-purple on white or pink; contract.recolour): more nuclei on bright backgrounds.
+  config.data.recolour_prob = 0.0
   # 'crop' only: (lo, hi) of a log-uniform random zoom of each crop (nucleus sizes vary several-fold
   # across DSB2018); (1, 1) = native scale only.
   config.data.scale_range = (1.0, 1.0)

@@ -147,13 +147,20 @@ def test_determinism_and_exact_resume(data, source, preprocess):
   assert not np.array_equal(other['label'], stream[0]['label'])
 
 
-def test_tfds_and_npz_pipelines_agree(data):
-  tfds_input = _create(_config(data, 'tfds'), start_step=3)
-  npz_input = _create(_config(data, 'npz'), start_step=3)
+@pytest.mark.parametrize('colour', [{}, {'data.recolour_prob': 0.5, 'data.stain_jitter': 1.0}])
+def test_tfds_and_npz_pipelines_agree(data, colour):
+  tfds_input = _create(_config(data, 'tfds', **colour), start_step=3)
+  npz_input = _create(_config(data, 'npz', **colour), start_step=3)
+  plain_input = _create(_config(data, 'npz'), start_step=3)
+  bright = bright_plain = 0  # Drawn as sections, fluorescence images have bright backgrounds.
   for _ in range(5):
     a, b = next(tfds_input.train_iter), next(npz_input.train_iter)
     np.testing.assert_array_equal(a['label'], b['label'])
     np.testing.assert_allclose(a['image'], b['image'], atol=1e-5)  # Jitter in tf vs numpy.
+    bright += np.sum(np.median(b['image'].mean(-1), axis=(-2, -1)) > 0.5)
+    bright_plain += np.sum(np.median(next(plain_input.train_iter)['image'].mean(-1),
+                                     axis=(-2, -1)) > 0.5)
+  assert (bright > bright_plain) == bool(colour)
   _assert_batches_equal(list(tfds_input.eval_batches), list(npz_input.eval_batches))
   np.testing.assert_array_equal(tfds_input.eval_batches.ids, npz_input.eval_batches.ids)
 
@@ -264,6 +271,27 @@ def test_tf_stain_augment_matches_numpy_stain_augment():
                                         {k: v[j] for k, v in plain.items()}, 0.1)
     np.testing.assert_allclose(got_images[j].numpy(), want_image, atol=1e-5)
     assert np.array_equal(want_image, unstained) == (j >= 8)
+
+
+def test_tf_recolour_matches_numpy_recolour():
+  rng = np.random.default_rng(4)
+  images = (0.3 * rng.random((12, 10, 10, 3)) ** 4).astype(np.float32)  # Dark backgrounds,
+  images[9:] = 0.5 + 0.5 * images[9:]  # but for three bright ones (left alone).
+  labels = rng.integers(0, 3, (12, 10, 10)).astype(np.int32) * (rng.random((12, 10, 10)) < 0.3)
+  labels[0] = 0  # One crop without nuclei.
+  images = np.where(labels[..., None] > 0, images + 0.4, images).astype(np.float32)
+  params = contract.augment_params(5, np.arange(12), augment=True, jitter=0.1, stain_jitter=1.0,
+                                   recolour_prob=0.8)
+  params['recolour'][:] = True
+  params['recolour'][5] = False
+  got_images, _ = tfds_source.augment(tf.constant(images), tf.constant(labels[..., None]),
+                                      params, 0.1, 1.0, 0.8)
+  for j in range(12):
+    want_image, _ = numpy_source.augment(images[j], labels[j],
+                                         {k: v[j] for k, v in params.items()}, 0.1)
+    np.testing.assert_allclose(got_images[j].numpy(), want_image, atol=1e-5)
+    drawn = np.median(want_image.mean(-1)) > 0.5
+    assert drawn == (j < 9 and j != 5) or j >= 9
 
 
 @pytest.mark.parametrize('source', ['tfds', 'npz'])

@@ -190,6 +190,49 @@ def test_stain_leaves_the_networks_haematoxylin_channel_as_it_was():
     np.testing.assert_allclose(got, want, atol=2e-3)
 
 
+def test_recolour_params_leave_the_other_params_unchanged():
+  positions = np.arange(400)
+  off = contract.augment_params(0, positions, augment=True, jitter=0.1, stain_jitter=1.0)
+  on = contract.augment_params(0, positions, augment=True, jitter=0.1, stain_jitter=1.0,
+                               recolour_prob=0.25)
+  for key in off:
+    if key != 'recolour':
+      np.testing.assert_array_equal(on[key], off[key], err_msg=key)
+  assert not off['recolour'].any() and 0.2 < on['recolour'].mean() < 0.3
+  for key, (lo, hi) in (('recolour_nucleus', contract.RECOLOUR_NUCLEUS),
+                        ('recolour_background', contract.RECOLOUR_BACKGROUND),
+                        ('recolour_eosin', contract.RECOLOUR_EOSIN)):
+    assert lo <= on[key].min() < lo + 0.05 * (hi - lo) and hi - 0.05 * (hi - lo) < on[key].max() < hi
+
+
+def test_recolour_draws_fluorescence_as_an_h_and_e_section():
+  rng = np.random.default_rng(3)
+  image = np.full((32, 32, 3), 0.04, np.float32)  # Dark background,
+  label = np.zeros((32, 32), np.int32)
+  image[4:12, 4:12], label[4:12, 4:12] = 0.3, 1  # a dim nucleus
+  image[20:28, 16:28], label[20:28, 16:28] = 0.6, 2  # and a bright one.
+  image += rng.uniform(-0.01, 0.01, image.shape).astype(np.float32)
+
+  drawn = contract.recolour(image, label, nucleus=1.5, background=0.2, eosin=0.6)
+  assert drawn.dtype == np.float32 and drawn.shape == image.shape
+  assert np.median(drawn.mean(-1)) > 0.5  # A bright background now, as sections have.
+  densities = -np.log(np.maximum(drawn, 1 / 255)) @ contract.HED_FROM_RGB
+  # Haematoxylin rises with the fluorescence, relative to the nuclei's mean grey: from `background`
+  # at 0 to `nucleus` at that mean.
+  reference = (64 * 0.3 + 96 * 0.6) / 160
+  for where, grey in (((6, 6), 0.3), ((24, 20), 0.6), ((16, 2), 0.04)):
+    np.testing.assert_allclose(densities[where][0], 0.2 + 1.3 * grey / reference, atol=0.03)
+  # Eosin outside nuclei, none in the bright nucleus; no DAB.
+  np.testing.assert_allclose(densities[16, 2, 1], 0.6 * (1 - 0.04 / reference), atol=0.03)
+  assert abs(densities[24, 20, 1]) < 0.01 and np.abs(densities[..., 2]).max() < 0.01
+  # Without nuclei the grey is read against white: a background-only crop stays background.
+  empty = contract.recolour(image[12:20, 12:20], np.zeros((8, 8), np.int32), 1.5, 0.2, 0.6)
+  h = (-np.log(np.maximum(empty, 1 / 255)) @ contract.HED_FROM_RGB)[..., 0]
+  assert h.max() < 0.3
+  section = 1 - image  # A bright background: left as it is.
+  assert contract.recolour(section, label, 1.5, 0.2, 0.6) is section
+
+
 def test_schedule_from_config_draws_the_configured_colour_params():
   config = _config('unused', invert_prob=1.0, grey_prob=0.0, channel_shuffle=True)
   layout = contract.Layout(0, 1, 1, 4, 4)
@@ -201,6 +244,10 @@ def test_schedule_from_config_draws_the_configured_colour_params():
   schedule = contract.TrainSchedule.from_config(config, 10, layout)
   _, params = schedule.step(3)
   assert schedule.stain_jitter == 0.5 and (params['eosin'] != 1).all()
+  assert not params['recolour'].any()
+  config.data.recolour_prob = 1.0
+  _, params = contract.TrainSchedule.from_config(config, 10, layout).step(3)
+  assert params['recolour'].all()
   assert schedule.jitter == config.data.jitter and schedule.seed == config.seed
 
 

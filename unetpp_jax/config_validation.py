@@ -55,6 +55,7 @@ ADDED_FIELDS = {
     'data.grey_prob': 0.0,
     'data.channel_shuffle': False,
     'data.stain_jitter': 0.0,
+    'data.recolour_prob': 0.0,
     'data.nucleus_diameter': 0.0,
     **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
     'model.input_norm': 'standardize',
@@ -117,7 +118,7 @@ def validate(config: Any) -> None:
   check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')
   check(config.data.jitter >= 0, 'config.data.jitter must be >= 0.')
   check(config.data.stain_jitter >= 0, 'config.data.stain_jitter must be >= 0.')
-  for field in ('data.invert_prob', 'data.grey_prob'):
+  for field in ('data.invert_prob', 'data.grey_prob', 'data.recolour_prob'):
     check(0 <= _get(config, field) <= 1, f'config.{field}={_get(config, field)} must be in [0, 1].')
   repeats = config.data.get('repeats', {})
   check(set(repeats) <= set(splits.KINDS) and all(isinstance(r, int) and r >= 1

@@ -40,6 +40,11 @@ EXPORT_HINT = 'python -m unetpp_jax.export_npz --config=configs/dsb.py --output=
 # Ruifrok & Johnston's stain vectors (skimage.color.rgb2hed); `stain` rescales the densities.
 HED_FROM_RGB = np.asarray(color.hed_from_rgb, np.float32)
 RGB_FROM_HED = np.asarray(color.rgb_from_hed, np.float32)
+# The densities of `recolour`'s H&E drawings: nuclear and background haematoxylin, eosin outside
+# nuclei, each uniform in its interval; the training sections' own span them (skimage.color.rgb2hed).
+RECOLOUR_NUCLEUS = (0.8, 2.0)
+RECOLOUR_BACKGROUND = (0.0, 0.4)
+RECOLOUR_EOSIN = (0.0, 0.5)
 # Size normalisation (config.data.nucleus_diameter) magnifies or shrinks by at most this factor:
 # beyond it a mis-measured image (a few huge blobs, specks) would be blown up or lost.
 MAX_SIZE_FACTOR = 3.0
@@ -139,6 +144,7 @@ def augment_params(
     seed: int, positions: np.ndarray, *, augment: bool, jitter: float,
     scale_range: tuple[float, float] = (1.0, 1.0), invert_prob: float = 0.0,
     grey_prob: float = 0.0, channel_shuffle: bool = False, stain_jitter: float = 0.0,
+    recolour_prob: float = 0.0,
 ) -> dict[str, np.ndarray]:
   """Per-example augmentation parameters, each a pure function of (seed, global position).
 
@@ -157,6 +163,8 @@ def augment_params(
     channel_shuffle: whether to permute the colour channels of every image at random.
     stain_jitter: strength t of the stain augmentation of bright-background images: haematoxylin
       and eosin densities each scaled by a factor log-uniform in [exp(-t), exp(t)] (0 = off).
+    recolour_prob: probability of drawing a dark-background (fluorescence) image as an H&E
+      section (`recolour`).
 
   Returns:
     Arrays [N]: 'flip_lr', 'flip_ud' (bool), 'rot90' (int32 quarter turns, counter-clockwise),
@@ -164,13 +172,15 @@ def augment_params(
     [exp(-s), exp(s)]), 'crop_y', 'crop_x' (float32 in [0, 1): relative random-crop offsets),
     'zoom' (float32 in scale_range: magnification of the crop, see `crop`), 'channels' (int32
     row of CHANNEL_ORDERS; 0 = unchanged), 'grey', 'invert' (bool), 'haematoxylin', 'eosin'
-    (float32 stain density factors, 1 = unchanged); see `colour`.
+    (float32 stain density factors, 1 = unchanged; see `colour`), 'recolour' (bool) and the
+    densities of the H&E drawing, 'recolour_nucleus', 'recolour_background' (haematoxylin),
+    'recolour_eosin' (float32; see `recolour`).
   """
   # A generator's first k numbers do not depend on how many follow: adding 'zoom' (the 9th), the
-  # colour parameters (10th to 12th) and the stain factors (13th, 14th) left the earlier
-  # parameters of every position unchanged.
-  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(14)
-                for p in positions], np.float64).reshape(-1, 14)
+  # colour parameters (10th to 12th), the stain factors (13th, 14th) and the recolouring (15th to
+  # 18th) left the earlier parameters of every position unchanged.
+  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(18)
+                for p in positions], np.float64).reshape(-1, 18)
   lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
   symmetric = jitter * (2 * u[:, 3:6] - 1)  # U(-s, s)
   return {
@@ -189,7 +199,40 @@ def augment_params(
       'invert': u[:, 11] < invert_prob,
       'haematoxylin': np.exp(stain_jitter * (2 * u[:, 12] - 1)).astype(np.float32),
       'eosin': np.exp(stain_jitter * (2 * u[:, 13] - 1)).astype(np.float32),
+      'recolour': u[:, 14] < recolour_prob,
+      'recolour_nucleus': _lerp(RECOLOUR_NUCLEUS, u[:, 15]),
+      'recolour_background': _lerp(RECOLOUR_BACKGROUND, u[:, 16]),
+      'recolour_eosin': _lerp(RECOLOUR_EOSIN, u[:, 17]),
   }
+
+
+def _lerp(interval: tuple[float, float], u: np.ndarray) -> np.ndarray:
+  """float32 values uniform in `interval` for uniforms `u` in [0, 1)."""
+  return (interval[0] + (interval[1] - interval[0]) * u).astype(np.float32)
+
+
+def recolour(image: np.ndarray, label: np.ndarray, nucleus: float, background: float,
+             eosin: float) -> np.ndarray:
+  """Dark-background (fluorescence) float32 [S, S, 3] `image` in [0, 1] drawn as an H&E section;
+  a bright-background image is returned as it is.
+
+  Stained tissue is the rarest kind of image in DSB2018 and the one the network finds hardest,
+  while fluorescence images hold most of its labelled nuclei. Drawn as sections, they show the
+  network many more nuclei on a bright background. The image's grey level, relative to the mean
+  grey of its nuclei (`label` > 0; relative to white when it has none), sets the haematoxylin
+  density between `background` (0) and `nucleus` (1; up to 1.5x that in brighter pixels); the
+  eosin density is `eosin` outside nuclei and falls to 0 inside them. tfds_source.augment is its
+  twin.
+  """
+  grey = (image[..., 0] + image[..., 1] + image[..., 2]) / np.float32(3)
+  if np.median(grey) > splits.BRIGHT_MEDIAN:
+    return image
+  nuclei = label > 0
+  reference = np.sum(grey, where=nuclei) / np.sum(nuclei) if nuclei.any() else np.float32(1)
+  signal = np.minimum(grey / np.maximum(reference, np.float32(1 / 255)), np.float32(1.5))
+  densities = np.stack([background + (nucleus - background) * signal,
+                        eosin * np.maximum(1 - signal, 0), np.zeros_like(grey)], -1)
+  return np.clip(np.exp(-(densities.astype(np.float32) @ RGB_FROM_HED)), 0, 1).astype(np.float32)
 
 
 def stain(image: np.ndarray, haematoxylin: float, eosin: float) -> np.ndarray:
@@ -304,6 +347,7 @@ class TrainSchedule:
   grey_prob: float = 0.0
   channel_shuffle: bool = False
   stain_jitter: float = 0.0
+  recolour_prob: float = 0.0
 
   @classmethod
   def from_config(cls, config: Any, num_examples: int, layout: Layout,
@@ -312,7 +356,7 @@ class TrainSchedule:
     data = config.data
     return cls(num_examples, config.seed, config.batch_size, layout, data.augment, data.jitter,
                tuple(data.scale_range), repeats, data.invert_prob, data.grey_prob,
-               data.channel_shuffle, data.stain_jitter)
+               data.channel_shuffle, data.stain_jitter, data.recolour_prob)
 
   def __post_init__(self):
     if self.num_examples <= 0:
@@ -341,7 +385,8 @@ class TrainSchedule:
     return indices, augment_params(
         self.seed, positions, augment=self.augment, jitter=self.jitter,
         scale_range=self.scale_range, invert_prob=self.invert_prob, grey_prob=self.grey_prob,
-        channel_shuffle=self.channel_shuffle, stain_jitter=self.stain_jitter)
+        channel_shuffle=self.channel_shuffle, stain_jitter=self.stain_jitter,
+        recolour_prob=self.recolour_prob)
 
   def iterate_from(self, start_step: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     return (self.step(s) for s in itertools.count(start_step))

@@ -22,12 +22,15 @@ def augment(
   """Applies one example's `augment_params` to float32 image [S, S, 3] in [0, 1] and label [S, S].
 
   Geometric ops (left-right flip, up-down flip, rot90, in that order) act on image and label;
-  colour ones (`contract.colour`), then photometric ones (brightness, contrast around the image
-  mean, gamma, each followed by clipping to [0, 1]) on the image only. tfds_source implements the
-  same ops in TensorFlow.
+  the H&E drawing of fluorescence images (`contract.recolour`), colour ones (`contract.colour`),
+  then photometric ones (brightness, contrast around the image mean, gamma, each followed by
+  clipping to [0, 1]) on the image only. tfds_source implements the same ops in TensorFlow.
   """
   geometry = (bool(params['flip_lr']), bool(params['flip_ud']), int(params['rot90']))
   image, label = contract.geometric(image, *geometry), contract.geometric(label, *geometry)
+  if params['recolour']:
+    image = contract.recolour(image, label, params['recolour_nucleus'],
+                              params['recolour_background'], params['recolour_eosin'])
   image = contract.colour(image, int(params['channels']), bool(params['grey']),
                           bool(params['invert']), params['haematoxylin'], params['eosin'])
   if jitter:  # Static: with jitter off the image stays bit-exact.

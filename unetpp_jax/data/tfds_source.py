@@ -77,8 +77,17 @@ def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: Any, fx: Any, zoom:
   return tf.ensure_shape(image, [size, size, 3]), tf.ensure_shape(label, [size, size])[..., None]
 
 
+def _median_grey(images: tf.Tensor) -> tf.Tensor:
+  """[N] median over pixels of the grey (channel mean) of float32 `images` [N, S, S, 3], as
+  np.median computes it."""
+  grey = tf.sort(tf.reshape((images[..., 0] + images[..., 1] + images[..., 2]) / 3,
+                            [tf.shape(images)[0], -1]), axis=1)
+  pixels = grey.shape[1]
+  return (grey[:, (pixels - 1) // 2] + grey[:, pixels // 2]) / 2
+
+
 def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], jitter: float,
-            stain_jitter: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
+            stain_jitter: float = 0.0, recolour_prob: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
   """Batched TensorFlow twin of `numpy_source.augment`.
 
   Args:
@@ -87,6 +96,8 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
     params: `contract.augment_params` of the N examples ([N] each).
     jitter: photometric jitter strength (0 = off).
     stain_jitter: the stain augmentation's strength (0 = off: its factors are then all 1).
+    recolour_prob: the probability of `contract.recolour` (0 = off: 'recolour' is then all
+      False).
 
   Returns:
     The augmented images and labels.
@@ -103,11 +114,24 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
     flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
     return tf.reshape(tf.gather(flat, sources, batch_dims=1), tf.shape(x))
   images, labels = gather_pixels(images), gather_pixels(labels)
+  if recolour_prob:  # `contract.recolour`, per example; static, as 'recolour' is then all False.
+    grey = (images[..., 0] + images[..., 1] + images[..., 2]) / 3
+    nuclei = tf.cast(labels[..., 0] > 0, tf.float32)
+    count = tf.reduce_sum(nuclei, axis=[1, 2], keepdims=True)
+    reference = tf.where(count > 0, tf.reduce_sum(grey * nuclei, axis=[1, 2], keepdims=True)
+                         / tf.maximum(count, 1), 1.0)
+    signal = tf.minimum(grey / tf.maximum(reference, 1 / 255), 1.5)
+    nucleus, background = (tf.reshape(params[k], [-1, 1, 1]) for k in ('recolour_nucleus',
+                                                                        'recolour_background'))
+    densities = tf.stack([background + (nucleus - background) * signal,
+                          tf.reshape(params['recolour_eosin'], [-1, 1, 1])
+                          * tf.maximum(1 - signal, 0), tf.zeros_like(grey)], -1)
+    drawn = tf.clip_by_value(tf.exp(-tf.einsum('nhwd,dc->nhwc', densities,
+                                               contract.RGB_FROM_HED)), 0, 1)
+    changed = params['recolour'] & (_median_grey(images) <= splits.BRIGHT_MEDIAN)
+    images = tf.where(tf.reshape(changed, [-1, 1, 1, 1]), drawn, images)
   if stain_jitter:  # `contract.stain`, per example; static, as with the factors all 1 it is a no-op.
-    grey = tf.sort(tf.reshape((images[..., 0] + images[..., 1] + images[..., 2]) / 3,
-                              [tf.shape(images)[0], -1]), axis=1)
-    pixels = grey.shape[1]
-    median = (grey[:, (pixels - 1) // 2] + grey[:, pixels // 2]) / 2  # np.median's.
+    median = _median_grey(images)
     factors = tf.stack([params['haematoxylin'], params['eosin'], tf.ones_like(params['eosin'])], 1)
     densities = tf.einsum('nhwc,cd->nhwd', -tf.math.log(tf.maximum(images, 1 / 255)),
                           contract.HED_FROM_RGB) * factors[:, None, None, :]
@@ -194,7 +218,7 @@ def train_dataset(
 
   def augment_batch(image, label, params):
     image, label = augment(tf.cast(image, tf.float32) / 255, label, params, schedule.jitter,
-                           schedule.stain_jitter)
+                           schedule.stain_jitter, schedule.recolour_prob)
     return {'image': tf.reshape(image, [d, b // d, size, size, 3]),
             'label': tf.reshape(tf.cast(label, tf.int32), [d, b // d, size, size])}
   ds = ds.map(augment_batch, tf.data.AUTOTUNE, deterministic=True)
