@@ -175,6 +175,7 @@ def test_progress_line_reads_seconds_per_step_images_per_sec_and_eta():
         ('checkpoint_every_minutes', -1.0, 'checkpoint_every_minutes must be >= 0'),
         ('data.invert_prob', 1.5, 'invert_prob=1.5 must be in \\[0, 1\\]'),
         ('data.stain_jitter', -0.5, 'stain_jitter must be >= 0'),
+        ('data.recolour_prob', -0.1, 'recolour_prob=-0.1 must be in \\[0, 1\\]'),
     ],
 )
 def test_invalid_config_is_rejected_before_compiling(field, value, message):
