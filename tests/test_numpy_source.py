@@ -131,14 +131,21 @@ def test_colour_ops():
   assert sorted(contract.colour(image, 3, False, False)[1, 2]) == sorted(image[1, 2])
 
 
-def test_stain_params_are_log_uniform_and_leave_the_other_params_unchanged():
+def _params_off_and_on(changed, base, option):
+  """`augment_params` of 400 positions under `base`, without and with `option`; asserts that the
+  option changes no parameter but those named in `changed`."""
   positions = np.arange(400)
-  off = contract.augment_params(0, positions, augment=True, jitter=0.1, invert_prob=0.5)
-  on = contract.augment_params(0, positions, augment=True, jitter=0.1, invert_prob=0.5,
-                               stain_jitter=1.0)
+  off = contract.augment_params(0, positions, augment=True, jitter=0.1, **base)
+  on = contract.augment_params(0, positions, augment=True, jitter=0.1, **base, **option)
   for key in off:
-    if key not in ('haematoxylin', 'eosin'):
+    if key not in changed:
       np.testing.assert_array_equal(on[key], off[key], err_msg=key)
+  return off, on
+
+
+def test_stain_params_are_log_uniform_and_leave_the_other_params_unchanged():
+  off, on = _params_off_and_on(('haematoxylin', 'eosin'), {'invert_prob': 0.5},
+                               {'stain_jitter': 1.0})
   for key in ('haematoxylin', 'eosin'):
     assert (off[key] == 1).all()
     log = np.log(on[key])
@@ -191,13 +198,7 @@ def test_stain_leaves_the_networks_haematoxylin_channel_as_it_was():
 
 
 def test_recolour_params_leave_the_other_params_unchanged():
-  positions = np.arange(400)
-  off = contract.augment_params(0, positions, augment=True, jitter=0.1, stain_jitter=1.0)
-  on = contract.augment_params(0, positions, augment=True, jitter=0.1, stain_jitter=1.0,
-                               recolour_prob=0.25)
-  for key in off:
-    if key != 'recolour':
-      np.testing.assert_array_equal(on[key], off[key], err_msg=key)
+  off, on = _params_off_and_on(('recolour',), {'stain_jitter': 1.0}, {'recolour_prob': 0.25})
   assert not off['recolour'].any() and 0.2 < on['recolour'].mean() < 0.3
   for key, (lo, hi) in (('recolour_nucleus', contract.RECOLOUR_NUCLEUS),
                         ('recolour_background', contract.RECOLOUR_BACKGROUND),
