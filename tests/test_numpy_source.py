@@ -203,7 +203,8 @@ def test_recolour_params_leave_the_other_params_unchanged():
   for key, (lo, hi) in (('recolour_nucleus', contract.RECOLOUR_NUCLEUS),
                         ('recolour_background', contract.RECOLOUR_BACKGROUND),
                         ('recolour_eosin', contract.RECOLOUR_EOSIN)):
-    assert lo <= on[key].min() < lo + 0.05 * (hi - lo) and hi - 0.05 * (hi - lo) < on[key].max() < hi
+    margin = 0.05 * (hi - lo)  # 400 uniform draws come this close to either end.
+    assert lo <= on[key].min() < lo + margin and hi - margin < on[key].max() < hi
 
 
 def test_recolour_draws_fluorescence_as_an_h_and_e_section():

@@ -41,7 +41,8 @@ EXPORT_HINT = 'python -m unetpp_jax.export_npz --config=configs/dsb.py --output=
 HED_FROM_RGB = np.asarray(color.hed_from_rgb, np.float32)
 RGB_FROM_HED = np.asarray(color.rgb_from_hed, np.float32)
 # The densities of `recolour`'s H&E drawings: nuclear and background haematoxylin, eosin outside
-# nuclei, each uniform in its interval, set after the training sections' own (skimage.color.rgb2hed).
+# nuclei, each uniform in its interval, set after the training sections' own densities
+# (skimage.color.rgb2hed).
 RECOLOUR_NUCLEUS = (0.8, 2.0)
 RECOLOUR_BACKGROUND = (0.0, 0.4)
 RECOLOUR_EOSIN = (0.0, 0.5)
