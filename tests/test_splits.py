@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
-from skimage import color
+from skimage import color, data, exposure, transform
 
 from configs import dsb, dsb_paper
 from unetpp_jax import models
@@ -187,3 +187,53 @@ def test_haematoxylin_keeps_eosin_stroma_dark_where_grey_invert_lights_it_up():
     model = models.UNetPlusPlus(filters=(4, 8), input_norm=input_norm)
     variables = model.init(jax.random.key(0), jnp.asarray(section[None]))
     assert variables['params']['X0_0']['Conv_0']['kernel'].shape[-2] == channels
+
+
+def test_clahe_is_skimages_algorithm_with_regions_fixed_in_pixels():
+  scene = transform.resize(data.camera(), (100, 140), anti_aliasing=True).astype(np.float32)
+  scene = (scene - scene.min()) / np.ptp(scene)
+  # Unclipped (plain adaptive equalisation) it maps and blends the regions as skimage does, whose
+  # output is rescaled to [0, 1]; regions of 30 or 34 px would differ by twice as much.
+  ours = np.asarray(models.clahe(jnp.asarray(scene[None]), tile=32, clip_limit=1.0))[0]
+  ours = (ours - ours.min()) / np.ptp(ours)
+  want = exposure.equalize_adapthist(scene, kernel_size=32, clip_limit=1.0, nbins=256)
+  assert np.abs(ours - want).mean() < 0.018
+  # Clipping is what keeps it from stretching the noise of a flat background to full range.
+  flat = 0.5 + 0.002 * np.random.default_rng(0).normal(size=(1, 64, 64)).astype(np.float32)
+  assert np.std(models.clahe(jnp.asarray(flat), clip_limit=1.0)) > 0.2
+  assert np.std(models.clahe(jnp.asarray(flat))) < 0.02
+  # Regions are 32 px wherever the image comes from: a crop on the region grid is equalised as
+  # the whole image is, but for the half region at its border (blended with regions outside).
+  whole = np.asarray(models.clahe(jnp.asarray(scene[None, :96, :128])))[0]
+  crop = np.asarray(models.clahe(jnp.asarray(scene[None, 32:96, 32:96])))[0]
+  np.testing.assert_allclose(crop[16:-16, 16:-16], whole[48:80, 48:80], atol=1e-5)
+
+
+def test_clahe_channel_lifts_the_contrast_of_dimly_lit_nuclei():
+  image, label = _fluorescence((64, 128))
+  nuclei = label > 0
+  # The left half lit four times more dimly than the right: the grey view keeps that factor
+  # between the two halves' nuclei; equalised, the dim ones stand out by half as much again,
+  # and as much as the bright ones without the clipping that keeps noise down.
+  left = np.broadcast_to(np.arange(128) < 64, nuclei.shape)
+  grey = image[..., 0] / 255 * np.where(left, 0.25, 1.0)
+  rgb = jnp.asarray(np.repeat(grey[None, ..., None], 3, axis=-1), jnp.float32)
+  views = np.asarray(models.normalize_input(rgb, 'rgb_haematoxylin_clahe'))[0]
+  assert views.shape == (64, 128, 5)
+  np.testing.assert_allclose(views[..., :4],
+                             models.normalize_input(rgb, 'rgb_haematoxylin')[0], atol=1e-6)
+
+  def dim_over_bright(view):
+    rise = lambda half: view[nuclei & half].mean() - view[~nuclei & half].mean()
+    return rise(left) / rise(~left)
+
+  assert 0.23 < dim_over_bright(views[..., 3]) < 0.27
+  assert dim_over_bright(views[..., 4]) > 0.33
+  assert dim_over_bright(np.asarray(models.clahe(rgb[..., 0], clip_limit=1.0))[0]) > 0.85
+  # On a bright background it equalises the inverted grey: nuclei are bright there too.
+  section = jnp.asarray(np.repeat(1 - image[None, ..., :1] / 255, 3, axis=-1), jnp.float32)
+  equalised = np.asarray(models.normalize_input(section, 'rgb_haematoxylin_clahe'))[0, ..., 4]
+  assert equalised[nuclei].mean() - equalised[~nuclei].mean() > 1.0
+  model = models.UNetPlusPlus(filters=(4, 8), input_norm='rgb_haematoxylin_clahe')
+  variables = model.init(jax.random.key(0), section)
+  assert variables['params']['X0_0']['Conv_0']['kernel'].shape[-2] == 5

@@ -43,9 +43,15 @@ def standardize(images: jax.Array, eps: float = 1e-6) -> jax.Array:
 #                   of H&E sections stays dark while nuclei light up. On a grey brightfield image
 #                   it is the optical density, which like the inverted grey rises with darkness;
 #   'rgb_haematoxylin'  four channels: 'standardize' followed by 'haematoxylin', so the network
-#                   keeps the colours and also sees the nuclear stain.
+#                   keeps the colours and also sees the nuclear stain;
+#   'rgb_haematoxylin_clahe'  five: 'rgb_haematoxylin' followed by the 'grey_invert' view
+#                   equalised by CLAHE (`clahe`), the DSB2018 winners' extra channel: local
+#                   contrast, so pale nuclei of stained sections and of unevenly lit brightfield
+#                   stand out from their surroundings as clearly as fluorescent ones.
 # It is part of the model, so training and every inference path apply it identically.
-INPUT_NORMS = ('standardize', 'grey_invert', 'haematoxylin', 'rgb_haematoxylin')
+INPUT_NORMS = (
+    'standardize', 'grey_invert', 'haematoxylin', 'rgb_haematoxylin', 'rgb_haematoxylin_clahe'
+)
 
 # Optical density (R, G, B) -> haematoxylin density: colour deconvolution with Ruifrok & Johnston's
 # stain vectors (skimage.color.rgb2hed).
@@ -58,8 +64,56 @@ def haematoxylin(images: jax.Array) -> jax.Array:
   return jnp.maximum(optical_density @ _HAEMATOXYLIN_FROM_OD, 0)[..., None]
 
 
+def clahe(images: jax.Array, tile: int = 32, clip_limit: float = 0.01,
+          nbins: int = 256) -> jax.Array:
+  """Contrast-limited adaptive histogram equalisation of `images` [B, H, W] in [0, 1].
+
+  skimage.exposure.equalize_adapthist's algorithm (Zuiderveld 1994) with its `clip_limit`, for a
+  batch and inside jit: each `tile` x `tile` region's histogram is clipped at `clip_limit` times
+  its pixel count (the excess spread evenly over all bins) and cumulated into a mapping; a pixel
+  takes the bilinear blend of the mappings of the four nearest regions. The regions have a fixed
+  size in pixels, not a fraction of the image, so a training crop and the whole image it was cut
+  from are equalised alike.
+  """
+  batch, height, width = images.shape
+  tile_h, tile_w = min(tile, height), min(tile, width)
+  bins = jnp.clip((images * nbins).astype(jnp.int32), 0, nbins - 1)
+  # Histograms of the regions, the last ones reflect-padded to a whole tile.
+  padded = jnp.pad(bins, ((0, 0), (0, -height % tile_h), (0, -width % tile_w)), mode='reflect')
+  rows, cols = padded.shape[1] // tile_h, padded.shape[2] // tile_w
+  region = (np.arange(batch)[:, None, None] * rows + np.arange(padded.shape[1])[:, None] // tile_h
+            ) * cols + np.arange(padded.shape[2]) // tile_w
+  hist = jnp.zeros(batch * rows * cols * nbins).at[(region * nbins + padded).ravel()].add(1.0)
+  hist = hist.reshape(batch, rows, cols, nbins)
+  limit = max(clip_limit * tile_h * tile_w, 1.0)
+  excess = jnp.sum(jnp.maximum(hist - limit, 0), axis=-1, keepdims=True)
+  hist = jnp.minimum(hist, limit) + excess / nbins
+  mappings = jnp.cumsum(hist, axis=-1) / (tile_h * tile_w)  # [B, rows, cols, nbins] in (0, 1].
+
+  def neighbours(size, tile, count):
+    """The two regions whose centres (k * tile + tile // 2) flank each pixel, and the weight of
+    the second; pixels beyond the outer centres take the outer region alone."""
+    position = (np.arange(size) - tile // 2) / tile
+    first = np.clip(np.floor(position), 0, count - 1).astype(np.int32)
+    return first, np.minimum(first + 1, count - 1), np.clip(position - first, 0, 1)
+
+  top, bottom, down = neighbours(height, tile_h, rows)
+  left, right, across = neighbours(width, tile_w, cols)
+  b = np.arange(batch)[:, None, None]
+  value = lambda r, c: mappings[b, r[:, None], c[None, :], bins]
+  upper = value(top, left) * (1 - across) + value(top, right) * across
+  lower = value(bottom, left) * (1 - across) + value(bottom, right) * across
+  return upper * (1 - down[:, None]) + lower * down[:, None]
+
+
 def normalize_input(images: jax.Array, input_norm: str) -> jax.Array:
   """The network's view of float32 `images` [B, H, W, 3] in [0, 1] (see INPUT_NORMS)."""
+  if input_norm == 'rgb_haematoxylin_clahe':
+    grey = jnp.mean(images, axis=-1)
+    bright = jnp.median(grey, axis=(-2, -1), keepdims=True) > splits.BRIGHT_MEDIAN
+    equalised = clahe(jnp.where(bright, 1.0 - grey, grey))[..., None]
+    return jnp.concatenate(
+        [normalize_input(images, 'rgb_haematoxylin'), standardize(equalised)], axis=-1)
   if input_norm == 'rgb_haematoxylin':
     return jnp.concatenate([standardize(images), normalize_input(images, 'haematoxylin')], axis=-1)
   if input_norm in ('grey_invert', 'haematoxylin'):
