@@ -45,9 +45,8 @@ def standardize(images: jax.Array, eps: float = 1e-6) -> jax.Array:
 #   'rgb_haematoxylin'  four channels: 'standardize' followed by 'haematoxylin', so the network
 #                   keeps the colours and also sees the nuclear stain;
 #   'rgb_haematoxylin_clahe'  five: 'rgb_haematoxylin' followed by the 'grey_invert' view
-#                   equalised by CLAHE (`clahe`), the DSB2018 winners' extra channel: local
-#                   contrast, so pale nuclei of stained sections and of unevenly lit brightfield
-#                   stand out from their surroundings as clearly as fluorescent ones.
+#                   equalised by CLAHE (`clahe`): local contrast, which lifts nuclei that are
+#                   dim or pale against their own surroundings.
 # It is part of the model, so training and every inference path apply it identically.
 INPUT_NORMS = (
     'standardize', 'grey_invert', 'haematoxylin', 'rgb_haematoxylin', 'rgb_haematoxylin_clahe'
@@ -68,12 +67,13 @@ def clahe(images: jax.Array, tile: int = 32, clip_limit: float = 0.01,
           nbins: int = 256) -> jax.Array:
   """Contrast-limited adaptive histogram equalisation of `images` [B, H, W] in [0, 1].
 
-  skimage.exposure.equalize_adapthist's algorithm (Zuiderveld 1994) with its `clip_limit`, for a
-  batch and inside jit: each `tile` x `tile` region's histogram is clipped at `clip_limit` times
-  its pixel count (the excess spread evenly over all bins) and cumulated into a mapping; a pixel
-  takes the bilinear blend of the mappings of the four nearest regions. The regions have a fixed
-  size in pixels, not a fraction of the image, so a training crop and the whole image it was cut
-  from are equalised alike.
+  skimage.exposure.equalize_adapthist's algorithm (Zuiderveld 1994), for a batch and inside jit:
+  each `tile` x `tile` region's histogram is clipped at `clip_limit` times its pixel count and
+  cumulated into a mapping; a pixel takes the bilinear blend of the mappings of the four nearest
+  regions. Unlike skimage, the clipped excess is spread evenly over all bins in one pass, the bins
+  span [0, 1] rather than each image's own range, and the regions are `tile` pixels wide (or the
+  image's size, if smaller) rather than an eighth of the image: a training crop and a whole image
+  are equalised over regions of the same size, and a dim image stays dim where it is uniform.
   """
   batch, height, width = images.shape
   tile_h, tile_w = min(tile, height), min(tile, width)
@@ -81,8 +81,8 @@ def clahe(images: jax.Array, tile: int = 32, clip_limit: float = 0.01,
   # Histograms of the regions, the last ones reflect-padded to a whole tile.
   padded = jnp.pad(bins, ((0, 0), (0, -height % tile_h), (0, -width % tile_w)), mode='reflect')
   rows, cols = padded.shape[1] // tile_h, padded.shape[2] // tile_w
-  region = (np.arange(batch)[:, None, None] * rows + np.arange(padded.shape[1])[:, None] // tile_h
-            ) * cols + np.arange(padded.shape[2]) // tile_w
+  row = np.arange(batch)[:, None, None] * rows + np.arange(padded.shape[1])[:, None] // tile_h
+  region = row * cols + np.arange(padded.shape[2]) // tile_w  # [B, H', W'], one id per image.
   hist = jnp.zeros(batch * rows * cols * nbins).at[(region * nbins + padded).ravel()].add(1.0)
   hist = hist.reshape(batch, rows, cols, nbins)
   limit = max(clip_limit * tile_h * tile_w, 1.0)
@@ -91,18 +91,22 @@ def clahe(images: jax.Array, tile: int = 32, clip_limit: float = 0.01,
   mappings = jnp.cumsum(hist, axis=-1) / (tile_h * tile_w)  # [B, rows, cols, nbins] in (0, 1].
 
   def neighbours(size, tile, count):
-    """The two regions whose centres (k * tile + tile // 2) flank each pixel, and the weight of
-    the second; pixels beyond the outer centres take the outer region alone."""
-    position = (np.arange(size) - tile // 2) / tile
+    """The two regions whose centres (k * tile + ceil(tile / 2), as skimage's) flank each pixel,
+    and the weight of the second; pixels beyond the outer centres take the outer region alone."""
+    position = (np.arange(size) - (tile + 1) // 2) / tile
     first = np.clip(np.floor(position), 0, count - 1).astype(np.int32)
     return first, np.minimum(first + 1, count - 1), np.clip(position - first, 0, 1)
 
   top, bottom, down = neighbours(height, tile_h, rows)
   left, right, across = neighbours(width, tile_w, cols)
-  b = np.arange(batch)[:, None, None]
-  value = lambda r, c: mappings[b, r[:, None], c[None, :], bins]
-  upper = value(top, left) * (1 - across) + value(top, right) * across
-  lower = value(bottom, left) * (1 - across) + value(bottom, right) * across
+
+  def mapped(region_rows, region_cols):
+    """Each pixel's grey level through the mapping of the region at (its row, its column)."""
+    b = np.arange(batch)[:, None, None]
+    return mappings[b, region_rows[:, None], region_cols[None, :], bins]
+
+  upper = mapped(top, left) * (1 - across) + mapped(top, right) * across
+  lower = mapped(bottom, left) * (1 - across) + mapped(bottom, right) * across
   return upper * (1 - down[:, None]) + lower * down[:, None]
 
 
