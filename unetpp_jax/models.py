@@ -110,19 +110,23 @@ def clahe(images: jax.Array, tile: int = 32, clip_limit: float = 0.01,
   return upper * (1 - down[:, None]) + lower * down[:, None]
 
 
+def _grey_and_bright(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The grey level [B, H, W, 1] of `images`, and whether each has a bright background."""
+  grey = jnp.mean(images, axis=-1, keepdims=True)
+  return grey, jnp.median(grey, axis=(-3, -2, -1), keepdims=True) > splits.BRIGHT_MEDIAN
+
+
 def normalize_input(images: jax.Array, input_norm: str) -> jax.Array:
   """The network's view of float32 `images` [B, H, W, 3] in [0, 1] (see INPUT_NORMS)."""
   if input_norm == 'rgb_haematoxylin_clahe':
-    grey = jnp.mean(images, axis=-1)
-    bright = jnp.median(grey, axis=(-2, -1), keepdims=True) > splits.BRIGHT_MEDIAN
-    equalised = clahe(jnp.where(bright, 1.0 - grey, grey))[..., None]
+    grey, bright = _grey_and_bright(images)
+    equalised = clahe(jnp.where(bright, 1.0 - grey, grey)[..., 0])[..., None]
     return jnp.concatenate(
         [normalize_input(images, 'rgb_haematoxylin'), standardize(equalised)], axis=-1)
   if input_norm == 'rgb_haematoxylin':
     return jnp.concatenate([standardize(images), normalize_input(images, 'haematoxylin')], axis=-1)
   if input_norm in ('grey_invert', 'haematoxylin'):
-    grey = jnp.mean(images, axis=-1, keepdims=True)
-    bright = jnp.median(grey, axis=(-3, -2, -1), keepdims=True) > splits.BRIGHT_MEDIAN
+    grey, bright = _grey_and_bright(images)
     stain = 1.0 - grey if input_norm == 'grey_invert' else haematoxylin(images)
     images = jnp.where(bright, stain, grey)
   elif input_norm != 'standardize':
