@@ -109,6 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9  # SGD momentum.
   config.optimizer.weight_decay = 0.0  # Decoupled weight decay (adamw, sgd).
   config.optimizer.grad_clip_norm = 0.0  # Clip gradients to this global norm; 0 = off.
+  # Validation and inference use a moving average of the weights and BatchNorm statistics with
+  # this decay (0.998 spans about the last 500 steps); 0 = the weights themselves.
+  config.optimizer.ema_decay = 0.0
 
   config.predict = ml_collections.ConfigDict()
   # 'accurate': mean probability of the supervised heads; 'fast': one head, pruned network.

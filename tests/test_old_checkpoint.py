@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from unetpp_jax import models, steps, train
+from unetpp_jax import checkpointing, models, steps, train
 from unetpp_jax.data import contract
 from unetpp_jax.evaluation import evaluate
 
@@ -53,7 +53,7 @@ def _full_state(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> ste
   mngr = ocp.CheckpointManager(workdir / 'checkpoints',
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   try:
-    return mngr.restore(2, args=ocp.args.StandardRestore(jax.device_get(template)))
+    return checkpointing.restore_or_initialize(mngr, template)
   finally:
     mngr.close()
 
@@ -79,7 +79,7 @@ def test_old_workdir_resumes(tmp_path, old):
   npz = tmp_path / 'old_tiny.npz'
   test_reliability._make_npz(npz, num_train=8, split='tail')  # pylint: disable=protected-access
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-  before = _full_state(workdir, config)
+  before = _full_state(workdir, evaluate.load_config(workdir))
   config.data.source = f'npz:{npz}'  # The old run's .npz was in /tmp.
   config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 3
   state = train.train_and_evaluate(config, workdir, allow_config_change=True)

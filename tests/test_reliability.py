@@ -16,7 +16,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import synthetic
@@ -156,7 +155,7 @@ def _steps(workdir: pathlib.Path) -> list[int]:
 def _restore(workdir: pathlib.Path, step: int, like: steps.TrainState) -> steps.TrainState:
   mngr = Workdir(workdir).checkpoint_manager()
   try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(like))
+    return checkpointing.restore_checkpoint(mngr, step, like)
   finally:
     mngr.close()
 

@@ -12,6 +12,7 @@ import pytest
 from configs import synthetic
 from unetpp_jax import config_validation, models, steps, train, writers
 from unetpp_jax.data.background import BackgroundInput
+from unetpp_jax.evaluation import evaluate
 from unetpp_jax.heads import Heads
 
 
@@ -89,6 +90,50 @@ def test_restart_resumes_exactly(tmp_path):
   assert json.loads((workdir / 'config.json').read_text())['model']['filters'] == [4, 8, 16, 32]
   eval_metrics = json.loads((workdir / 'eval_metrics.json').read_text())
   assert eval_metrics['step'] == 6 and 0.0 <= eval_metrics['eval/iou/head3'] <= 1.0
+
+
+def test_moving_average_follows_the_weights_resumes_and_is_what_inference_uses(tmp_path):
+  config = tiny_config()
+  config.optimizer.ema_decay = 0.9
+  model = models.create_model(config.model, bn_axis_name=steps.AXIS)
+  state = steps.create_train_state(config, jax.random.key(0), model)
+  heads = Heads.from_config(config)
+  p_step = jax.pmap(functools.partial(steps.train_step, dropout_rng=jax.random.key(1),
+                                      heads=heads), axis_name=steps.AXIS)
+  devices = jax.local_device_count()
+  first = p_step(flax.jax_utils.replicate(state), _batch(0, config, devices))[0]
+  second = flax.jax_utils.unreplicate(p_step(first, _batch(1, config, devices))[0])
+  first = flax.jax_utils.unreplicate(first)
+  # Bias-corrected: the first update's weights, then (0.9 w1 + w2) / 1.9; never the initial ones.
+  for average, weight in zip(jax.tree.leaves(first.ema), jax.tree.leaves(
+      {'params': first.params, 'batch_stats': first.batch_stats}), strict=True):
+    np.testing.assert_allclose(average, weight, rtol=1e-5, atol=1e-7)
+  for name in ('params', 'batch_stats'):
+    for w1, w2, average in zip(jax.tree.leaves(getattr(first, name)),
+                               jax.tree.leaves(getattr(second, name)),
+                               jax.tree.leaves(second.ema[name]), strict=True):
+      np.testing.assert_allclose(average, (0.9 * w1 + w2) / 1.9, rtol=1e-5, atol=1e-7)
+
+  straight = train.train_and_evaluate(config, tmp_path / 'straight', array_input_fn)
+  first = config.copy_and_resolve_references()
+  first.num_train_steps = 3
+  train.train_and_evaluate(first, tmp_path / 'resumed', array_input_fn)
+  resumed = train.train_and_evaluate(config, tmp_path / 'resumed', array_input_fn)
+  _assert_trees_equal(straight.ema, resumed.ema)
+  assert not np.allclose(jax.tree.leaves(straight.ema['params'])[0],
+                         jax.tree.leaves(straight.params)[0])
+  # Validation during training and every inference path use the average, not the weights.
+  variables, step = evaluate.load_variables(tmp_path / 'straight', config)
+  assert step == 6
+  _assert_trees_equal(variables, straight.ema)
+  p_eval = jax.pmap(functools.partial(steps.eval_step, heads=heads), axis_name=steps.AXIS)
+  batches = array_input_fn(config, 0).eval_batches
+  recorded = json.loads((tmp_path / 'straight' / 'eval_metrics.json').read_text())['eval/loss']
+  on_average = steps.evaluate_batches(p_eval, flax.jax_utils.replicate(straight), batches)
+  on_weights = steps.evaluate_batches(
+      p_eval, flax.jax_utils.replicate(straight.replace(ema={})), batches)
+  assert recorded == pytest.approx(on_average['eval/loss'], rel=1e-5)
+  assert recorded != pytest.approx(on_weights['eval/loss'], rel=1e-3)
 
 
 def test_training_reduces_loss(tmp_path):
@@ -176,6 +221,7 @@ def test_progress_line_reads_seconds_per_step_images_per_sec_and_eta():
         ('data.invert_prob', 1.5, 'invert_prob=1.5 must be in \\[0, 1\\]'),
         ('data.stain_jitter', -0.5, 'stain_jitter must be >= 0'),
         ('data.recolour_prob', -0.1, 'recolour_prob=-0.1 must be in \\[0, 1\\]'),
+        ('optimizer.ema_decay', 1.0, 'ema_decay=1.0 must be in \\[0, 1\\)'),
     ],
 )
 def test_invalid_config_is_rejected_before_compiling(field, value, message):

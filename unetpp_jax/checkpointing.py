@@ -1,13 +1,15 @@
 """Checkpoints of the train state and stopping on a signal, agreed by all processes.
 
-A checkpoint holds the step, parameters, optimizer state and BatchNorm statistics, saved through
-the manager of `Workdir.checkpoint_manager`. SIGTERM / SIGINT only record the signal
-(`StopRequest`); the train loop then stops at a step boundary after saving that step, and raises
-`Interrupted`. With several processes, every one must stop and save at the same step: they agree
-at log steps (`StopRequest.poll`); `gather_strings` collects what each process holds (its share of
-the validation ids) for process 0 to record.
+A checkpoint holds the step, parameters, optimizer state, BatchNorm statistics and the moving
+average of the last two (where the run keeps one), saved through the manager of
+`Workdir.checkpoint_manager`. SIGTERM / SIGINT only record the signal (`StopRequest`); the train
+loop then stops at a step boundary after saving that step, and raises `Interrupted`. With several
+processes, every one must stop and save at the same step: they agree at log steps
+(`StopRequest.poll`); `gather_strings` collects what each process holds (its share of the
+validation ids) for process 0 to record.
 """
 
+import dataclasses
 import signal
 import threading
 import time
@@ -28,7 +30,13 @@ def restore_or_initialize(mngr: ocp.CheckpointManager, state: Any) -> Any:
   if step is None:
     return state
   logging.info('Restoring checkpoint of step %d from %s.', step, mngr.directory)
-  return mngr.restore(step, args=ocp.args.StandardRestore(jax.device_get(state)))
+  return restore_checkpoint(mngr, step, state)
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> Any:
+  """Checkpoint `step` of `mngr` restored into `state`'s structure (host arrays)."""
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(_saved(jax.device_get(state))))
+  return state.replace(**restored)
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -37,7 +45,18 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
   Every process calls this; Orbax writes host (numpy) arrays from process 0 only, so a checkpoint
   of N processes is one copy of the state and restores in any number of processes.
   """
-  mngr.save(step, args=ocp.args.StandardSave(jax.device_get(flax.jax_utils.unreplicate(state))))
+  mngr.save(step, args=ocp.args.StandardSave(
+      _saved(jax.device_get(flax.jax_utils.unreplicate(state)))))
+
+
+def _saved(state: Any) -> dict[str, Any]:
+  """What a checkpoint holds of a train state: its array fields, less a moving average that is
+  off (an empty one), so that runs without one keep the structure older checkpoints have."""
+  fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+            if field.metadata.get('pytree_node', True)}
+  if not fields.get('ema', True):
+    del fields['ema']
+  return fields
 
 
 class Interrupted(Exception):

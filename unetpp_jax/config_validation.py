@@ -62,6 +62,7 @@ ADDED_FIELDS = {
     'loss.contact_width': 0,
     'loss.class_weights': [],
     'loss.contact_weight': 1.0,
+  'optimizer.ema_decay': 0.0,
 }
 
 
@@ -217,6 +218,8 @@ def validate(config: Any) -> None:
   check(opt.warmup_steps >= 0, 'config.optimizer.warmup_steps must be >= 0.')
   check(opt.weight_decay >= 0, 'config.optimizer.weight_decay must be >= 0.')
   check(opt.grad_clip_norm >= 0, 'config.optimizer.grad_clip_norm must be >= 0 (0 = off).')
+  check(0 <= opt.ema_decay < 1,
+        f'config.optimizer.ema_decay={opt.ema_decay} must be in [0, 1) (0 = off).')
 
   devices = jax.device_count()
   for field in ('batch_size', 'eval_batch_size'):

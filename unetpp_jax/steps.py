@@ -24,6 +24,29 @@ Batch = dict[str, np.ndarray]
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # Exponential moving average of {'params', 'batch_stats'} (config.optimizer.ema_decay), the
+  # variables validation and inference use; {} when off, so that the checkpoints of runs without
+  # it keep their structure.
+  ema: Any = flax.struct.field(default_factory=dict)
+  ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  def inference_variables(self) -> dict[str, Any]:
+    """The variables that validation and inference use: the moving average where there is one."""
+    return self.ema or {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def update_ema(state: TrainState) -> TrainState:
+  """`state` with its moving average moved towards its variables (a no-op when off).
+
+  Bias-corrected as Adam's moments are: after t updates the average weighs update k by
+  decay**(t-k) normalised by 1 - decay**t, so it holds the first update after one step, never
+  the random initialisation, and spans about 1 / (1 - decay) steps once t is larger.
+  """
+  if not state.ema:
+    return state
+  step_size = (1.0 - state.ema_decay) / (1.0 - state.ema_decay ** state.step)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return state.replace(ema=optax.incremental_update(variables, state.ema, step_size))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -60,11 +83,14 @@ def create_train_state(
 ) -> TrainState:
   size = config.data.image_size
   variables = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.float32))
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  ema_decay = config.optimizer.ema_decay
   return TrainState.create(
       apply_fn=model.apply,
-      params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}),
       tx=create_optimizer(config),
+      **variables,
+      ema=jax.tree.map(jnp.copy, variables) if ema_decay else {},
+      ema_decay=ema_decay,
   )
 
 
@@ -81,8 +107,8 @@ def train_step(
   Returns:
     The new state, the step's metrics and an int32 flag, 1 if the loss (on any device) or the
     gradients were non-finite. With `skip_nonfinite` such a step keeps the previous parameters,
-    optimizer state and BatchNorm statistics (only the step counter advances) and its metrics are
-    zeroed so that it drops out of the averages.
+    optimizer state, BatchNorm statistics and moving average (only the step counter advances) and
+    its metrics are zeroed so that it drops out of the averages.
   """
   rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
   weight = jnp.ones(batch['label'].shape[:1], jnp.float32)
@@ -107,7 +133,8 @@ def train_step(
   # Losses differ per device, so the verdict is reduced over devices: all of them must agree.
   finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   finite = jax.lax.pmin(finite.astype(jnp.int32), AXIS) == 1
-  new_state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
+  new_state = update_ema(
+      state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {})))
   step_metrics = heads.metrics(
       logits=logits, label=batch['label'], loss=loss, head_losses=head_losses, axis_name=AXIS)
   if skip_nonfinite:
@@ -116,16 +143,16 @@ def train_step(
         params=select(new_state.params, state.params),
         opt_state=select(new_state.opt_state, state.opt_state),
         batch_stats=select(new_state.batch_stats, state.batch_stats),
+        ema=select(new_state.ema, state.ema),
     )
     step_metrics = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), step_metrics)
   return new_state, step_metrics, 1 - finite.astype(jnp.int32)
 
 
 def eval_step(state: TrainState, batch: Batch, *, heads: Heads) -> metrics.SegmentationMetrics:
-  """Metrics of every head (full network) on a per-device batch with padding weights."""
-  logits = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
-  )
+  """Metrics of every head (full network, its inference variables) on a per-device batch with
+  padding weights."""
+  logits = state.apply_fn(state.inference_variables(), batch['image'], train=False)
   loss, head_losses = heads.loss(logits, batch['label'], batch['weight'])
   return heads.metrics(logits=logits, label=batch['label'], loss=loss, head_losses=head_losses,
                        weight=batch['weight'], axis_name=AXIS)

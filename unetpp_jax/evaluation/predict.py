@@ -62,12 +62,16 @@ def load_variables(workdir: str | os.PathLike[str], config: ml_collections.Confi
   """({'params', 'batch_stats'}, step) of checkpoint `step` (default: the newest) in workdir.
 
   Only these two entries of the saved train state are read (the optimizer state is not), into
-  the structure of `models.create_model(config.model)`'s variables.
+  the structure of `models.create_model(config.model)`'s variables; from its moving average
+  where the run kept one (config.optimizer.ema_decay), as validation during training did.
   """
   size = config.data.image_size
   shapes = jax.eval_shape(models.create_model(config.model).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
   like = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+  if config.optimizer.ema_decay:
+    restored, step = Workdir(workdir).restore_variables({'ema': like}, step)
+    return restored['ema'], step
   return Workdir(workdir).restore_variables(like, step)
 
 
