@@ -127,6 +127,7 @@ def test_cli_evaluates_validation_split_and_score_cli_agrees(setup, tmp_path):
   assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # As mkdir makes it, not mkdtemp's 0700.
   metrics = json.loads((out / 'metrics.json').read_text())
   assert metrics['num_images'] == 12 and metrics['checkpoint_step'] == 40
+  assert metrics['weights'] == 'trained'  # The run kept no moving average.
   assert metrics['final_prediction'] == 'accurate'
   assert metrics['inference']['strategy'] == 'resize'  # 'auto', as trained on resized images.
   assert sorted(metrics['predictions']) == ['accurate', 'head1', 'head2']

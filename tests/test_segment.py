@@ -111,6 +111,7 @@ def test_cli_png_and_16bit_tiff_unreadable_file_rerun_and_evaluate_equality(setu
   run = json.loads((out / 'run.json').read_text())
   assert list(run['failed']) == [str(images / 'b.png')]
   assert run['num_segmented'] == 2 and run['checkpoint_step'] == 40
+  assert run['weights'] == 'trained'
   assert run['inference']['flips'] and run['inference']['strategy'] == 'resize'
   assert run['instances'] == json.loads(json.dumps(
       dataclasses.asdict(instances.default_options(LabelScheme.from_config(setup.config)))))

@@ -12,7 +12,7 @@ import pytest
 from configs import synthetic
 from unetpp_jax import config_validation, models, steps, train, writers
 from unetpp_jax.data.background import BackgroundInput
-from unetpp_jax.evaluation import evaluate
+from unetpp_jax.evaluation import evaluate, predict
 from unetpp_jax.heads import Heads
 
 
@@ -115,9 +115,9 @@ def test_moving_average_follows_the_weights_resumes_and_is_what_inference_uses(t
       np.testing.assert_allclose(average, (0.9 * w1 + w2) / 1.9, rtol=1e-5, atol=1e-7)
 
   straight = train.train_and_evaluate(config, tmp_path / 'straight', array_input_fn)
-  first = config.copy_and_resolve_references()
-  first.num_train_steps = 3
-  train.train_and_evaluate(first, tmp_path / 'resumed', array_input_fn)
+  shorter = config.copy_and_resolve_references()
+  shorter.num_train_steps = 3
+  train.train_and_evaluate(shorter, tmp_path / 'resumed', array_input_fn)
   resumed = train.train_and_evaluate(config, tmp_path / 'resumed', array_input_fn)
   _assert_trees_equal(straight.ema, resumed.ema)
   assert not np.allclose(jax.tree.leaves(straight.ema['params'])[0],
@@ -134,6 +134,29 @@ def test_moving_average_follows_the_weights_resumes_and_is_what_inference_uses(t
       p_eval, flax.jax_utils.replicate(straight.replace(ema={})), batches)
   assert recorded == pytest.approx(on_average['eval/loss'], rel=1e-5)
   assert recorded != pytest.approx(on_weights['eval/loss'], rel=1e-3)
+
+
+def test_the_moving_average_can_be_switched_on_and_off_when_a_run_resumes(tmp_path):
+  config = tiny_config()
+  config.num_train_steps = 3
+  train.train_and_evaluate(config, tmp_path, array_input_fn)
+  config.num_train_steps, config.optimizer.ema_decay = 6, 0.9
+  on = train.train_and_evaluate(config, tmp_path, array_input_fn)
+  assert not np.allclose(jax.tree.leaves(on.ema['params'])[0], jax.tree.leaves(on.params)[0])
+  _assert_trees_equal(evaluate.load_variables(tmp_path, config)[0], on.ema)
+  config.num_train_steps, config.optimizer.ema_decay = 9, 0.0
+  off = train.train_and_evaluate(config, tmp_path, array_input_fn)
+  assert off.ema == {}
+  variables, step = evaluate.load_variables(tmp_path, config)
+  assert step == 9
+  _assert_trees_equal(variables, {'params': off.params, 'batch_stats': off.batch_stats})
+  # What a checkpoint holds decides, not the config: step 6 still gives its average, or its
+  # trained weights when asked (evaluate, segment and sweep_instances --noaverage).
+  _assert_trees_equal(evaluate.load_variables(tmp_path, config, step=6)[0], on.ema)
+  _assert_trees_equal(evaluate.load_variables(tmp_path, config, step=6, average=False)[0],
+                      {'params': on.params, 'batch_stats': on.batch_stats})
+  assert [predict.weights_name(tmp_path, step, average) for step, average in
+          ((6, True), (6, False), (9, True))] == ['moving average', 'trained', 'trained']
 
 
 def test_training_reduces_loss(tmp_path):

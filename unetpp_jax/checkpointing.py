@@ -23,6 +23,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from unetpp_jax.workdir import saved_entries
+
 
 def restore_or_initialize(mngr: ocp.CheckpointManager, state: Any) -> Any:
   """The latest checkpoint in `mngr` restored into `state`'s structure, or `state` itself."""
@@ -34,8 +36,19 @@ def restore_or_initialize(mngr: ocp.CheckpointManager, state: Any) -> Any:
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> Any:
-  """Checkpoint `step` of `mngr` restored into `state`'s structure (host arrays)."""
-  restored = mngr.restore(step, args=ocp.args.StandardRestore(_saved(jax.device_get(state))))
+  """Checkpoint `step` of `mngr` restored into `state`'s structure (host arrays).
+
+  A run that starts keeping a moving average on a checkpoint without one (optimizer.ema_decay
+  switched on) starts it at the restored variables; one that stops keeping it drops the saved one.
+  """
+  like = _saved(jax.device_get(state))
+  like.pop('ema', None)
+  if 'ema' in saved_entries(mngr.directory, step):
+    like['ema'] = {'params': like['params'], 'batch_stats': like['batch_stats']}
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(like))
+  ema = restored.pop('ema', None)
+  if state.ema:
+    restored['ema'] = ema or {'params': restored['params'], 'batch_stats': restored['batch_stats']}
   return state.replace(**restored)
 
 

@@ -37,13 +37,14 @@ _CHOICES = {
 
 
 # Fields a resumed run may change freely: run length, logging/eval/checkpoint cadence, where the
-# data lives, evaluation batch, inference and failure handling. Every other field changes the
-# model, the data or the optimisation. (With a cosine schedule, num_train_steps also reshapes the
-# remaining learning-rate decay.)
+# data lives, evaluation batch, inference, the moving average of the weights (which training does
+# not read) and failure handling. Every other field changes the model, the data or the
+# optimisation. (With a cosine schedule, num_train_steps also reshapes the remaining learning-rate
+# decay.)
 RESUMABLE_CHANGES = (
     'num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
     'checkpoint_every_minutes', 'keep_checkpoints', 'eval_batch_size', 'nonfinite_policy', 'data.tfds_data_dir',
-    'data.manual_dir', 'data.on_bad_example', 'predict',
+    'data.manual_dir', 'data.on_bad_example', 'predict', 'optimizer.ema_decay',
 )
 
 # Fields added after runs were recorded, with the value that reproduces what those runs did (as
@@ -62,7 +63,7 @@ ADDED_FIELDS = {
     'loss.contact_width': 0,
     'loss.class_weights': [],
     'loss.contact_weight': 1.0,
-  'optimizer.ema_decay': 0.0,
+    'optimizer.ema_decay': 0.0,
 }
 
 

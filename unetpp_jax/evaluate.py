@@ -56,7 +56,7 @@ def main(argv):
     config = inference_flags.load_config()
     report = evaluate.evaluate(
         FLAGS.workdir, FLAGS.data, FLAGS.output, solution=FLAGS.solution, split=FLAGS.split,
-        step=FLAGS.step, inference=inference_flags.inference_options(),
+        step=FLAGS.step, average=FLAGS.average, inference=inference_flags.inference_options(),
         instance_options=inference_flags.instance_options(config),
         num_overlays=FLAGS.num_overlays, config_defaults=evaluate.config_defaults())
   except OSError as e:  # Unreadable data or workdir files, an unwritable --output.

@@ -20,6 +20,8 @@ _INSTANCES = instances.InstanceOptions
 flags.DEFINE_string('workdir', None, 'Training workdir (--workdir of unetpp_jax.main): its '
                     'config and checkpoints.')
 flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+flags.DEFINE_bool('average', True, 'Predict with the moving average of the weights where the '
+                  'checkpoint holds one (optimizer.ema_decay); --noaverage: the trained weights.')
 flags.DEFINE_enum('strategy', _INFERENCE.strategy, predict.STRATEGIES,
                   'Native-size inference (see unetpp_jax.evaluation.evaluate).')
 flags.DEFINE_enum('mode', _INFERENCE.mode, predict.MODES, 'Final prediction; default '

@@ -50,7 +50,7 @@ def main(argv):
   try:
     config = inference_flags.load_config()
     report = segment.segment(
-        FLAGS.workdir, inputs, FLAGS.output, step=FLAGS.step,
+        FLAGS.workdir, inputs, FLAGS.output, step=FLAGS.step, average=FLAGS.average,
         inference=inference_flags.inference_options(),
         instance_options=inference_flags.instance_options(config),
         channel=FLAGS.channel, label_format=FLAGS.label_format, overwrite=FLAGS.overwrite,

@@ -38,13 +38,16 @@ class TrainState(train_state.TrainState):
 def update_ema(state: TrainState) -> TrainState:
   """`state` with its moving average moved towards its variables (a no-op when off).
 
-  Bias-corrected as Adam's moments are: after t updates the average weighs update k by
-  decay**(t-k) normalised by 1 - decay**t, so it holds the first update after one step, never
-  the random initialisation, and spans about 1 / (1 - decay) steps once t is larger.
+  Bias-corrected as Adam's moments are: after t steps the weights of step k weigh
+  (1 - decay) * decay**(t-k) / (1 - decay**t) (the weights sum to 1), so the average holds the
+  first step's weights after one step, never the random initialisation, and spans about
+  1 / (1 - decay) steps once t is larger. (A step skipped for non-finite gradients is not
+  averaged, but counts in t.)
   """
   if not state.ema:
     return state
-  step_size = (1.0 - state.ema_decay) / (1.0 - state.ema_decay ** state.step)
+  decay = jnp.float32(state.ema_decay)  # Both sides in float32: the first step size is exactly 1.
+  step_size = (1 - decay) / (1 - decay ** state.step)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   return state.replace(ema=optax.incremental_update(variables, state.ema, step_size))
 

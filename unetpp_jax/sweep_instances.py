@@ -49,6 +49,8 @@ flags.DEFINE_bool('transpose', _INFERENCE.transpose, 'Also the transposed image 
                   '8-way dihedral).')
 flags.DEFINE_enum('strategy', _INFERENCE.strategy, predict.STRATEGIES, 'Native-size inference.')
 flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+flags.DEFINE_bool('average', True, 'Predict with the moving average of the weights where the '
+                  'checkpoint holds one; --noaverage: the trained weights.')
 flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Base watershed seeds; auto = '
                   "instances.default_options of the model's label scheme (as evaluate).")
 flags.DEFINE_float('threshold', None, 'Base foreground threshold; default: '
@@ -86,13 +88,15 @@ def main(argv):
   ids = evaluate.select_ids(FLAGS.data, evaluate.workdir_split_ids(FLAGS.workdir, config,
                                                                    'validation'), None, None)
   ids = ids[:FLAGS.limit] if FLAGS.limit else ids
-  variables, step = evaluate.load_variables(FLAGS.workdir, config, FLAGS.step)
+  variables, step = evaluate.load_variables(FLAGS.workdir, config, FLAGS.step, FLAGS.average)
+  weights = predict.weights_name(FLAGS.workdir, step, FLAGS.average)
   predictor = predict.Predictor(config, variables, predict.InferenceOptions(
       strategy=FLAGS.strategy, flips=FLAGS.flips, transpose=FLAGS.transpose))
   scheme = predictor.scheme
   final = len(predictor.names) - 1
-  key = {'workdir': os.path.abspath(FLAGS.workdir), 'step': step, 'flips': FLAGS.flips,
-         'transpose': FLAGS.transpose, 'strategy': predictor.strategy, 'ids': list(ids)}
+  key = {'workdir': os.path.abspath(FLAGS.workdir), 'step': step, 'weights': weights,
+         'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'strategy': predictor.strategy,
+         'ids': list(ids)}
   global _STORED
   _STORED = _read_cache(FLAGS.cache, key) if FLAGS.cache else None
   if _STORED is None:
@@ -126,7 +130,8 @@ def main(argv):
     with multiprocessing.get_context('fork').Pool(FLAGS.processes) as pool:
       scores = pool.map(functools.partial(_score, scheme), options)
   print(json.dumps({
-      'checkpoint_step': step, 'num_images': len(_STORED), 'strategy': predictor.strategy,
+      'checkpoint_step': step, 'weights': weights, 'num_images': len(_STORED),
+      'strategy': predictor.strategy,
       'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'prediction': predictor.names[final],
       'predict_seconds': round(predict_seconds), 'default': str(default),
       'mean_probabilities': _mean_probabilities(scheme) if scheme.has_boundary else None,
@@ -164,7 +169,7 @@ def _read_cache(path: str, key: dict) -> list | None:
     return None
   with np.load(path) as f:
     if json.loads(str(f['key'])) != key:
-      print(f'{path} holds other predictions (workdir, step, flips, strategy or images differ): '
+      print(f'{path} holds other predictions (workdir, step, weights, flips, strategy or images differ): '
             'predicting again.', file=sys.stderr)
       return None
     return [(f[f'label{i}'], f[f'probs{i}'], str(f[f'kind{i}'])) for i in range(len(key['ids']))]

@@ -3,10 +3,10 @@
 The loop's parts have modules of their own: `workdir` (the run's files), `checkpointing` (saving,
 restoring, stopping on a signal, multi-process agreement) and `data.background` (the input thread).
 
-Exact resume: a checkpoint holds the step, parameters, optimizer state and BatchNorm statistics; the
-dropout RNG of a step is fold_in(seed, step) and the input stream is a pure function of
-(config, step), so a restarted run continues with exactly the batches and randomness an
-uninterrupted run would have used.
+Exact resume: a checkpoint holds the step, parameters, optimizer state and BatchNorm statistics
+(and their moving average, with config.optimizer.ema_decay); the dropout RNG of a step is
+fold_in(seed, step) and the input stream is a pure function of (config, step), so a restarted run
+continues with exactly the batches and randomness an uninterrupted run would have used.
 
 Failures (see docs/operations.md, "Resuming and failures"):
 - SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and written, and
@@ -15,8 +15,9 @@ Failures (see docs/operations.md, "Resuming and failures"):
   resumes from the last complete checkpoint.
 - Non-finite loss or gradients (checked on the devices, agreed by all of them):
   config.nonfinite_policy 'halt' raises FloatingPointError naming the first bad step, without saving
-  the bad state; 'skip' keeps the previous parameters, optimizer state and BatchNorm statistics,
-  leaves the step out of the train metrics and counts it in train/skipped_updates.
+  the bad state; 'skip' keeps the previous parameters, optimizer state, BatchNorm statistics and
+  moving average, leaves the step out of the train metrics and counts it in
+  train/skipped_updates.
 - A workdir whose checkpoints come from a config differing in fields that change the model, data
   or optimisation (see config_validation.RESUMABLE_CHANGES) is refused before anything compiles,
   unless allow_config_change.

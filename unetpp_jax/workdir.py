@@ -32,6 +32,12 @@ VALIDATION_IDS = 'validation_ids.json'
 _STATE_ITEM = 'default'
 
 
+def saved_entries(checkpoints: epath.PathLike, step: int) -> set[str]:
+  """The entries of the train state saved at `step` in `checkpoints` ('params', 'ema', ...)."""
+  path = epath.Path(checkpoints) / str(step) / _STATE_ITEM
+  return set(ocp.PyTreeCheckpointer().metadata(path).item_metadata.keys())
+
+
 class Workdir:
   """The files of one training run under `path` (local or gs://; made absolute for Orbax)."""
 
@@ -135,6 +141,22 @@ class Workdir:
     """The newest complete checkpoint's step."""
     return max(self.steps(), default=None)
 
+  def checkpoint_step(self, step: int | None = None) -> int:
+    """`step` (default: the newest) if it has a complete checkpoint.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint, or none of `step`.
+    """
+    available = self.steps()
+    if not available:
+      raise FileNotFoundError(f'No checkpoint in {self.checkpoints}: train first (python -m '
+                              'unetpp_jax.main) or pass the workdir of a trained model.')
+    step = available[-1] if step is None else step
+    if step not in available:
+      raise FileNotFoundError(
+          f'No checkpoint of step {step} in {self.checkpoints} (found {available}).')
+    return step
+
   def restore_variables(self, like: Mapping[str, Any],
                         step: int | None = None) -> tuple[dict[str, Any], int]:
     """(entries of `like` read from checkpoint `step` (default: the newest), step), as numpy.
@@ -143,18 +165,11 @@ class Workdir:
     the optimizer state), into `like`'s structure (arrays or jax.ShapeDtypeStruct). Read-only: a
     training run may still be writing to (and pruning) the checkpoints.
     """
-    directory = self.checkpoints
-    if self.latest_step() is None:
-      raise FileNotFoundError(f'No checkpoint in {directory}: train first (python -m '
-                              'unetpp_jax.main) or pass the workdir of a trained model.')
-    # Read directly, not through a CheckpointManager: that would warn that it is read-only.
-    available = self.steps()
-    step = available[-1] if step is None else step
-    if step not in available:
-      raise FileNotFoundError(f'No checkpoint of step {step} in {directory} (found {available}).')
+    step = self.checkpoint_step(step)
     item = dict(like)
+    # Read directly, not through a CheckpointManager: that would warn that it is read-only.
     restored = ocp.PyTreeCheckpointer().restore(
-        directory / str(step) / _STATE_ITEM,
+        self.checkpoints / str(step) / _STATE_ITEM,
         args=ocp.args.PyTreeRestore(
             item=item,
             restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),

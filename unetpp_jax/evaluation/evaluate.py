@@ -61,7 +61,8 @@ from unetpp_jax import cli, writers
 from unetpp_jax.data import release, splits
 from unetpp_jax.evaluation import instances, official_metric, rle
 # Re-exported: callers of `evaluate` pass InferenceOptions and may predict or load themselves.
-from unetpp_jax.evaluation.predict import InferenceOptions, Predictor, load_variables
+from unetpp_jax.evaluation.predict import (InferenceOptions, Predictor, load_variables,
+                                           weights_name)
 from unetpp_jax.workdir import Workdir
 
 SPLITS = ('all', 'train', 'validation')
@@ -236,6 +237,7 @@ def evaluate(
     solution: str | os.PathLike[str] | None = None,
     split: str = 'all',
     step: int | None = None,
+    average: bool = True,
     inference: InferenceOptions = InferenceOptions(),
     instance_options: instances.InstanceOptions | None = None,
     num_overlays: int = 16,
@@ -250,6 +252,7 @@ def evaluate(
     solution: Optional solution CSV providing the labels instead of the masks in `data`.
     split: 'all' images of `data`, or only those of the training run's 'train'/'validation'.
     step: Checkpoint step; None = the newest.
+    average: Predict with the moving average of the weights where the checkpoint holds one.
     inference: How the network runs on native-size images.
     instance_options: Probabilities -> instances; None = `instances.default_options` of the
       model's label scheme.
@@ -269,7 +272,7 @@ def evaluate(
   if not pathlib.Path(data).exists():
     raise FileNotFoundError(f'--data {data} does not exist.')
   # The checkpoint first: a workdir without one is the error to report, not its data's.
-  variables, step = load_variables(workdir, config, step)
+  variables, step = load_variables(workdir, config, step, average)
   truth = rle.read_csv(solution, require_shape=True) if solution else None
   wanted = None if split == 'all' else workdir_split_ids(workdir, config, split)
   ids = select_ids(data, wanted, truth, solution)
@@ -333,7 +336,8 @@ def evaluate(
                      if by_kind[kind]},
         'predictions': results,
         'num_images': len(ids),
-        'workdir': str(workdir), 'checkpoint_step': step, 'data': str(data),
+        'workdir': str(workdir), 'checkpoint_step': step,
+        'weights': weights_name(workdir, step, average), 'data': str(data),
         'solution': str(solution) if solution else None, 'split': split,
         'inference': {**dataclasses.asdict(inference), 'strategy': predictor.strategy,
                       'mode': predictor.mode, 'prune_level': predictor.level,

@@ -1,7 +1,7 @@
 """Native-size prediction from a training checkpoint.
 
-`load_variables` restores a checkpoint's parameters and BatchNorm statistics only (no optimizer is
-built). A strategy (`Resize`, `Pad`, `Tile`: one interface, `split`) turns an image of any size
+`load_variables` restores a checkpoint's parameters and BatchNorm statistics only, or their moving
+average (no optimizer is built). A strategy (`Resize`, `Pad`, `Tile`: one interface, `split`) turns an image of any size
 into fixed-shape network inputs and assembles their outputs; `Predictor` batches the inputs of
 consecutive images, runs the network (pruned to a level) and returns the probabilities of every
 head (the channels of the model's `LabelScheme`) plus the final prediction, ensembled by the
@@ -28,7 +28,7 @@ from unetpp_jax.data import contract, splits
 from unetpp_jax.evaluation import instances
 from unetpp_jax.heads import Heads
 from unetpp_jax.label_scheme import LabelScheme
-from unetpp_jax.workdir import Workdir
+from unetpp_jax.workdir import Workdir, saved_entries
 
 STRATEGIES = ('auto', 'resize', 'pad', 'tile')
 MODES = models.PREDICTION_MODES
@@ -57,22 +57,33 @@ class InferenceOptions:
 # Checkpoint.
 
 
+def holds_average(workdir: str | os.PathLike[str], step: int) -> bool:
+  """Whether checkpoint `step` of `workdir` holds a moving average of the weights."""
+  return 'ema' in saved_entries(Workdir(workdir).checkpoints, step)
+
+
 def load_variables(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
-                   step: int | None = None) -> tuple[dict[str, Any], int]:
+                   step: int | None = None, average: bool = True) -> tuple[dict[str, Any], int]:
   """({'params', 'batch_stats'}, step) of checkpoint `step` (default: the newest) in workdir.
 
   Only these two entries of the saved train state are read (the optimizer state is not), into
-  the structure of `models.create_model(config.model)`'s variables; from its moving average
-  where the run kept one (config.optimizer.ema_decay), as validation during training did.
+  the structure of `models.create_model(config.model)`'s variables; with `average`, from their
+  moving average where the checkpoint holds one (config.optimizer.ema_decay), as validation
+  during training did.
   """
   size = config.data.image_size
   shapes = jax.eval_shape(models.create_model(config.model).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
   like = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
-  if config.optimizer.ema_decay:
-    restored, step = Workdir(workdir).restore_variables({'ema': like}, step)
-    return restored['ema'], step
+  step = Workdir(workdir).checkpoint_step(step)
+  if average and holds_average(workdir, step):
+    return Workdir(workdir).restore_variables({'ema': like}, step)[0]['ema'], step
   return Workdir(workdir).restore_variables(like, step)
+
+
+def weights_name(workdir: str | os.PathLike[str], step: int, average: bool) -> str:
+  """What `load_variables` reads, for the record: 'moving average' or 'trained'."""
+  return 'moving average' if average and holds_average(workdir, step) else 'trained'
 
 
 # ----------------------------------------------------------------------------------------------

@@ -292,6 +292,7 @@ def segment(
     output: str | os.PathLike[str],
     *,
     step: int | None = None,
+    average: bool = True,
     inference: predict.InferenceOptions = predict.InferenceOptions(),
     instance_options: instances.InstanceOptions | None = None,
     channel: int | None = None,
@@ -307,6 +308,7 @@ def segment(
     inputs: Folders, glob patterns or files (`find_images`).
     output: Folder for the results (created; earlier results there are kept and reused).
     step: Checkpoint step; None = the newest.
+    average: Predict with the moving average of the weights where the checkpoint holds one.
     inference: How the network runs on native-size images.
     instance_options: Probabilities -> nuclei; None = `instances.default_options` of the model's
       label scheme.
@@ -331,12 +333,13 @@ def segment(
   config = evaluate.load_config(workdir, config_defaults)
   paths = find_images(inputs)
   names = output_names(paths)
-  variables, step = predict.load_variables(workdir, config, step)
+  variables, step = predict.load_variables(workdir, config, step, average)
   predictor = predict.Predictor(config, variables, inference)
   if instance_options is None:
     instance_options = instances.default_options(predictor.scheme)
   settings = json.loads(json.dumps({
       'workdir': str(pathlib.Path(workdir).absolute()), 'checkpoint_step': step,
+      'weights': predict.weights_name(workdir, step, average),
       'inference': {**dataclasses.asdict(inference), 'strategy': predictor.strategy,
                     'mode': predictor.mode, 'prune_level': predictor.level,
                     'final_heads': predictor.final_heads},
