@@ -169,8 +169,8 @@ def _read_cache(path: str, key: dict) -> list | None:
     return None
   with np.load(path) as f:
     if json.loads(str(f['key'])) != key:
-      print(f'{path} holds other predictions (workdir, step, weights, flips, strategy or images differ): '
-            'predicting again.', file=sys.stderr)
+      print(f'{path} holds other predictions (workdir, step, weights, flips, strategy or images '
+            'differ): predicting again.', file=sys.stderr)
       return None
     return [(f[f'label{i}'], f[f'probs{i}'], str(f[f'kind{i}'])) for i in range(len(key['ids']))]
 

@@ -1,13 +1,13 @@
 """Native-size prediction from a training checkpoint.
 
 `load_variables` restores a checkpoint's parameters and BatchNorm statistics only, or their moving
-average (no optimizer is built). A strategy (`Resize`, `Pad`, `Tile`: one interface, `split`) turns an image of any size
-into fixed-shape network inputs and assembles their outputs; `Predictor` batches the inputs of
-consecutive images, runs the network (pruned to a level) and returns the probabilities of every
-head (the channels of the model's `LabelScheme`) plus the final prediction, ensembled by the
-model's own `models.accurate_probability`. A model trained with size normalisation
-(config.data.nucleus_diameter) is run twice on every image, the second time at the scale that
-brings the nuclei found by the first to the trained size.
+average (no optimizer is built). A strategy (`Resize`, `Pad`, `Tile`: one interface, `split`)
+turns an image of any size into fixed-shape network inputs and assembles their outputs;
+`Predictor` batches the inputs of consecutive images, runs the network (pruned to a level) and
+returns the probabilities of every head (the channels of the model's `LabelScheme`) plus the final
+prediction, ensembled by the model's own `models.accurate_probability`. A model trained with size
+normalisation (config.data.nucleus_diameter) is run twice on every image, the second time at the
+scale that brings the nuclei found by the first to the trained size.
 The model standardises each input, so in 'tile' mode the statistics are those of the tile.
 """
 
@@ -75,10 +75,11 @@ def load_variables(workdir: str | os.PathLike[str], config: ml_collections.Confi
   shapes = jax.eval_shape(models.create_model(config.model).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
   like = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
-  step = Workdir(workdir).checkpoint_step(step)
+  run = Workdir(workdir)
+  step = run.checkpoint_step(step)
   if average and holds_average(workdir, step):
-    return Workdir(workdir).restore_variables({'ema': like}, step)[0]['ema'], step
-  return Workdir(workdir).restore_variables(like, step)
+    return run.restore_variables({'ema': like}, step)[0]['ema'], step
+  return run.restore_variables(like, step)
 
 
 def weights_name(workdir: str | os.PathLike[str], step: int, average: bool) -> str:
