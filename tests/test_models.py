@@ -22,7 +22,7 @@ def expected_param_count(filters, in_channels=3, num_classes=1, norm='batch', up
   total = 0
 
   def conv_block(c_in, f):
-    per_conv_extra = f if bias else 2 * f  # conv bias, or BatchNorm scale + offset
+    per_conv_extra = f if bias else 2 * f  # conv bias, or the norm's scale + offset
     return 9 * c_in * f + per_conv_extra + 9 * f * f + per_conv_extra
 
   for i in range(levels + 1):
@@ -68,6 +68,7 @@ def test_paper_model_shapes_and_parameter_count(height, width):
     'kwargs',
     [
         dict(norm='none'),
+        dict(norm='group'),
         dict(upsample='bilinear'),
         dict(num_classes=3),
         dict(in_channels=1),
@@ -107,6 +108,26 @@ def test_pruned_heads_equal_full_model_heads(upsample):
       np.testing.assert_allclose(pruned[j], full[j], rtol=1e-5, atol=1e-5)
   # The heads really differ from each other, so the comparison above is not vacuous.
   assert not np.allclose(full[0], full[2], atol=1e-3)
+
+
+@pytest.mark.parametrize('filters', [SMALL_FILTERS, (6, 12, 20)])  # 6 and 20: 2 and 4 groups
+def test_group_norm_sees_each_image_alone_in_training_as_in_inference(filters):
+  """GroupNorm: an image's logits depend neither on the rest of its batch nor on the mode."""
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
+  x = x.at[1].multiply(0.2)  # A dim image beside bright ones shifts batch statistics a lot.
+
+  def logits(norm, images, train):
+    model = models.UNetPlusPlus(filters=filters, norm=norm)
+    variables = model.init(jax.random.key(1), x)
+    out, _ = model.apply(variables, images, train=train, mutable=['batch_stats'])
+    return np.asarray(out[-1])
+
+  alone = logits('group', x[1:2], train=True)[0]
+  np.testing.assert_allclose(logits('group', x, train=True)[1], alone, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits('group', x, train=False)[1], alone, rtol=1e-5, atol=1e-5)
+  # BatchNorm normalises over the batch, so there the same comparison fails.
+  assert not np.allclose(logits('batch', x, train=True)[1],
+                         logits('batch', x[1:2], train=True)[0], atol=1e-3)
 
 
 def test_pruned_parameters_are_a_subset_of_full():

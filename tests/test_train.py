@@ -177,11 +177,13 @@ def test_training_reduces_loss(tmp_path):
   assert after['eval/iou/head3'] > before['eval/iou/head3'] + 0.2
 
 
-def test_two_devices_match_one_device_with_the_same_global_batch():
+@pytest.mark.parametrize('norm', ['batch', 'group'])
+def test_two_devices_match_one_device_with_the_same_global_batch(norm):
   """Gradient pmean + synchronised BatchNorm: the device count does not change the update."""
   assert jax.local_device_count() == 2
   config = tiny_config()
   config.model.dropout_rate = 0.0
+  config.model.norm = norm
   model = models.create_model(config.model, bn_axis_name=steps.AXIS)
   state = steps.create_train_state(config, jax.random.key(0), model)
   step = functools.partial(steps.train_step, dropout_rng=jax.random.key(1),
@@ -201,6 +203,9 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
                   jax.tree.leaves((one.params, one.batch_stats)), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(m2.compute()['loss'], m1.compute()['loss'], rtol=1e-5)
+  if norm == 'group':  # Per image: nothing to synchronise or carry.
+    assert not jax.tree.leaves(two.batch_stats)
+    return
   # Without synchronised BatchNorm the two would differ; make sure the check has teeth.
   assert not np.allclose(two.batch_stats['X0_0']['BatchNorm_0']['mean'],
                          state.batch_stats['X0_0']['BatchNorm_0']['mean'])
@@ -238,7 +243,7 @@ def test_progress_line_reads_seconds_per_step_images_per_sec_and_eta():
         ('loss.head_weights', (1.0,), 'one non-negative weight per'),
         ('optimizer.learning_rate', -1e-3, 'learning_rate=-0.001 must be > 0'),
         ('batch_size', 3, 'multiple of the device count \\(2\\)'),
-        ('model.norm', 'group', "must be one of \\('batch', 'none'\\)"),
+        ('model.norm', 'layer', "must be one of \\('batch', 'group', 'none'\\)"),
         ('data.source', 'csv:x', "'tfds' or 'npz:PATH'"),
         ('checkpoint_every_minutes', -1.0, 'checkpoint_every_minutes must be >= 0'),
         ('data.invert_prob', 1.5, 'invert_prob=1.5 must be in \\[0, 1\\]'),

@@ -13,6 +13,7 @@ U-Net is that U-Net with its filters scaled up until its parameter count matches
 """
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -145,8 +146,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
+# GroupNorm's groups (model.norm='group'): 8, or fewer where a width (e.g. a wide U-Net's) is not a
+# multiple of 8.
+NORM_GROUPS = 8
+
+
 class ConvBlock(nn.Module):
-  """Two 3x3 convolutions, each followed by optional BatchNorm, ReLU and optional dropout."""
+  """Two 3x3 convolutions, each followed by an optional norm (`NORMS`), ReLU and dropout."""
 
   features: int
   norm: str = 'batch'
@@ -157,9 +163,11 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for _ in range(2):
-      # A bias before BatchNorm is redundant: BN's own offset absorbs it.
+      # A bias before a norm is redundant: the norm's own offset absorbs it.
       x = nn.Conv(self.features, (3, 3), use_bias=self.norm == 'none', dtype=self.dtype)(x)
-      if self.norm == 'batch':
+      if self.norm == 'group':
+        x = nn.GroupNorm(num_groups=math.gcd(self.features, NORM_GROUPS), dtype=self.dtype)(x)
+      elif self.norm == 'batch':
         x = nn.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
@@ -203,7 +211,7 @@ class UNetPlusPlus(nn.Module):
   Attributes:
     filters: Channels per resolution level; L = len(filters) - 1 decoder levels / heads.
     num_classes: 1 = binary (sigmoid); >1 = softmax over classes.
-    norm: 'batch' or 'none'.
+    norm: One of NORMS.
     dropout_rate: Dropout after every convolution (0 = none).
     upsample: 'transpose' (learned 2x2 stride-2 conv) or 'bilinear'.
     skips: 'nested' (U-Net++) or 'plain' (U-Net: one decoder path and head L only).
@@ -290,7 +298,7 @@ class UNetPlusPlus(nn.Module):
 
 MODEL_NAMES = ('unetpp', 'unet', 'wide_unet')
 # Choices of the config.model fields of the same names, and of config.predict.mode.
-NORMS = ('batch', 'none')
+NORMS = ('batch', 'group', 'none')  # BatchNorm, GroupNorm (per image), or none.
 UPSAMPLES = ('transpose', 'bilinear')
 DTYPES = ('float32', 'bfloat16')
 PREDICTION_MODES = ('accurate', 'fast')
