@@ -12,15 +12,17 @@ nucleus); a 3-class target (background / nucleus interior / boundary: a rim arou
 plus a band where nuclei touch) with a weighted cross-entropy and Dice per class; the RGB input
 joined by its haematoxylin (nuclear-stain) density, which keeps the stroma of H&E sections dark,
 and the stain densities of bright-background training images rescaled at random, so that H&E
-sections stained unlike the training ones look familiar; every head deeply supervised;
+sections stained unlike the training ones look familiar; GroupNorm instead of BatchNorm, so that
+each image is normalised on its own whatever else shares its batch; every head deeply supervised;
 evaluation at native size (padded whole images), flip test-time augmentation, and the instance
 post-processing chosen on the validation split (`instances.default_options`).
 
 Sized for one accelerator (20,000 steps of batch 16). configs/dsb_cpu.py is the same recipe on a
 CPU budget; docs/results.md has its measured scores and commands.
 
-Measured: 2-core Intel Xeon CPU (idle), 36.8 s per step and 12.3 GB peak memory, so about 8.5 days
-for the 20,000 steps; not run to the end, so no score. Not measured on a GPU or TPU.
+Measured (with BatchNorm): 2-core Intel Xeon CPU (idle), 36.8 s per step and 12.3 GB peak memory,
+so about 8.5 days for the 20,000 steps; not run to the end, so no score. Not measured on a GPU or
+TPU.
 """
 
 from configs import dsb_paper
@@ -34,6 +36,7 @@ def get_config():
   config.model.num_classes = 3  # Background / nucleus interior / boundary.
   config.model.input_norm = 'rgb_haematoxylin'  # RGB plus the nuclear-stain density (model.md).
   config.data.stain_jitter = 1.2  # H and E densities scaled by 0.3..3.3 on bright backgrounds.
+  config.model.norm = 'group'  # Per image; scored above BatchNorm (docs/results.md).
   config.loss.contact_width = 2  # Nucleus pixels within 2 px of another nucleus are boundary.
   config.loss.class_weights = (1.0, 1.0, 3.0)  # The thin boundary class weighs 3x in the CE.
   config.loss.deep_supervision_heads = (1, 2, 3, 4)  # Every head.
