@@ -9,9 +9,10 @@ Same data, split, targets, loss and evaluation as configs/dsb.py; half the filte
 the FLOPs), 128x128 crops, batch 8 and 1,800 steps (about 27 epochs of crops of the 532 training
 images of the grouped split), so that CI-class machines can show the recipe works.
 
-Measured: 2-core AMD EPYC CPU, 1,800 steps in 36 min 8 s with only light work beside it (the
-time table of docs/results.md); official score 0.581 on the grouped validation split with the
-evaluate defaults (fluorescence sparse 0.644, crowded 0.605, tissue 0.363, brightfield 0.295).
+Measured: 2-core Intel Xeon CPU, 1,800 steps in 33.6 minutes alone, validations included (the
+time table of docs/results.md); official score 0.590 on the grouped validation split with the
+evaluate defaults, the mean of three seeds (fluorescence sparse 0.658, crowded 0.628, tissue 0.346,
+brightfield 0.244).
 """
 
 from configs import dsb
