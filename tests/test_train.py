@@ -179,7 +179,7 @@ def test_training_reduces_loss(tmp_path):
 
 @pytest.mark.parametrize('norm', ['batch', 'group'])
 def test_two_devices_match_one_device_with_the_same_global_batch(norm):
-  """Gradient pmean + synchronised BatchNorm: the device count does not change the update."""
+  """Gradient pmean (and synchronised BatchNorm): the device count does not change the update."""
   assert jax.local_device_count() == 2
   config = tiny_config()
   config.model.dropout_rate = 0.0
