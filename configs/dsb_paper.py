@@ -100,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
   # num_classes=3: extra cross-entropy factor of the contact band's pixels (on top of
   # class_weights); 1 = none.
   config.loss.contact_weight = 1.0
+  # Weight of the Lovasz-softmax loss (a convex surrogate of 1 - IoU per class, per image) added
+  # to each head's loss; 0 = none.
+  config.loss.lovasz_weight = 0.0
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'  # 'adam', 'adamw' or 'sgd' (with momentum).

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,6 +55,46 @@ def test_softmax_head_loss_uses_foreground_classes():
   assert float(losses.head_loss(perfect, target, jnp.ones(1), **LOSS)) < 1e-6
   uniform = jnp.zeros((1, 6, 6, 3))
   assert float(losses.head_loss(uniform, target, jnp.ones(1), **LOSS)) > math.log(3)
+
+
+def test_lovasz_is_one_minus_iou_of_hard_predictions():
+  # At the vertices of the cube (hard predictions) the Lovasz extension equals the set function:
+  # per image, 1 - IoU of each class present in the target, averaged over those classes.
+  rng = np.random.default_rng(3)
+  target = rng.integers(0, 3, (2, 6, 7))
+  target[1][target[1] == 2] = 1  # Class 2 absent from image 1: left out of its mean.
+  predicted = np.where(rng.random((2, 6, 7)) < 0.3, rng.integers(0, 3, (2, 6, 7)), target)
+  onehot, hard = np.eye(3)[target], np.eye(3)[predicted]
+  expected = []
+  for t, p in zip(onehot, hard):
+    present = t.sum(axis=(0, 1)) > 0
+    iou = (t * p).sum(axis=(0, 1)) / np.maximum(np.maximum(t, p).sum(axis=(0, 1)), 1)
+    expected.append(np.mean((1 - iou)[present]))
+  np.testing.assert_allclose(losses.lovasz(jnp.asarray(hard), jnp.asarray(onehot)), expected,
+                             rtol=1e-6)
+  assert float(losses.lovasz(jnp.asarray(onehot), jnp.asarray(onehot)).max()) == 0.0
+
+
+@pytest.mark.parametrize('classes', [1, 3])
+def test_lovasz_weight_adds_the_lovasz_term(classes):
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(2, 8, 8, classes)), jnp.float32)
+  target = jnp.asarray(rng.integers(0, max(classes, 2), (2, 8, 8)))
+  base = losses.head_loss(logits, target, jnp.ones(2), **LOSS)
+  with_lovasz = losses.head_loss(logits, target, jnp.ones(2), **LOSS, lovasz_weight=0.5)
+  if classes == 1:
+    p = jax.nn.sigmoid(logits)
+    probs, onehot = jnp.concatenate([1 - p, p], -1), jax.nn.one_hot(target, 2)
+  else:
+    probs, onehot = jax.nn.softmax(logits), jax.nn.one_hot(target, 3)
+  expected = base + 0.5 * jnp.mean(losses.lovasz(probs, onehot))
+  assert float(with_lovasz) == pytest.approx(float(expected), rel=1e-6)
+  # Its gradient lowers the errors of the classes that are worst off: descending it helps.
+  grad = jax.grad(lambda l: losses.head_loss(l, target, jnp.ones(2), bce_weight=0.0,
+                                             dice_weight=0.0, lovasz_weight=1.0))(logits)
+  stepped = losses.head_loss(logits - 0.5 * grad, target, jnp.ones(2), bce_weight=0.0,
+                             dice_weight=0.0, lovasz_weight=1.0)
+  assert float(stepped) < float(with_lovasz - base) / 0.5
 
 
 def test_loss_ignores_padding_and_splits_over_devices():

@@ -100,6 +100,7 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
       ('loss.class_weights', (1.0, 2.0), 'config.loss.class_weights'),
       ('data.scale_range', (1.5, 1.0), 'config.data.scale_range'),
       ('loss.contact_width', -1, 'config.loss.contact_width'),
+      ('loss.lovasz_weight', -1.0, 'lovasz_weight must be >= 0'),
       ('data.nucleus_diameter', -4.0, 'config.data.nucleus_diameter=-4.0 must be a size'),
   ]:
     config = dsb_cpu.get_config()
@@ -107,6 +108,8 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
     with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('[', r'\[')):
       config_validation.validate(config)
   config = dsb_cpu.get_config()
+  config.loss.lovasz_weight = 0.5
+  assert Heads.from_config(config).lovasz_weight == 0.5  # What the train step's loss adds.
   config.data.train_preprocess = 'resize'
   with pytest.raises(ValueError, match='config.data.scale_range'):
     config_validation.validate(config)

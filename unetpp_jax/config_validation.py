@@ -165,8 +165,9 @@ def validate(config: Any) -> None:
       f'supervised head {heads}.',
   )
   check(
-      config.loss.bce_weight >= 0 and config.loss.dice_weight >= 0,
-      'config.loss.bce_weight and dice_weight must be >= 0.',
+      config.loss.bce_weight >= 0 and config.loss.dice_weight >= 0
+      and config.loss.get('lovasz_weight', 0.0) >= 0,
+      'config.loss.bce_weight, dice_weight and lovasz_weight must be >= 0.',
   )
   contact_width = config.loss.get('contact_width', 0)
   check(isinstance(contact_width, int) and contact_width >= 0,

@@ -24,8 +24,9 @@ class Heads:
     weights: one loss weight per supervised head; empty = equal weights summing to 1.
     bce_weight, dice_weight: the terms of each head's loss (`losses.head_loss`).
     scheme: the classes, whose `target` the heads learn.
-    class_weights, contact_weight: the per-class cross-entropy weights and the extra weight of
-      the target's contact band (`losses.head_loss`, `losses.deep_supervision_loss`).
+    class_weights, contact_weight, lovasz_weight: the per-class cross-entropy weights, the extra
+      weight of the target's contact band and the Lovasz term's weight (`losses.head_loss`,
+      `losses.deep_supervision_loss`).
   """
   output: tuple[int, ...]
   supervised: tuple[int, ...]
@@ -35,6 +36,7 @@ class Heads:
   scheme: LabelScheme = LabelScheme()
   class_weights: tuple[float, ...] = ()
   contact_weight: float = 1.0
+  lovasz_weight: float = 0.0
 
   @classmethod
   def from_config(cls, config: Any) -> 'Heads':
@@ -47,6 +49,7 @@ class Heads:
         scheme=LabelScheme.from_config(config),
         class_weights=tuple(config.loss.get('class_weights', ())),
         contact_weight=config.loss.get('contact_weight', 1.0),
+        lovasz_weight=config.loss.get('lovasz_weight', 0.0),
     )
 
   @property
@@ -66,7 +69,8 @@ class Heads:
         logits, self.scheme.target(label), weight, heads=self.supervised,
         head_weights=self.weights, bce_weight=self.bce_weight, dice_weight=self.dice_weight,
         output_heads=self.output, class_weights=self.class_weights,
-        contact_mask=self.scheme.contact_band(label), contact_weight=self.contact_weight)
+        contact_mask=self.scheme.contact_band(label), contact_weight=self.contact_weight,
+        lovasz_weight=self.lovasz_weight)
 
   def metrics(self, *, logits: Sequence[jax.Array], label: jax.Array, loss: jax.Array,
               head_losses: jax.Array, weight: jax.Array | None = None,

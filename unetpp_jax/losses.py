@@ -1,4 +1,4 @@
-"""Per-head cross-entropy + soft Dice, the 3-class contact-aware target, deep supervision.
+"""Per-head cross-entropy + soft Dice (+ Lovasz), the 3-class contact-aware target, deep supervision.
 
 Every per-image quantity is averaged over the images of the batch with example weights, so the loss of
 a global batch split over N devices (then averaged with pmean) equals the loss of the whole batch on
@@ -56,6 +56,30 @@ def _weighted_mean(per_image: jax.Array, weight: jax.Array) -> jax.Array:
   return jnp.sum(per_image * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def lovasz(probs: jax.Array, onehot: jax.Array) -> jax.Array:
+  """[B] Lovasz-softmax loss (Berman et al., CVPR 2018) of each image: the convex surrogate of
+  1 - IoU per class, averaged over the classes present in the image.
+
+  Args:
+    probs: [B, H, W, C] class probabilities.
+    onehot: [B, H, W, C] the target, one-hot.
+  """
+  b, c = probs.shape[0], probs.shape[-1]
+  errors = jnp.abs(onehot - probs).reshape(b, -1, c).swapaxes(1, 2)  # [B, C, N]
+  truth = onehot.reshape(b, -1, c).swapaxes(1, 2)
+  order = jnp.argsort(-jax.lax.stop_gradient(errors), axis=-1)
+  errors = jnp.take_along_axis(errors, order, axis=-1)
+  truth = jnp.take_along_axis(truth, order, axis=-1)
+  # The Lovasz extension's gradient: how 1 - IoU grows as the pixels join the prediction's
+  # errors in decreasing order of error.
+  total = jnp.sum(truth, axis=-1, keepdims=True)
+  jaccard = 1.0 - (total - jnp.cumsum(truth, axis=-1)) / (total + jnp.cumsum(1 - truth, axis=-1))
+  steps = jnp.concatenate([jaccard[..., :1], jnp.diff(jaccard, axis=-1)], axis=-1)
+  per_class = jnp.sum(errors * jax.lax.stop_gradient(steps), axis=-1)  # [B, C]
+  present = (total[..., 0] > 0).astype(per_class.dtype)
+  return jnp.sum(per_class * present, axis=-1) / jnp.maximum(jnp.sum(present, axis=-1), 1.0)
+
+
 def head_loss(
     logits: jax.Array,
     target: jax.Array,
@@ -65,8 +89,10 @@ def head_loss(
     dice_weight: float,
     class_weights: Sequence[float] = (),
     pixel_weight: jax.Array | None = None,
+    lovasz_weight: float = 0.0,
 ) -> jax.Array:
-  """bce_weight * cross-entropy + dice_weight * (1 - soft Dice) for one head.
+  """bce_weight * cross-entropy + dice_weight * (1 - soft Dice) [+ lovasz_weight * Lovasz] for
+  one head.
 
   Args:
     logits: [B, H, W, C]; C = 1 (sigmoid) or the number of classes (softmax).
@@ -79,6 +105,8 @@ def head_loss(
       weight (keeps a thin class such as the boundary from vanishing); () = all 1.
     pixel_weight: optional [B, H, W] factor of each pixel's cross-entropy, on top of
       class_weights (the contact band's weight, see `deep_supervision_loss`).
+    lovasz_weight: Weight of the Lovasz loss (`lovasz`) over every class, background included;
+      0 = none.
   """
   if logits.shape[-1] == 1:
     logits = logits[..., 0]
@@ -98,6 +126,14 @@ def head_loss(
   total = jnp.sum(probs, axis=(1, 2)) + jnp.sum(onehot, axis=(1, 2))
   dice = jnp.mean((2 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH), axis=-1)
   per_image = bce_weight * jnp.mean(ce, axis=(1, 2)) + dice_weight * (1.0 - dice)
+  if lovasz_weight:
+    if logits.ndim == 3:  # Sigmoid: the foreground and background classes.
+      probs = jnp.concatenate([1 - probs, probs], axis=-1)
+      onehot = jnp.concatenate([1 - onehot, onehot], axis=-1)
+    else:
+      probs = jax.nn.softmax(logits, axis=-1)
+      onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
+    per_image = per_image + lovasz_weight * lovasz(probs, onehot)
   return _weighted_mean(per_image, weight)
 
 
@@ -114,6 +150,7 @@ def deep_supervision_loss(
     class_weights: Sequence[float] = (),
     contact_mask: jax.Array | None = None,
     contact_weight: float = 1.0,
+    lovasz_weight: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Weighted sum of the supervised heads' losses.
 
@@ -141,7 +178,8 @@ def deep_supervision_loss(
     pixel_weight = jnp.where(contact_mask, contact_weight, 1.0)
   per_head = jnp.stack([
       head_loss(l, target, weight, bce_weight=bce_weight, dice_weight=dice_weight,
-                class_weights=class_weights, pixel_weight=pixel_weight) for l in logits
+                class_weights=class_weights, pixel_weight=pixel_weight,
+                lovasz_weight=lovasz_weight) for l in logits
   ])
   if not head_weights:
     head_weights = [1.0 / len(heads)] * len(heads)
