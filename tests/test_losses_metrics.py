@@ -89,7 +89,7 @@ def test_lovasz_weight_adds_the_lovasz_term(classes):
     probs, onehot = jax.nn.softmax(logits), jax.nn.one_hot(target, 3)
   expected = base + 0.5 * jnp.mean(losses.lovasz(probs, onehot))
   assert float(with_lovasz) == pytest.approx(float(expected), rel=1e-6)
-  # Its gradient lowers the errors of the classes that are worst off: descending it helps.
+  # A step down its gradient lowers it.
   grad = jax.grad(lambda l: losses.head_loss(l, target, jnp.ones(2), bce_weight=0.0,
                                              dice_weight=0.0, lovasz_weight=1.0))(logits)
   stepped = losses.head_loss(logits - 0.5 * grad, target, jnp.ones(2), bce_weight=0.0,

@@ -1,4 +1,4 @@
-"""Per-head cross-entropy + soft Dice (+ Lovasz), the 3-class contact-aware target, deep supervision.
+"""Per-head cross-entropy + soft Dice (+ Lovasz), the 3-class contact target, deep supervision.
 
 Every per-image quantity is averaged over the images of the batch with example weights, so the loss of
 a global batch split over N devices (then averaged with pmean) equals the loss of the whole batch on
