@@ -7,7 +7,7 @@ Run:
 
 What it changes against the paper's setting (configs/dsb_paper.py: whole images resized to 96x96,
 1 class), following the DSB2018 winners: random 256x256 crops at native resolution with a random
-zoom around 1 (a 520x348 image with 290 nuclei resized to 96x96 leaves 2 to 3 pixels per
+zoom around 1 (a 696x520 image with 290 nuclei resized to 96x96 leaves 2 to 3 pixels per
 nucleus); a 3-class target (background / nucleus interior / boundary: a rim around every nucleus
 plus a band where nuclei touch) with a weighted cross-entropy and Dice per class; the RGB input
 joined by its haematoxylin (nuclear-stain) density, which keeps the stroma of H&E sections dark,

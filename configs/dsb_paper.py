@@ -10,7 +10,7 @@ Run:
 The stage1_train release is read from `data.manual_dir` (default: $DSB2018_DIR, else
 ../shared/data/dsb2018 beside the repository) and prepared once into the TFDS data_dir.
 
-Measured: one NVIDIA H200 GPU, about 6 minutes for the 20,000 steps (score not recorded); 2-core
+Measured: one NVIDIA H200 GPU, about 6 minutes for the 20,000 steps (timed only); 2-core
 AMD EPYC CPU shared with other jobs, 480 steps in 88 minutes, validation official score 0.433
 (docs/results.md, with the commands).
 """
@@ -23,8 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Seeds parameter init, dropout, data order and augmentation.
 
   config.data = ml_collections.ConfigDict()
-  # 'tfds' (tf.data over a TFDS builder) or 'npz:PATH' (in-memory, numpy-only pipeline over a file
-  # written by `python -m unetpp_jax.export_npz`; needs no tensorflow).
+  # 'tfds' (tf.data over a TFDS builder), 'npz:PATH' (in-memory, numpy-only pipeline over a file
+  # written by `python -m unetpp_jax.export_npz`) or 'release:PATH' (numpy-only, straight from a
+  # release zip or folder); the last two need no tensorflow.
   config.data.source = 'tfds'
   config.data.dataset = 'dsb2018'  # TFDS builder: 'dsb2018', 'dsb2018/fixed' or 'synthetic_nuclei'.
   config.data.tfds_data_dir = ''  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets).
@@ -81,8 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.upsample = 'transpose'  # 'transpose' (2x2 stride-2 conv) or 'bilinear'.
   config.model.num_classes = 1  # 1 = binary (sigmoid); >1 = softmax over classes.
   config.model.dtype = 'float32'  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
-  # 'standardize' (RGB, per-image standardisation) or 'grey_invert' (grey, inverted on bright
-  # backgrounds, standardised): see unetpp_jax/models.py INPUT_NORMS.
+  # 'standardize' (RGB, per-image standardisation), 'grey_invert' (grey, inverted on bright
+  # backgrounds), 'haematoxylin', 'rgb_haematoxylin' (the recipe's) or 'rgb_haematoxylin_clahe':
+  # see unetpp_jax/models.py INPUT_NORMS and docs/model.md.
   config.model.input_norm = 'standardize'
 
   config.loss = ml_collections.ConfigDict()
@@ -123,7 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 16  # Global batch (all devices of all hosts); divisible by device count.
   config.eval_batch_size = 32  # Global validation batch.
-  config.num_train_steps = 20_000  # About 600 epochs of the 536 training images at batch 16.
+  config.num_train_steps = 20_000  # About 600 epochs of the 532 training images at batch 16.
   config.log_every_steps = 50  # Train metrics / progress.
   config.eval_every_steps = 1000  # Validation on the whole validation split.
   config.checkpoint_every_steps = 1000  # Orbax save interval (the final step is always saved).
