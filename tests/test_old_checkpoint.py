@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from unetpp_jax import checkpointing, models, steps, train
+from unetpp_jax import checkpointing, config_validation, models, steps, train
 from unetpp_jax.data import contract
 from unetpp_jax.evaluation import evaluate
 
@@ -102,6 +102,15 @@ def test_old_config_gets_the_values_it_ran_with_for_fields_added_since(tmp_path,
   assert dict(config.data.repeats) == {kind: 1 for kind in dict(dsb.get_config().data.repeats)}
   assert tuple(config.data.scale_range) == (1.0, 1.0) and config.loss.contact_width == 0
   assert config.data.stain_jitter == 0 and dsb.get_config().data.stain_jitter > 0
+
+
+def test_resuming_an_old_run_sees_no_field_as_new(old):
+  """Fields added since the run have the value it ran with (config_validation.ADDED_FIELDS), so
+  resuming it with today's config is not refused over a field it never stored."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  stored = json.loads((old / 'config.json').read_text())
+  changes = config_validation.config_changes(stored, synthetic.get_config())
+  assert not [change for change in changes if '(absent)' in change]
 
 
 def test_old_workdir_evaluates(tmp_path, old):

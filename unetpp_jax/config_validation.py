@@ -63,6 +63,7 @@ ADDED_FIELDS = {
     'loss.contact_width': 0,
     'loss.class_weights': [],
     'loss.contact_weight': 1.0,
+    'loss.lovasz_weight': 0.0,
     'optimizer.ema_decay': 0.0,
 }
 
