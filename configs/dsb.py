@@ -9,7 +9,8 @@ What it changes against the paper's setting (configs/dsb_paper.py: whole images 
 1 class), following the DSB2018 winners: random 256x256 crops at native resolution with a random
 zoom around 1 (a 696x520 image with 290 nuclei resized to 96x96 leaves 2 to 3 pixels per
 nucleus); a 3-class target (background / nucleus interior / boundary: a rim around every nucleus
-plus a band where nuclei touch) with a weighted cross-entropy and Dice per class; the RGB input
+plus a band where nuclei touch) with a weighted cross-entropy, Dice per class and the
+Lovasz-softmax loss; the RGB input
 joined by its haematoxylin (nuclear-stain) density, which keeps the stroma of H&E sections dark,
 and the stain densities of bright-background training images rescaled at random, so that H&E
 sections stained unlike the training ones look familiar; GroupNorm instead of BatchNorm, so that
@@ -39,6 +40,7 @@ def get_config():
   config.model.norm = 'group'  # Per image; scored above BatchNorm (docs/results.md).
   config.loss.contact_width = 2  # Nucleus pixels within 2 px of another nucleus are boundary.
   config.loss.class_weights = (1.0, 1.0, 3.0)  # The thin boundary class weighs 3x in the CE.
+  config.loss.lovasz_weight = 1.0  # Lovasz-softmax (a surrogate of 1 - IoU): sharper masks.
   config.loss.deep_supervision_heads = (1, 2, 3, 4)  # Every head.
   config.optimizer.learning_rate = 1e-3
   config.optimizer.schedule = 'cosine'

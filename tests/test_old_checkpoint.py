@@ -96,12 +96,13 @@ def test_old_config_gets_the_values_it_ran_with_for_fields_added_since(tmp_path,
   from configs import dsb  # pylint: disable=g-import-not-at-top
   config = evaluate.load_config(_copy(tmp_path, old), dsb.get_config().to_dict())
   # Not the defaults of today's recipe: the old run split by the tail, on standardised RGB, once
-  # per example.
+  # per example, without the Lovasz loss.
   assert config.data.split == 'tail' and dsb.get_config().data.split == 'grouped'
   assert config.model.input_norm == 'standardize'
   assert dict(config.data.repeats) == {kind: 1 for kind in dict(dsb.get_config().data.repeats)}
   assert tuple(config.data.scale_range) == (1.0, 1.0) and config.loss.contact_width == 0
   assert config.data.stain_jitter == 0 and dsb.get_config().data.stain_jitter > 0
+  assert config.loss.lovasz_weight == 0 and dsb.get_config().loss.lovasz_weight > 0
 
 
 def test_resuming_an_old_run_sees_no_field_as_new(old):
