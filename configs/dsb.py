@@ -10,13 +10,13 @@ What it changes against the paper's setting (configs/dsb_paper.py: whole images 
 zoom around 1 (a 696x520 image with 290 nuclei resized to 96x96 leaves 2 to 3 pixels per
 nucleus); a 3-class target (background / nucleus interior / boundary: a rim around every nucleus
 plus a band where nuclei touch) with a weighted cross-entropy, Dice per class and the
-Lovasz-softmax loss; the RGB input
-joined by its haematoxylin (nuclear-stain) density, which keeps the stroma of H&E sections dark,
-and the stain densities of bright-background training images rescaled at random, so that H&E
-sections stained unlike the training ones look familiar; GroupNorm instead of BatchNorm, so that
-each image is normalised on its own whatever else shares its batch; every head deeply supervised;
-evaluation at native size (padded whole images), flip test-time augmentation, and the instance
-post-processing chosen on the validation split (`instances.default_options`).
+Lovasz-softmax loss; the RGB input joined by its haematoxylin (nuclear-stain) density, which keeps
+the stroma of H&E sections dark, and the stain densities of bright-background training images
+rescaled at random, so that H&E sections stained unlike the training ones look familiar;
+GroupNorm instead of BatchNorm, so that each image is normalised on its own whatever else shares
+its batch; every head deeply supervised; evaluation at native size (padded whole images), flip
+test-time augmentation, and the instance post-processing chosen on the validation split
+(`instances.default_options`).
 
 Sized for one accelerator (20,000 steps of batch 16). configs/dsb_cpu.py is the same recipe on a
 CPU budget; docs/results.md has its measured scores and commands.
