@@ -98,11 +98,7 @@ class Process:
   def __init__(self, args: list[str], log: pathlib.Path, code: str | None = None):
     env = dict(
         os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-        TF_CPP_MIN_LOG_LEVEL='2',
-        # Share the suite's compilation cache (see conftest.py): later processes skip compiles.
-        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '',
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
-    )
+        TF_CPP_MIN_LOG_LEVEL='2')
     command = ['-c', code] if code else ['-m', 'unetpp_jax.main']
     self.log = log
     with open(log, 'w') as f:

@@ -24,8 +24,7 @@ BOUND_S = 10.0
 _CODE = """
 import dataclasses, json, os, signal, sys, threading, time
 import ml_collections
-from unetpp_jax import runtime, train
-runtime.enable_compilation_cache(os.environ['JAX_COMPILATION_CACHE_DIR'] or None)
+from unetpp_jax import train
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
 workdir, signals = sys.argv[2], int(sys.argv[3])
 sent = {}
