@@ -211,6 +211,28 @@ def test_two_devices_match_one_device_with_the_same_global_batch(norm):
                          state.batch_stats['X0_0']['BatchNorm_0']['mean'])
 
 
+@pytest.mark.parametrize('num_classes,supervised', [(1, (1, 2, 3)), (3, (3,))])
+def test_zero_metrics_are_shaped_as_the_train_steps_metrics(num_classes, supervised):
+  """The train loop starts its sums from `Heads.zero_metrics` (no trace of the network): they
+  must have the tree, shapes and dtypes of what the pmapped step returns, or the step would
+  fail or compile a second time for its own outputs."""
+  config = tiny_config()
+  config.model.num_classes = num_classes
+  config.loss.deep_supervision_heads = supervised
+  heads = Heads.from_config(config)
+  state = steps.create_train_state(
+      config, jax.random.key(0), models.create_model(config.model, bn_axis_name=steps.AXIS))
+  step = functools.partial(steps.train_step, dropout_rng=jax.random.key(1), heads=heads)
+  traced = jax.eval_shape(jax.pmap(step, axis_name=steps.AXIS), flax.jax_utils.replicate(state),
+                          _batch(0, config, devices=2))[1]
+  zeros = heads.zero_metrics()
+  assert jax.tree.structure(zeros) == jax.tree.structure(traced)
+  for zero, leaf in zip(jax.tree.leaves(zeros), jax.tree.leaves(traced), strict=True):
+    assert (zero.shape, zero.dtype) == (leaf.shape[1:], leaf.dtype) and not zero.any()
+  # One entry per prediction: every output head, then the ensemble.
+  assert zeros.segmentation.intersection.shape == (len(heads.prediction_names),)
+
+
 @pytest.mark.parametrize('minutes,checkpoints,evaluated', [
     (1e-9, [2, 4, 6], [2, 6]),  # Due at every log step: checkpoints there, a first evaluation.
     (0.0, [6], [6]),  # Off: the step interval (here beyond the run) and the last step only.

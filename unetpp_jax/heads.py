@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from unetpp_jax import losses, models
 from unetpp_jax import metrics as metrics_lib
@@ -79,6 +81,21 @@ class Heads:
     return metrics_lib.from_outputs(
         logits=logits, label=label, loss=loss, head_losses=head_losses, heads=self.supervised,
         output_heads=self.output, weight=weight, axis_name=axis_name)
+
+  def zero_metrics(self) -> metrics_lib.SegmentationMetrics:
+    """Zero sums shaped as `metrics` returns them (host numpy): the start of an accumulation.
+
+    The sums do not depend on the batch's shape, so a traced 1x8x8 batch gives their shapes
+    without tracing the network.
+    """
+    def batch_metrics(logits, label):
+      loss, head_losses = self.loss(logits, label, jnp.ones(label.shape[:1], jnp.float32))
+      return self.metrics(logits=logits, label=label, loss=loss, head_losses=head_losses)
+
+    logits = [jax.ShapeDtypeStruct((1, 8, 8, self.scheme.num_classes), jnp.float32)] * len(
+        self.output)
+    shapes = jax.eval_shape(batch_metrics, logits, jax.ShapeDtypeStruct((1, 8, 8), jnp.int32))
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
 
   def summarize(self, collection: metrics_lib.SegmentationMetrics, prefix: str = '') -> dict:
     """Flat {name: float} of accumulated metrics (see metrics.summarize)."""

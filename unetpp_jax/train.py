@@ -44,7 +44,7 @@ from unetpp_jax.checkpointing import Interrupted  # Raised by train_and_evaluate
 from unetpp_jax.data.background import BackgroundInput
 from unetpp_jax.heads import Heads
 from unetpp_jax.steps import (AXIS, TrainState, accumulating_train_step, create_train_state,
-                              eval_step, evaluate_batches, learning_rate_schedule, train_step)
+                              eval_step, evaluate_batches, learning_rate_schedule)
 from unetpp_jax.workdir import Workdir
 
 
@@ -216,7 +216,7 @@ def _train_loop(run: _Run, start: _Start) -> TrainState:
   # State and metric sums enter the step in the layout it returns them in (a pmap output), so the
   # step compiles once rather than again for its own outputs.
   state = _p_copy(flax.jax_utils.replicate(start.state))
-  zero_metrics = None  # Replicated zero sums (host numpy), shaped at the first step.
+  zero_metrics = heads.zero_metrics()
   train_metrics = None  # Replicated sums since the last log step, on the devices.
   # Per-step non-finite flags, still on the devices: reading them at every step would stall the
   # pipelining of steps, so they are read at log/eval/checkpoint steps (before anything is
@@ -231,13 +231,8 @@ def _train_loop(run: _Run, start: _Start) -> TrainState:
     raise Interrupted(signum, start.step, mngr.directory)
   for step in range(start.step + 1, config.num_train_steps + 1):
     batch = next(start.train_iter)
-    if zero_metrics is None:  # Traced, not compiled.
-      shapes = jax.eval_shape(
-          jax.pmap(functools.partial(train_step, dropout_rng=start.dropout_rng, heads=heads),
-                   axis_name=AXIS), state, batch)[1]
-      zero_metrics = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
     if train_metrics is None:
-      train_metrics = _p_copy(zero_metrics)
+      train_metrics = _p_copy(flax.jax_utils.replicate(zero_metrics))
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, train_metrics, nonfinite = p_train_step(state, train_metrics, batch)
     nonfinite_flags.append((step, nonfinite))
