@@ -1,8 +1,9 @@
 """The DSB2018 recipe: U-Net++ trained on native-scale crops with a contact-aware 3-class target.
 
-Run:
-  .venv/bin/python -m unetpp_jax.main --config=configs/dsb.py            # workdir defaults to workdirs/dsb
-  .venv/bin/python -m unetpp_jax.evaluate --workdir=workdirs/dsb --data=../shared/data/dsb2018/stage1_train.zip \
+Run (the workdir defaults to workdirs/dsb):
+  .venv/bin/python -m unetpp_jax.main --config=configs/dsb.py
+  .venv/bin/python -m unetpp_jax.evaluate --workdir=workdirs/dsb \
+      --data=../shared/data/dsb2018/stage1_train.zip \
       --split=validation --output=/tmp/eval_dsb
 
 What it changes against the paper's setting (configs/dsb_paper.py: whole images resized to 96x96,

@@ -1,7 +1,8 @@
 """configs/dsb.py (the recipe) for one GPU or TPU chip: bfloat16 compute, a batch that fills it.
 
-Run (on a machine where `jax.devices()` lists the accelerator, see docs/operations.md):
-  .venv/bin/python -m unetpp_jax.main --config=configs/dsb_accelerator.py   # -> workdirs/dsb_accelerator
+Run (on a machine where `jax.devices()` lists the accelerator, see docs/operations.md; the
+workdir defaults to workdirs/dsb_accelerator):
+  .venv/bin/python -m unetpp_jax.main --config=configs/dsb_accelerator.py
 
 Global batch 64, Adam 2e-3 (the recipe's 1e-3 scaled by the square root of the batch ratio) after a
 100-step warmup, and 3,000 steps (192,000 crops, 60% of configs/dsb.py's), sized so that training

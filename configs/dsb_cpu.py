@@ -3,7 +3,8 @@
 Run:
   .venv/bin/python -m unetpp_jax.main --config=configs/dsb_cpu.py     # -> workdirs/dsb_cpu
   .venv/bin/python -m unetpp_jax.evaluate --workdir=workdirs/dsb_cpu \
-      --data=../shared/data/dsb2018/stage1_train.zip --split=validation --output=/tmp/eval_recipe_cpu
+      --data=../shared/data/dsb2018/stage1_train.zip --split=validation \
+      --output=/tmp/eval_recipe_cpu
 
 Same data, split, targets, loss and evaluation as configs/dsb.py; half the filters (a quarter of
 the FLOPs), 128x128 crops, batch 8 and 1,800 steps (about 27 epochs of crops of the 532 training

@@ -3,9 +3,10 @@
 The setting of the deep-supervision study's paper comparison (Adam 3e-4, filters 32..512); the
 recipe that scores better on the leaderboard metric is configs/dsb.py.
 
-Run:
-  .venv/bin/python -m unetpp_jax.main --config=configs/dsb_paper.py   # workdir defaults to workdirs/dsb_paper
-  .venv/bin/python -m unetpp_jax.main --config=configs/dsb_paper.py --config.num_train_steps=600 --config.batch_size=8
+Run (the workdir defaults to workdirs/dsb_paper):
+  .venv/bin/python -m unetpp_jax.main --config=configs/dsb_paper.py
+  .venv/bin/python -m unetpp_jax.main --config=configs/dsb_paper.py \
+      --config.num_train_steps=600 --config.batch_size=8
 
 The stage1_train release is read from `data.manual_dir` (default: $DSB2018_DIR, else
 ../shared/data/dsb2018 beside the repository) and prepared once into the TFDS data_dir.
@@ -89,7 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict()
   config.loss.bce_weight = 1.0  # Weight of (binary) cross-entropy in each head's loss.
-  config.loss.dice_weight = 1.0  # Weight of soft Dice loss (1 - Dice, per image) in each head's loss.
+  # Weight of soft Dice loss (1 - Dice, per image) in each head's loss.
+  config.loss.dice_weight = 1.0
   # Heads (1..L, head j sits on node X(0,j)) whose losses are summed: (1, 2, 3, 4) is full deep
   # supervision, (4,) is none.
   config.loss.deep_supervision_heads = (1, 2, 3, 4)

@@ -1,4 +1,5 @@
-"""Test setup: two fake CPU devices (so pmap and BatchNorm synchronisation are real) and a compile cache."""
+"""Test setup: two fake CPU devices (so pmap and BatchNorm synchronisation are real) and a compile
+cache."""
 
 import os
 

@@ -1,4 +1,5 @@
-"""One process that trains on exactly the global batches of an N-process job (for test_multiprocess).
+"""One process that trains on exactly the global batches of an N-process job
+(for test_multiprocess).
 
   python -m tests.emulate_processes WORKDIR NUM_PROCESSES --config.x=y ...
 

@@ -1,4 +1,5 @@
-"""python -m unetpp_jax.benchmark runs and reports what it promises (speed itself is not asserted here)."""
+"""python -m unetpp_jax.benchmark runs and reports what it promises (speed itself is not asserted
+here)."""
 
 import json
 import os

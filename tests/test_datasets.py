@@ -1,4 +1,5 @@
-"""Tests for unetpp_jax.data (builders and release reader): the synthetic generator, the Kaggle reader and both builders."""
+"""Tests for unetpp_jax.data (builders and release reader): the synthetic generator, the Kaggle
+reader and both builders."""
 
 import io
 import pathlib

@@ -21,7 +21,8 @@ def data(tmp_path_factory):
   """A prepared synthetic_nuclei data_dir, its exported .npz and the validation ids."""
   root = tmp_path_factory.mktemp('data')
   config = synthetic.get_config()
-  config.data.split = 'tail'  # Sizes below are the tail's: 192 / 48 (the grouped split: test_splits).
+  # Sizes below are the tail's: 192 / 48 (the grouped split: test_splits).
+  config.data.split = 'tail'
   config.data.tfds_data_dir = str(root / 'tfds')
   builder = builders.load_builder(config)
   npz = str(root / 'synthetic.npz')

@@ -22,7 +22,8 @@ STEPS = 300  # Shorter schedules leave the 3-class model's thin boundary class u
 
 
 def _recipe_on_synthetic(zip_path, num_classes):
-  """configs/dsb.py's data, target and loss on the synthetic smoke-run model (configs/synthetic.py)."""
+  """configs/dsb.py's data, target and loss on the synthetic smoke-run model
+  (configs/synthetic.py)."""
   recipe, config = dsb.get_config(), synthetic.get_config()
   config.data.dataset = 'dsb2018'  # A DSB2018-layout release zip, read by the release source.
   config.data.source = f'release:{zip_path}'

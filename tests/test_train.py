@@ -60,8 +60,8 @@ def array_input_fn(config, start_step):
       step += 1
 
   eval_batches = [
-      dict(_batch(10_000 + i, config, devices), weight=np.ones((devices, config.batch_size // devices),
-                                                               np.float32))
+      dict(_batch(10_000 + i, config, devices),
+           weight=np.ones((devices, config.batch_size // devices), np.float32))
       for i in range(2)
   ]
   return ArrayInput(train_iter(), eval_batches)
@@ -86,7 +86,8 @@ def test_restart_resumes_exactly(tmp_path):
   _assert_trees_equal(straight.batch_stats, resumed.batch_stats)
   _assert_trees_equal(straight.opt_state, resumed.opt_state)
   workdir = tmp_path / 'resumed'
-  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['3', '6']
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()
+                if p.name.isdigit()) == ['3', '6']
   assert json.loads((workdir / 'config.json').read_text())['model']['filters'] == [4, 8, 16, 32]
   eval_metrics = json.loads((workdir / 'eval_metrics.json').read_text())
   assert eval_metrics['step'] == 6 and 0.0 <= eval_metrics['eval/iou/head3'] <= 1.0

@@ -6,10 +6,10 @@ r"""Throughput of the U-Net++ train step or inference on in-memory arrays (no te
 
 Prints one JSON line: images_per_sec, step_ms_median, step_ms_p90, compile_s, flops_per_image
 (convolution and matmul FLOPs of the traced step, the same on every backend; xla_flops_per_image is
-XLA's cost analysis of the lowered step, where the backend has one), achieved_gflops, peak_flops (datasheet figure of
-the device kind; on CPU a measured matmul) and mfu, peak_memory_bytes, backend, device_count,
-dtype, batch, ... `--mode=input` instead times the tf.data pipeline alone (decoded, augmented,
-batched examples of config.data.dataset), to tell whether input keeps up with the step.
+XLA's cost analysis of the lowered step, where the backend has one), achieved_gflops, peak_flops
+(datasheet figure of the device kind; on CPU a measured matmul) and mfu, peak_memory_bytes, backend,
+device_count, dtype, batch, ... `--mode=input` instead times the tf.data pipeline alone (decoded,
+augmented, batched examples of config.data.dataset), to tell whether input keeps up with the step.
 `--mode=loop` times the real train loop (train_and_evaluate) over --steps steps against the bare
 step and prints loop_vs_step, the ratio of their rates.
 """
@@ -33,7 +33,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.py).')
 flags.DEFINE_integer('batch', 16, 'Global batch size.')
 flags.DEFINE_integer('image_size', None, 'Square image size; default config.data.image_size.')
-flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype; default config.model.dtype.')
+flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                  'Compute dtype; default config.model.dtype.')
 flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'input', 'matmul', 'loop'],
                   'What to time; matmul: a 2048x2048 float32 matmul, the practical peak; loop: '
                   'the real train loop against the bare train step.')

@@ -43,7 +43,8 @@ _CHOICES = {
 # decay.)
 RESUMABLE_CHANGES = (
     'num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-    'checkpoint_every_minutes', 'keep_checkpoints', 'eval_batch_size', 'nonfinite_policy', 'data.tfds_data_dir',
+    'checkpoint_every_minutes', 'keep_checkpoints', 'eval_batch_size', 'nonfinite_policy',
+    'data.tfds_data_dir',
     'data.manual_dir', 'data.on_bad_example', 'predict', 'optimizer.ema_decay',
 )
 
@@ -232,7 +233,8 @@ def validate(config: Any) -> None:
         f'config.{field}={value} must be a positive multiple of the device count ({devices}).',
     )
   check(config.num_train_steps > 0, 'config.num_train_steps must be > 0.')
-  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                'keep_checkpoints'):
     check(config[field] > 0, f'config.{field} must be > 0.')
   check(config.get('checkpoint_every_minutes', 0) >= 0,
         'config.checkpoint_every_minutes must be >= 0 (0 = checkpoints by step count only).')

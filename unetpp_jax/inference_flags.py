@@ -81,8 +81,8 @@ def load_config() -> ml_collections.ConfigDict:
 def inference_options() -> predict.InferenceOptions:
   return predict.InferenceOptions(
       strategy=FLAGS.strategy, mode=FLAGS.mode, prune_level=FLAGS.prune_level, flips=FLAGS.flips,
-      transpose=FLAGS.transpose, scales=_factors('scales'), tile_size=FLAGS.tile_size, tile_overlap=FLAGS.tile_overlap,
-      pad_multiple=FLAGS.pad_multiple, batch_size=FLAGS.batch_size)
+      transpose=FLAGS.transpose, scales=_factors('scales'), tile_size=FLAGS.tile_size,
+      tile_overlap=FLAGS.tile_overlap, pad_multiple=FLAGS.pad_multiple, batch_size=FLAGS.batch_size)
 
 
 def _factors(name: str) -> tuple[float, ...]:

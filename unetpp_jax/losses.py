@@ -1,8 +1,8 @@
 """Per-head cross-entropy + soft Dice (+ Lovasz), the 3-class contact target, deep supervision.
 
-Every per-image quantity is averaged over the images of the batch with example weights, so the loss of
-a global batch split over N devices (then averaged with pmean) equals the loss of the whole batch on
-one device.
+Every per-image quantity is averaged over the images of the batch with example weights, so the loss
+of a global batch split over N devices (then averaged with pmean) equals the loss of the whole batch
+on one device.
 """
 
 from collections.abc import Sequence
@@ -45,7 +45,8 @@ def semantic_target(label: jax.Array, num_classes: int, contact_width: int = 0) 
   if num_classes <= 2:
     return foreground
   padded = jnp.pad(label, ((0, 0), (1, 1), (1, 1)), mode='edge')
-  neighbours = [padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]
+  neighbours = [padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2],
+                padded[:, 1:-1, 2:]]
   edge = jnp.any(jnp.stack([n != label for n in neighbours]), axis=0)
   if contact_width > 0:
     edge = edge | contact_band(label, contact_width)

@@ -1,4 +1,4 @@
-r"""Trains U-Net++: python -m unetpp_jax.main --config=configs/dsb.py [--workdir=DIR] [--config.x=y].
+r"""Trains U-Net++: python -m unetpp_jax.main --config=FILE [--workdir=DIR] [--config.x=y].
 
 The workdir defaults to workdirs/<config file name>; running the same command again resumes from the
 newest checkpoint there. SIGTERM or SIGINT (Ctrl-C) saves a checkpoint at the end of the current
@@ -27,7 +27,8 @@ from unetpp_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints and summaries; default workdirs/<config name>.')
-config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.py).', lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/dsb.py).',
+                                lock_config=True)
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume even if the workdir\'s checkpoints were made with a config that differs '
                   'in fields that change the model, data or optimisation.')

@@ -1,8 +1,8 @@
 """Segmentation metrics as global sums (clu), never as means of per-batch means.
 
-For each prediction (head 1..k, then the 'accurate' ensemble) `SegmentationSums` accumulates, over all
-pixels of all images seen, the intersection and both areas of the thresholded prediction and the true
-foreground, plus the sum of per-image IoU and Dice. Hence:
+For each prediction (head 1..k, then the 'accurate' ensemble) `SegmentationSums` accumulates, over
+all pixels of all images seen, the intersection and both areas of the thresholded prediction and the
+true foreground, plus the sum of per-image IoU and Dice. Hence:
   iou    = sum(intersection) / sum(union)            pooled over every pixel of the split
   dice   = 2 sum(intersection) / (sum(pred) + sum(true))
   iou_per_image, dice_per_image = mean over images of each image's own score, where an image with
@@ -41,7 +41,8 @@ class SegmentationSums(clu_metrics.Metric):
   def from_model_output(
       cls, *, probs: jax.Array, label: jax.Array, weight: jax.Array | None = None, **_
   ) -> 'SegmentationSums':
-    """probs: [P, B, H, W] foreground probabilities of P predictions; label: [B, H, W]; weight: [B]."""
+    """probs: [P, B, H, W] foreground probabilities of P predictions; label: [B, H, W];
+    weight: [B]."""
     if weight is None:
       weight = jnp.ones(label.shape[:1], jnp.float32)
     pred = (probs > THRESHOLD).astype(jnp.float32)

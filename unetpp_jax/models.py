@@ -1,10 +1,10 @@
 """U-Net++ (Zhou et al., 2018/2019) in Flax linen: nested dense skips, one head per decoder level.
 
 Node X(i, j) sits at resolution level i (0 = full resolution) and decoder column j. X(i, 0) is the
-encoder; for j >= 1, X(i, j) = ConvBlock(concat(X(i, 0), ..., X(i, j-1), Up(X(i+1, j-1)))). Head j is
-a 1x1 convolution on X(0, j), j = 1..L. With `prune_level=k` only the nodes with i + j <= k are built,
-which is exactly the sub-network that head k depends on (UNet++ L^k in the paper). Every module has an
-explicit name, so a pruned model reads the very same parameters as the full one.
+encoder; for j >= 1, X(i, j) = ConvBlock(concat(X(i, 0), ..., X(i, j-1), Up(X(i+1, j-1)))). Head j
+is a 1x1 convolution on X(0, j), j = 1..L. With `prune_level=k` only the nodes with i + j <= k are
+built, which is exactly the sub-network that head k depends on (UNet++ L^k in the paper). Every
+module has an explicit name, so a pruned model reads the very same parameters as the full one.
 
 The paper's baselines are the same class with `skips='plain'`: the U-Net keeps only the decoder
 nodes X(i, L - i), each fed by the encoder node X(i, 0) alone, and has the single head L. The wide

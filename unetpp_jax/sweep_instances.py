@@ -103,7 +103,8 @@ def main(argv):
     _STORED = [  # (true label, final probabilities [H, W, c] as float16, kind of image)
         (example['label'].astype(np.int32), probs[final].astype(np.float16),
          splits.image_kind(example['image'], example['label']))
-        for example, probs in predictor.predict(evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
+        for example, probs in predictor.predict(
+            evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
     if FLAGS.cache:
       _write_cache(FLAGS.cache, key, _STORED)
   predict_seconds = time.time() - start

@@ -8,7 +8,8 @@ files through tensorboardX, in the format of `tf.summary` (a scalar is a float32
 'scalars' plugin), so TensorBoard and `tf.compat.v1.train.summary_iterator` read them as before.
 Events are written synchronously (tensorboardX's `EventsWriter`, not its queued writer), so
 `flush()` means they are on disk: a run flushes before each checkpoint so that its summaries are
-never behind it. `ReportProgress` logs progress (seconds per step, images/s, ETA, time in named parts).
+never behind it. `ReportProgress` logs progress (seconds per step, images/s, ETA, time in named
+parts).
 """
 
 import collections

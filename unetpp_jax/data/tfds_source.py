@@ -2,10 +2,10 @@
 
 Each process reads every encoded example (PNG bytes: tens of MB for DSB2018), splits them
 (`splits.split_ids`: whole mosaics stratified by kind of image, or the stored order's tail) and
-keeps its own contiguous shard of the training and validation splits in memory; validation, and training in
-'resize' mode, are decoded and preprocessed once and then served from memory. Which example and
-which augmentation every step uses comes from `contract.TrainSchedule`, a pure function of
-(config.seed, step), so this source and the numpy one share the same order and augmentation
+keeps its own contiguous shard of the training and validation splits in memory; validation, and
+training in 'resize' mode, are decoded and preprocessed once and then served from memory. Which
+example and which augmentation every step uses comes from `contract.TrainSchedule`, a pure function
+of (config.seed, step), so this source and the numpy one share the same order and augmentation
 parameters, and resuming at a step starts the stream there without decoding anything skipped.
 """
 
@@ -130,7 +130,8 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
                                                contract.RGB_FROM_HED)), 0, 1)
     changed = params['recolour'] & (_median_grey(images) <= splits.BRIGHT_MEDIAN)
     images = tf.where(tf.reshape(changed, [-1, 1, 1, 1]), drawn, images)
-  if stain_jitter:  # `contract.stain`, per example; static, as with the factors all 1 it is a no-op.
+  # `contract.stain`, per example; static, as with the factors all 1 it is a no-op.
+  if stain_jitter:
     median = _median_grey(images)
     factors = tf.stack([params['haematoxylin'], params['eosin'], tf.ones_like(params['eosin'])], 1)
     densities = tf.einsum('nhwc,cd->nhwd', -tf.math.log(tf.maximum(images, 1 / 255)),
@@ -305,7 +306,8 @@ def export_npz(config: Any, output: str) -> contract.NpzData:
   builder = builders.load_builder(config, check_data_folder=True)
   size = config.data.image_size
   everything, split = read_split(builder, config)
-  train, val = (preprocess(everything.take(ids), 'resize', size) for ids in (split.train, split.val))
+  train, val = (preprocess(everything.take(ids), 'resize', size)
+                for ids in (split.train, split.val))
   data = contract.NpzData(train, val, size, config.data.dataset, config.data.val_fraction,
                           config.data.get('split', 'tail'))
   contract.save_npz(output, data)

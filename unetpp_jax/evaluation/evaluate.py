@@ -135,8 +135,8 @@ def select_ids(data: str | os.PathLike[str], wanted: Sequence[str] | None,
     unlabelled = sorted(set(ids) - set(solution))
     if unlabelled:
       raise ValueError(f'{solution_path} has no rows for {len(unlabelled)} image(s) of {data}: '
-                       f'{rle.describe_ids(unlabelled)} (an image without nuclei needs one row with '
-                       'empty EncodedPixels).')
+                       f'{rle.describe_ids(unlabelled)} (an image without nuclei needs one row '
+                       'with empty EncodedPixels).')
     for image_id in ids:  # Finds malformed rows now rather than after hours of inference.
       solution[image_id].label_map(solution_path)
   return ids
@@ -204,7 +204,8 @@ class Accumulator:
 
 def _kind_summary(rows: Sequence[tuple[float, float, official_metric.ImageResult]]
                   ) -> dict[str, Any]:
-  """The official metric and mean per-image IoU / Dice of one kind of image's (iou, dice, result)."""
+  """The official metric and mean per-image IoU / Dice of one kind of image's
+  (iou, dice, result)."""
   return {**official_metric.summarize([r for _, _, r in rows]),
           'iou_per_image': float(np.mean([iou for iou, _, _ in rows])),
           'dice_per_image': float(np.mean([dice for _, dice, _ in rows]))}

@@ -1,4 +1,5 @@
-"""Throughput of the train step, pruned inference and the input pipeline (python -m unetpp_jax.benchmark).
+"""Throughput of the train step, pruned inference and the input pipeline
+(python -m unetpp_jax.benchmark).
 
 Timed on in-memory arrays already on the devices, so this needs no tensorflow (except for
 `benchmark_input`) and times the step itself, not host-to-device copies.
@@ -179,7 +180,8 @@ def add_mfu(result: dict, dtype: str) -> dict:
     per_device = flops.peak_flops_per_device(devices[0].device_kind, dtype)
     peak = per_device * len(devices) if per_device else None
     source = (f'datasheet: {devices[0].device_kind}, {dtype}, dense, x{len(devices)} devices'
-              if peak else f'unknown device kind {devices[0].device_kind!r}: add it to flops.PEAK_FLOPS')
+              if peak else f'unknown device kind {devices[0].device_kind!r}: add it to '
+                           'flops.PEAK_FLOPS')
   if 'achieved_gflops' in result:
     result['mfu'] = flops.mfu(result['achieved_gflops'] * 1e9, peak)
   result.update(peak_flops=peak, peak_flops_source=source)

@@ -140,7 +140,8 @@ class Dsb2018(tfds.core.GeneratorBasedBuilder):
     """See tfds.core.DatasetBuilder; on_bad_example is 'error' or 'skip' (see the module doc)."""
     super().__init__(**kwargs)
     if on_bad_example not in release.ON_BAD_EXAMPLE:
-      raise ValueError(f'on_bad_example={on_bad_example!r} must be one of {release.ON_BAD_EXAMPLE}.')
+      raise ValueError(f'on_bad_example={on_bad_example!r} must be one of '
+                       f'{release.ON_BAD_EXAMPLE}.')
     self._on_bad_example = on_bad_example
     self._original_state['on_bad_example'] = on_bad_example  # Restored when unpickled.
 
