@@ -6,9 +6,11 @@ import dataclasses
 import json
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 import types
+import zlib
 
 import numpy as np
 import pytest
@@ -202,6 +204,24 @@ def test_read_image_conversions(tmp_path):
 
   tifffile.imwrite(tmp_path / 'rgb8.tif', rgba[..., :3])
   np.testing.assert_array_equal(segment.read_image(tmp_path / 'rgb8.tif')[0], rgba[..., :3])
+  # Alpha is dropped from TIFFs as from PNGs; other extra channels are not alpha.
+  rgba16 = rng.integers(0, 4000, size=(20, 30, 4), dtype=np.uint16)
+  tifffile.imwrite(tmp_path / 'rgba16.tif', rgba16, photometric='rgb', extrasamples=['unassalpha'])
+  tifffile.imwrite(tmp_path / 'rgb16.tif', rgba16[..., :3], photometric='rgb')
+  for a, b in zip(segment.read_image(tmp_path / 'rgba16.tif'),
+                  segment.read_image(tmp_path / 'rgb16.tif')):
+    np.testing.assert_array_equal(a, b)
+  tifffile.imwrite(tmp_path / 'grey_alpha.tif', rgba16[..., 1:3], photometric='minisblack',
+                   planarconfig='contig', extrasamples=['unassalpha'])
+  image, intensity = segment.read_image(tmp_path / 'grey_alpha.tif')
+  assert (intensity == rgba16[..., 1]).all() and (image[..., 0] == image[..., 1]).all()
+  tifffile.imwrite(tmp_path / 'four.tif', rgba16, photometric='rgb', extrasamples=['unspecified'])
+  with pytest.raises(ValueError, match='has 4 channels'):
+    segment.read_image(tmp_path / 'four.tif')
+  # Pillow reads 16-bit colour PNGs as their high bytes: refused rather than mis-read.
+  (tmp_path / 'rgb16.png').write_bytes(_png16(rgba16[..., :3]))
+  with pytest.raises(ValueError, match='16-bit colour PNG'):
+    segment.read_image(tmp_path / 'rgb16.png')
   tifffile.imwrite(tmp_path / 'stack.tif', np.zeros((3, 8, 8, 2), np.uint16),
                    metadata={'axes': 'ZYXC'})
   for name, match in (('stack.tif', 'stack of axes'), ('empty.png', 'empty file'),
@@ -209,6 +229,70 @@ def test_read_image_conversions(tmp_path):
     (tmp_path / 'empty.png').touch()
     with pytest.raises(ValueError, match=match):
       segment.read_image(tmp_path / name, channel=5 if name == 'rgba.png' else None)
+
+
+def _png16(rgb: np.ndarray) -> bytes:
+  """A 16-bit RGB PNG of uint16 [H, W, 3] `rgb` (Pillow cannot write one)."""
+  def chunk(kind, data):
+    return (struct.pack('>I', len(data)) + kind + data
+            + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+  rows = b''.join(b'\x00' + row.astype('>u2').tobytes() for row in rgb)  # Filter 0 per row.
+  header = struct.pack('>IIBBBBB', rgb.shape[1], rgb.shape[0], 16, 2, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows))
+          + chunk(b'IEND', b''))
+
+
+def test_failures_after_reading_hidden_files_and_outputs_among_inputs(setup, tmp_path,
+                                                                      monkeypatch):
+  """An image that fails after it was read (in the network or after it) is listed and skipped and
+  the others go on; an image whose outputs were being replaced when it failed is done again; the
+  outputs and hidden files in an input folder are not inputs."""
+  images = tmp_path / 'images'
+  images.mkdir()
+  a = np.asarray(Image.open(setup.images / 'a.png'))
+  Image.fromarray(a).save(images / 'a.png')
+  # 30x30, padded to 32x32: the one input of that shape (synthetic images are 96 to 160 wide).
+  Image.fromarray(a[:30, :30]).save(images / 'b.png')
+  Image.fromarray(a[::-1]).save(images / 'c.png')
+  (images / '._a.png').write_bytes(b'\x00\x05\x16\x07')  # A macOS resource fork, not a PNG.
+  out = images / 'out'  # Its PNG labels and overlays match the input pattern below.
+  inputs = [f'{images}/**/*.png']
+  pad = predict.InferenceOptions(strategy='pad', pad_multiple=32)
+  run = predict.Predictor.run
+
+  def failing_run(self, inputs):
+    if inputs[0].shape[:2] == (32, 32):
+      raise RuntimeError('out of memory')
+    return run(self, inputs)
+  monkeypatch.setattr(predict.Predictor, 'run', failing_run)
+  report = segment.segment(setup.workdir, inputs, out, inference=pad, label_format='png')
+  assert list(report['failed']) == [str(images / 'b.png')]
+  assert 'RuntimeError: out of memory' in report['failed'][str(images / 'b.png')]
+  assert (report['num_images'], report['num_segmented']) == (3, 2)
+  assert [s['image'] for s in _table(out / 'summary.csv')] == ['a', 'c']
+  monkeypatch.setattr(predict.Predictor, 'run', run)
+
+  again = segment.segment(setup.workdir, inputs, out, inference=pad, label_format='png')
+  assert (again['num_images'], again['num_segmented'], again['num_skipped']) == (3, 1, 2)
+  assert not again['failed']
+  labels_a = np.asarray(Image.open(out / 'labels' / 'a.png'))
+
+  # Other options, and 'a' fails while its outputs are replaced: with the first options it is
+  # segmented again rather than kept as done.
+  measure = segment.measure_nuclei
+
+  def failing_measure(name, labels, intensity):
+    if name == 'a':
+      raise ValueError('disk full')
+    return measure(name, labels, intensity)
+  monkeypatch.setattr(segment, 'measure_nuclei', failing_measure)
+  other = segment.segment(setup.workdir, inputs, out, inference=pad, label_format='png',
+                          instance_options=instances.InstanceOptions(min_size=1000))
+  assert list(other['failed']) == [str(images / 'a.png')] and other['num_segmented'] == 2
+  monkeypatch.setattr(segment, 'measure_nuclei', measure)
+  last = segment.segment(setup.workdir, inputs, out, inference=pad, label_format='png')
+  assert (last['num_segmented'], last['num_skipped']) == (3, 0)  # b and c had other options.
+  np.testing.assert_array_equal(np.asarray(Image.open(out / 'labels' / 'a.png')), labels_a)
 
 
 def test_bad_workdir_and_inputs(setup, tmp_path):

@@ -6,7 +6,8 @@ workdir's config and checkpoint (`predict.load_variables`), predicts every image
 inference path of `evaluate`, with the same defaults as its command line.
 
 Images: PNG and JPEG (read with Pillow), TIFF (tifffile); 8-bit, 16-bit, 32-bit or float; grey, RGB
-(PNG alpha is dropped) or multi-channel. The network gets the uint8 RGB image evaluation gives it:
+(alpha is dropped) or multi-channel; not 16-bit colour PNGs, which Pillow reads as 8 bits (refused:
+save them as TIFF). The network gets the uint8 RGB image evaluation gives it:
   * 8-bit images pass unchanged (grey replicated into RGB, alpha dropped, as `data.release` reads
     the DSB2018 PNGs), so the same PNG gives the same nuclei here and in `evaluate`;
   * other pixel types are mapped to 8 bits per image, linearly, so that the 0.1th and 99.9th
@@ -27,8 +28,10 @@ Outputs in `output`, each file written under a temporary name and renamed once c
                          checkpoint, options and input file (size, modification time) is not
                          segmented again unless `overwrite`; the tables are merged from the
                          parts, so a rerun's tables still hold every image.
-<name> is the file name without its extension. A file that cannot be read is logged and skipped,
-and listed under 'failed' in run.json; the other images go on.
+<name> is the file name without its extension. Hidden files (names starting with '.') and the
+files under `output` are not inputs. An image that cannot be read or segmented (say, more nuclei
+than a uint16 label image holds) is logged and skipped, and listed under 'failed' in run.json; the
+other images go on.
 """
 
 import csv
@@ -54,6 +57,7 @@ from unetpp_jax.evaluation import evaluate, instances, predict
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 TIFF_SUFFIXES = ('.tif', '.tiff')
+_ALPHA_SAMPLES = (1, 2)  # TIFF ExtraSamples: associated and unassociated alpha.
 LABEL_FORMATS = {'tiff': '.tif', 'png': '.png'}
 PERCENTILES = (0.1, 99.9)  # Of an image's pixels, mapped to 0 and 255 (not 8-bit images).
 INTENSITY_MAPPING = ('8-bit images unchanged; others linearly per image, the 0.1th and 99.9th '
@@ -67,6 +71,8 @@ _PROPERTIES = {
     'solidity': 'solidity', 'mean_intensity': 'intensity_mean', 'max_intensity': 'intensity_max',
 }
 NUCLEUS_COLUMNS = ('image', *_PROPERTIES)
+# The regionprops names behind them ('centroid' gives 'centroid-0' and 'centroid-1').
+_REGIONPROPS = tuple(dict.fromkeys(v.split('-')[0] for v in _PROPERTIES.values()))
 SUMMARY_COLUMNS = ('image', 'file', 'height', 'width', 'num_nuclei', 'median_area',
                    'median_equivalent_diameter')
 
@@ -75,22 +81,26 @@ SUMMARY_COLUMNS = ('image', 'file', 'height', 'width', 'num_nuclei', 'median_are
 # Inputs.
 
 
-def find_images(inputs: Sequence[str]) -> list[pathlib.Path]:
+def find_images(inputs: Sequence[str], output: str | os.PathLike[str] | None = None
+                ) -> list[pathlib.Path]:
   """The files that `inputs` name, in order and without repeats.
 
   Each input is a folder (its PNG, JPEG and TIFF files, not those of subfolders), a glob pattern
-  (the matching images; '**' matches subfolders too) or a file (taken whatever its suffix).
+  (the matching images; '**' matches subfolders too) or a file (taken whatever its suffix). Folders
+  and patterns leave out hidden files (such as the '._name' copies macOS leaves on shared drives)
+  and, so that a rerun does not take its own label images and overlays as inputs, the files under
+  `output`.
   """
   found = {}
   for spec in inputs:
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
-      matches = sorted(p for p in path.iterdir() if p.is_file() and _is_image(p))
+      matches = sorted(p for p in path.iterdir() if p.is_file() and _is_image(p, output))
     elif path.is_file():
       matches = [path]
     elif any(c in spec for c in '*?['):
       matches = sorted(pathlib.Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
-                       if os.path.isfile(p) and _is_image(pathlib.Path(p)))
+                       if os.path.isfile(p) and _is_image(pathlib.Path(p), output))
     else:
       raise FileNotFoundError(f'--input={spec}: no such file or folder.')
     if not matches:
@@ -101,8 +111,11 @@ def find_images(inputs: Sequence[str]) -> list[pathlib.Path]:
   return list(found.values())
 
 
-def _is_image(path: pathlib.Path) -> bool:
-  return path.suffix.lower() in IMAGE_SUFFIXES
+def _is_image(path: pathlib.Path, output: str | os.PathLike[str] | None) -> bool:
+  """Whether a file found in a folder or by a pattern is an input image."""
+  if path.name.startswith('.') or path.suffix.lower() not in IMAGE_SUFFIXES:
+    return False
+  return output is None or not path.resolve().is_relative_to(pathlib.Path(output).resolve())
 
 
 def output_names(paths: Sequence[pathlib.Path]) -> list[str]:
@@ -148,6 +161,12 @@ def read_image(path: str | os.PathLike[str], channel: int | None = None
 
 def _decode_pil(path: pathlib.Path) -> np.ndarray:
   """[H, W] or [H, W, 3] pixels of a PNG or JPEG; 8-bit ones as `release` converts them to RGB."""
+  with open(path, 'rb') as f:
+    header = f.read(26)
+  # A PNG's IHDR: bit depth at byte 24, colour type at 25 (2 RGB, 4 grey + alpha, 6 RGBA).
+  if header[:8] == b'\x89PNG\r\n\x1a\n' and header[24] == 16 and header[25] in (2, 4, 6):
+    raise ValueError('is a 16-bit colour PNG, of which Pillow reads only the high bytes: save it '
+                     'as a TIFF')
   with Image.open(path) as image:
     image.verify()  # Checks the PNG's CRCs and end: load() alone accepts a file cut short.
   with Image.open(path) as image:
@@ -162,10 +181,15 @@ def _decode_pil(path: pathlib.Path) -> np.ndarray:
 
 
 def _decode_tiff(path: pathlib.Path) -> np.ndarray:
-  """[H, W] or [H, W, C] pixels of a TIFF's first image series (axes of size 1 dropped)."""
+  """[H, W] or [H, W, C] pixels of a TIFF's first image series (axes of size 1 and alpha samples
+  dropped)."""
   with tifffile.TiffFile(path) as tif:
     series = tif.series[0]
     pixels, axes = series.asarray(), series.axes
+    extra_samples = tif.pages[0].extrasamples
+  alpha = sum(int(e) in _ALPHA_SAMPLES for e in extra_samples)
+  if alpha and 'S' in axes and pixels.shape[axes.index('S')] > alpha:
+    pixels = np.take(pixels, range(pixels.shape[axes.index('S')] - alpha), axis=axes.index('S'))
   keep = [i for i, (a, n) in enumerate(zip(axes, pixels.shape)) if n > 1 or a in 'YX']
   shape = tuple(pixels.shape[i] for i in keep)
   pixels, axes = pixels.reshape(shape), ''.join(axes[i] for i in keep)
@@ -201,9 +225,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 def measure_nuclei(name: str, labels: np.ndarray, intensity: np.ndarray) -> list[list[Any]]:
   """Rows of nuclei.csv (NUCLEUS_COLUMNS) of one image's label map, in label order."""
   table = measure.regionprops_table(labels, intensity_image=intensity.astype(np.float64),
-                                    properties=('label', 'area', 'centroid', 'bbox',
-                                                'equivalent_diameter_area', 'eccentricity',
-                                                'solidity', 'intensity_mean', 'intensity_max'))
+                                    properties=_REGIONPROPS)
   columns = [table[p] for p in _PROPERTIES.values()]
   integral = {'label', 'area', 'bbox_min_y', 'bbox_min_x', 'bbox_max_y', 'bbox_max_x'}
   kinds = [int if c in integral else float for c in _PROPERTIES]
@@ -331,7 +353,7 @@ def segment(
   if parquet:
     _pyarrow()
   config = evaluate.load_config(workdir, config_defaults)
-  paths = find_images(inputs)
+  paths = find_images(inputs, output)
   names = output_names(paths)
   variables, step = predict.load_variables(workdir, config, step, average)
   predictor = predict.Predictor(config, variables, inference)
@@ -357,32 +379,46 @@ def segment(
   progress = _Progress(len(todo))
   failed = {}
 
-  def examples() -> Iterator[dict[str, Any]]:
-    for path, name in todo:
+  def fail(path: pathlib.Path, error: Exception) -> None:
+    failed[str(path)] = f'{type(error).__name__}: {error}'
+    logging.warning('Skipping %s: %s.', path, failed[str(path)])
+    progress.update(failed=True)
+
+  def examples(queue: Sequence[tuple[pathlib.Path, str]], read: list[int]
+               ) -> Iterator[dict[str, Any]]:
+    for index, (path, name) in enumerate(queue):
       try:
+        source = _source(path)  # The version read: a file replaced meanwhile is redone.
         image, intensity = read_image(path, channel)
       except Exception as e:  # pylint: disable=broad-except  # Any file the decoders refuse.
-        failed[str(path)] = f'{type(e).__name__}: {e}'
-        logging.warning('Skipping %s: %s.', path, failed[str(path)])
-        progress.update(failed=True)
+        fail(path, e)
         continue
-      yield {'id': name, 'path': path, 'image': image, 'intensity': intensity}
+      read.append(index)
+      yield {'id': name, 'path': path, 'source': source, 'image': image, 'intensity': intensity}
 
   loop_start = time.time()
-  for example, probs in predictor.predict(examples()):
-    options = instance_options.for_background(splits.bright_background(example['image']))
-    labels = instances.to_instances(*predictor.scheme.split(probs[-1]), options)
-    name, path = example['id'], example['path']
-    rows = measure_nuclei(name, labels, example['intensity'])
-    _write_labels(output / 'labels' / f'{name}{LABEL_FORMATS[label_format]}', labels)
-    picture = evaluate.overlay(example['image'], np.zeros_like(labels), labels)
-    atomic.write_via(output / 'overlays' / f'{name}.png',
-                     lambda tmp, p=picture: Image.fromarray(p).save(tmp, format='PNG'))
-    _write_text(output / 'parts' / f'{name}.csv', _csv_text(NUCLEUS_COLUMNS, rows))
-    record = {'file': str(path.resolve()), 'source': _source(path), 'settings': settings,
-              'summary': _summary(name, path, labels, rows)}
-    _write_text(output / 'parts' / f'{name}.json', json.dumps(record, indent=1) + '\n')
-    progress.update()
+  queue = todo
+  while queue:
+    read, finished = [], 0  # Indices into queue of the images read; how many came back.
+    try:
+      for example, probs in predictor.predict(examples(queue, read)):
+        finished += 1
+        try:
+          _segment_one(output, example, probs, predictor, instance_options, label_format,
+                       settings)
+        except Exception as e:  # pylint: disable=broad-except  # This image only.
+          fail(example['path'], e)
+          continue
+        progress.update()
+      queue = []
+    except Exception as e:  # pylint: disable=broad-except  # The network failed on an image.
+      if finished == len(read):
+        raise
+      # Predictions come back in input order: the first image read and not returned failed;
+      # the network starts again after it.
+      culprit = read[finished]
+      fail(queue[culprit][0], e)
+      queue = queue[culprit + 1:]
   loop_seconds = time.time() - loop_start
 
   records = [(name, _record(output, name, path, settings)) for path, name in zip(paths, names)
@@ -400,6 +436,27 @@ def segment(
   }
   _write_text(output / 'run.json', json.dumps(report, indent=2) + '\n')
   return report
+
+
+def _segment_one(output: pathlib.Path, example: Mapping[str, Any], probs: np.ndarray,
+                 predictor: predict.Predictor, instance_options: instances.InstanceOptions,
+                 label_format: str, settings: Mapping[str, Any]) -> None:
+  """Writes one image's nuclei (labels, overlay, parts) from its probabilities [P, H, W, c]."""
+  name, path = example['id'], example['path']
+  # The record marks the image done: it goes first and comes back last, so that a stop in between
+  # leaves the image to be segmented again rather than outputs of other settings kept.
+  (output / 'parts' / f'{name}.json').unlink(missing_ok=True)
+  options = instance_options.for_background(splits.bright_background(example['image']))
+  labels = instances.to_instances(*predictor.scheme.split(probs[-1]), options)
+  rows = measure_nuclei(name, labels, example['intensity'])
+  _write_labels(output / 'labels' / f'{name}{LABEL_FORMATS[label_format]}', labels)
+  picture = evaluate.overlay(example['image'], np.zeros_like(labels), labels)
+  atomic.write_via(output / 'overlays' / f'{name}.png',
+                   lambda tmp: Image.fromarray(picture).save(tmp, format='PNG'))
+  _write_text(output / 'parts' / f'{name}.csv', _csv_text(NUCLEUS_COLUMNS, rows))
+  record = {'file': str(path.resolve()), 'source': example['source'], 'settings': settings,
+            'summary': _summary(name, path, labels, rows)}
+  _write_text(output / 'parts' / f'{name}.json', json.dumps(record, indent=1) + '\n')
 
 
 def _write_tables(output: pathlib.Path, records: Sequence[tuple[str, Mapping[str, Any]]],
