@@ -219,6 +219,17 @@ def test_reader_corrupt_png_in_zip_names_member(tmp_path):
     list(release.iter_examples(path))
 
 
+def test_reader_reads_only_the_ids_asked_for(tmp_path):
+  good = _png(_GRAY)
+  files = {'a/images/a.png': good, 'b/images/b.png': b'not a png at all', 'c/images/c.png': good}
+  path = _write(files, tmp_path / 'release', as_zip=True)
+  # 'b' is never decoded, so it does not fail.
+  assert [e['id'] for e in release.iter_examples(path, ids={'c', 'a', 'z'})] == ['a', 'c']
+  assert not list(release.iter_examples(path, ids=()))
+  with pytest.raises(ValueError, match=f'{path}:b/images/b.png'):
+    list(release.iter_examples(path, ids={'b'}))
+
+
 def test_reader_corrupt_image_in_folder_names_file(tmp_path):
   path = _write({'x/images/x.png': b'not a png at all'}, tmp_path / 'release', as_zip=False)
   with pytest.raises(ValueError, match=str(path / 'x' / 'images' / 'x.png')):

@@ -345,6 +345,9 @@ def test_scales_resize_each_pass_and_average_back_at_native_size(setup):
   np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='must be positive'):
     _identity_predictor(setup.config, 'pad', scales=(1.0, 0.0))
+  # 'resize' brings every input to the training size, whatever its scale.
+  with pytest.raises(ValueError, match='--scales=0.5,1.0 needs --strategy=pad or tile'):
+    _identity_predictor(setup.config, 'resize', scales=(0.5, 1.0))
 
 
 def test_size_normalisation_predicts_again_at_the_trained_nucleus_size(setup):

@@ -315,7 +315,7 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
   height, width = max(image.shape[0], window), max(image.shape[1], window)
   pad = ((0, height - image.shape[0]), (0, width - image.shape[1]))
   if any(p for _, p in pad):
-    # 'symmetric' repeats the edge row, so it also works for a 1-pixel-wide image.
+    # Mirrored with the edge row repeated ('symmetric'); every source's crops depend on it.
     image, label = np.pad(image, pad + ((0, 0),), mode='symmetric'), np.pad(label, pad,
                                                                               mode='symmetric')
 

@@ -21,7 +21,7 @@ with 'skip' each is logged with its reason, left out, and the number skipped is 
 """
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 import concurrent.futures
 import dataclasses
 import io
@@ -299,6 +299,7 @@ def iter_examples(
     num_threads: int | None = None,
     map_fn: Callable[[dict[str, Any]], Any] | None = None,
     on_bad_example: str = 'error',
+    ids: Collection[str] | None = None,
 ) -> Iterator[Any]:
   """Yields the examples of a Kaggle-layout release, sorted by id.
 
@@ -311,6 +312,7 @@ def iter_examples(
       PNG-encode it); its results are yielded instead.
     on_bad_example: 'error' raises at the first bad example; 'skip' logs and leaves it out (see
       the module docstring for what counts as bad).
+    ids: only the examples with these ids (the others are not decoded); None = all.
 
   Yields:
     {'id': str, 'image': uint8 [H, W, 3], 'label': uint16 [H, W]}, or map_fn of it.
@@ -323,6 +325,8 @@ def iter_examples(
   num_threads = num_threads or min(8, os.cpu_count() or 1)
   with _Source(path) as source:
     entries, skipped = _valid_entries(source, on_bad_example)
+    if ids is not None:
+      entries = [e for e in entries if e.id in ids]
     total = len(entries) + skipped
 
     def read(entry: _Entry) -> Any:
@@ -348,7 +352,7 @@ def iter_examples(
           skipped += 1
         else:
           yield example
-  if skipped == total:
+  if skipped and skipped == total:
     raise ValueError(f'All {total} examples in {path} are bad (see the warnings above).')
   if skipped:
     logging.warning('Skipped %d of %d examples in %s as bad (on_bad_example=skip).', skipped,

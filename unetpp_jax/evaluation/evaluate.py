@@ -27,8 +27,9 @@ Predictions: heads 1..k of the network pruned to level k (`prune_level`; head j 
 pruned network equals head j of the full one, so head j's metrics are those of pruning level j in
 'fast' mode), plus the final prediction: 'accurate' (mean probability of the supervised heads <= k)
 or 'fast' (head k alone). `flips` averages the probabilities of the 4 flips of each input. Every
-prediction gets semantic metrics (IoU and Dice, pooled over all pixels and mean over images, with
-the conventions of `metrics`) and the official score, from its own instances.
+prediction gets semantic metrics (IoU and Dice of its foreground above the instance options'
+threshold, which differs from training's 0.5 in `metrics`; pooled over all pixels and mean over
+images) and the official score, from its own instances.
 
 Outputs in `output` (written to a temporary folder beside it, renamed only once complete):
   metrics.json    all metrics per prediction, plus the settings and checkpoint step.
@@ -145,10 +146,7 @@ def select_ids(data: str | os.PathLike[str], wanted: Sequence[str] | None,
 def _examples(data: str | os.PathLike[str], ids: Sequence[str],
               solution: dict[str, rle.ImageRows] | None, solution_path: str | None
               ) -> Iterator[dict[str, Any]]:
-  wanted = set(ids)
-  for example in release.iter_examples(data):
-    if example['id'] not in wanted:
-      continue
+  for example in release.iter_examples(data, ids=set(ids)):
     if solution is not None:
       rows = solution[example['id']]
       shape = example['image'].shape[:2]

@@ -1,6 +1,7 @@
 """Semantic probabilities -> nucleus instances (a label map: 0 = background, 1..N = nuclei).
 
-1. Foreground = probability > threshold (0.5, as `metrics.THRESHOLD`), with holes filled (a
+1. Foreground = probability > threshold (`InstanceOptions` 0.5, as `metrics.THRESHOLD`; the
+   defaults of 3-class models are higher, see `default_options`), with holes filled (a
    nucleus is simply connected; a hole is a pale centre the network missed).
 2. Split touching nuclei ('watershed'), or keep connected components as they are ('components',
    4-connectivity). The watershed floods the foreground from one seed per nucleus:

@@ -196,6 +196,13 @@ def create_strategy(config: ml_collections.ConfigDict, options: InferenceOptions
   scales = tuple(float(s) for s in options.scales)
   if not scales or min(scales) <= 0:
     raise ValueError(f'--scales={",".join(map(str, scales))} must be positive factors.')
+  if strategy == 'resize' and (scales != (1.0,) or config.data.nucleus_diameter):
+    # Every input is resized to the training size: a rescaled image would reach the network
+    # as it is, only blurred.
+    what = (f'--scales={",".join(map(str, scales))}' if scales != (1.0,) else
+            f'Size normalisation (data.nucleus_diameter={config.data.nucleus_diameter})')
+    raise ValueError(f"{what} needs --strategy=pad or tile: 'resize' brings every image to the "
+                     'training size.')
   scales = tuple(magnification * s for s in scales)
   if strategy == 'resize':
     base = Resize(config.data.image_size)
@@ -247,7 +254,7 @@ class Predictor:
   def __init__(self, config: ml_collections.ConfigDict, variables: Any,
                options: InferenceOptions):
     self.model = models.create_model(config.model)
-    self.variables = variables
+    self.variables = jax.device_put(variables)  # Once, not at every call of the network.
     self.options = options
     self.mode = options.mode or config.predict.mode
     if self.mode not in MODES:
