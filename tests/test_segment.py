@@ -184,11 +184,15 @@ def test_multichannel_tiff_channel_choice(setup, tmp_path):
   assert (other['num_segmented'], other['num_nuclei']) == (1, 0)
 
 
-def test_read_image_conversions(tmp_path):
+def test_read_image_conversions(tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   rgba = rng.integers(0, 256, size=(20, 30, 4), dtype=np.uint8)
   Image.fromarray(rgba).save(tmp_path / 'rgba.png')
+  # Pillow's decompression-bomb limit, here 10 pixels, does not apply to the user's images.
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10)
   image, intensity = segment.read_image(tmp_path / 'rgba.png')
+  assert Image.MAX_IMAGE_PIXELS == 10
+  monkeypatch.undo()
   # 8-bit images reach the network as evaluation's reader gives them.
   np.testing.assert_array_equal(
       image, release._to_rgb(Image.open(tmp_path / 'rgba.png')))  # pylint: disable=protected-access

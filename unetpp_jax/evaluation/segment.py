@@ -167,17 +167,23 @@ def _decode_pil(path: pathlib.Path) -> np.ndarray:
   if header[:8] == b'\x89PNG\r\n\x1a\n' and header[24] == 16 and header[25] in (2, 4, 6):
     raise ValueError('is a 16-bit colour PNG, of which Pillow reads only the high bytes: save it '
                      'as a TIFF')
-  with Image.open(path) as image:
-    image.verify()  # Checks the PNG's CRCs and end: load() alone accepts a file cut short.
-  with Image.open(path) as image:
-    image.load()
-    if image.mode in ('L', 'RGB', 'I', 'F') or image.mode.startswith('I;16'):
-      return np.asarray(image)
-    if image.mode == 'RGBA':
-      return np.asarray(image)[..., :3]  # As image.convert('RGB').
-    if image.mode in ('1', 'LA'):
-      return np.asarray(image.convert('L'))
-    return np.asarray(image.convert('RGB'))  # Palette, CMYK, YCbCr, ...
+  # Pillow refuses images over MAX_IMAGE_PIXELS (179 megapixels) as decompression bombs; a
+  # slide scan the user names is not one (--strategy=tile bounds the memory of its prediction).
+  limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+  try:
+    with Image.open(path) as image:
+      image.verify()  # Checks the PNG's CRCs and end: load() alone accepts a file cut short.
+    with Image.open(path) as image:
+      image.load()
+      if image.mode in ('L', 'RGB', 'I', 'F') or image.mode.startswith('I;16'):
+        return np.asarray(image)
+      if image.mode == 'RGBA':
+        return np.asarray(image)[..., :3]  # As image.convert('RGB').
+      if image.mode in ('1', 'LA'):
+        return np.asarray(image.convert('L'))
+      return np.asarray(image.convert('RGB'))  # Palette, CMYK, YCbCr, ...
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
 
 
 def _decode_tiff(path: pathlib.Path) -> np.ndarray:
