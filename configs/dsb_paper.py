@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   # inference measures each image's nuclei on a first pass and predicts again at that scale.
   # 0 = off (native scale).
   config.data.nucleus_diameter = 0.0
+  # 'crop' only: the probability of centring a training crop where two nuclei touch (on any
+  # nucleus where none touch) instead of placing it at random; 0 = every crop at random.
+  config.data.touching_crop_prob = 0.0
   # Bad examples in the release (undecodable PNG, mask size != image size, masks without an image,
   # an id in two folders): 'error' stops with a message naming the file; 'skip' logs, counts and
   # leaves them out. Applies when TFDS prepares the data (prepared data is cached and reused).

@@ -207,6 +207,13 @@ def test_recolour_params_leave_the_other_params_unchanged():
     assert lo <= on[key].min() < lo + margin and hi - margin < on[key].max() < hi
 
 
+def test_touching_crop_params_leave_the_other_params_unchanged():
+  off, on = _params_off_and_on(('touching_crop',), {'recolour_prob': 0.25},
+                               {'touching_crop_prob': 0.25})
+  assert not off['touching_crop'].any() and 0.18 < on['touching_crop'].mean() < 0.32
+  assert 0 <= on['crop_pick'].min() < 0.05 and 0.95 < on['crop_pick'].max() < 1
+
+
 def test_recolour_draws_fluorescence_as_an_h_and_e_section():
   rng = np.random.default_rng(3)
   image = np.full((32, 32, 3), 0.04, np.float32)  # Dark background,
@@ -249,7 +256,10 @@ def test_schedule_from_config_draws_the_configured_colour_params():
   assert not params['recolour'].any()
   config.data.recolour_prob = 1.0
   _, params = contract.TrainSchedule.from_config(config, 10, layout).step(3)
-  assert params['recolour'].all()
+  assert params['recolour'].all() and not params['touching_crop'].any()
+  config.data.touching_crop_prob = 1.0
+  _, params = contract.TrainSchedule.from_config(config, 10, layout).step(3)
+  assert params['touching_crop'].all()
   assert schedule.jitter == config.data.jitter and schedule.seed == config.seed
 
 

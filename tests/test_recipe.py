@@ -102,6 +102,7 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
       ('loss.contact_width', -1, 'config.loss.contact_width'),
       ('loss.lovasz_weight', -1.0, 'lovasz_weight must be >= 0'),
       ('data.nucleus_diameter', -4.0, 'config.data.nucleus_diameter=-4.0 must be a size'),
+      ('data.touching_crop_prob', 1.5, 'config.data.touching_crop_prob=1.5 must be in [0, 1]'),
   ]:
     config = dsb_cpu.get_config()
     config.update_from_flattened_dict({field: value})
@@ -115,6 +116,9 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
     config_validation.validate(config)
   config.data.scale_range, config.data.nucleus_diameter = (1.0, 1.0), 16.0
   with pytest.raises(ValueError, match="nucleus_diameter=16.0 zooms native-resolution crops"):
+    config_validation.validate(config)
+  config.data.nucleus_diameter, config.data.touching_crop_prob = 0.0, 0.5
+  with pytest.raises(ValueError, match="touching_crop_prob=0.5 places native-resolution crops"):
     config_validation.validate(config)
 
 
@@ -191,6 +195,44 @@ def test_size_normalised_crops_show_nuclei_at_the_set_diameter(side):
           contract.crop(image, label, S, fy, fx, zoom * 2.0)[1])
 
 
+def test_touching_marks_the_pixels_where_nuclei_meet():
+  got = contract.touching(_touching_pair()[0])
+  want = np.zeros((14, 24), bool)
+  want[2:10, 7:9] = True  # Columns 7 and 8 meet; nucleus 3 is 1 px away and touches nothing.
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('zoom', [1.0, 0.8, 1.3])
+def test_touching_crops_are_centred_where_nuclei_touch(zoom):
+  label = np.zeros((300, 260), np.uint16)
+  label[20:40, 20:40] = 1  # Alone.
+  label[200:230, 150:170], label[200:230, 170:190] = 2, 3  # Touching along x = 169 | 170.
+  label[280:300, 240:260] = 4  # Alone, in the corner.
+  rows, cols = np.mgrid[:300, :260]  # The image says where each pixel comes from.
+  image = np.stack([rows // 2, cols, label * 50], -1).astype(np.uint8)
+  centres = set()
+  for pick in np.linspace(0, 0.999, 25):
+    got_image, got_label = contract.crop(image, label, S, 0.9, 0.0, zoom, pick=pick)
+    c = S // 2
+    if zoom == 1.0:  # The window's centre is a pixel where 2 and 3 meet.
+      y, x = 2 * int(got_image[c, c, 0]), int(got_image[c, c, 1])
+      assert 200 <= y < 230 and x in (169, 170)
+      centres.add((y, x))
+      assert contract.touching(got_label)[c, c]
+    else:  # Resized: the contact is still at the centre, within a pixel or two.
+      assert contract.touching(got_label)[c - 2:c + 3, c - 2:c + 3].any()
+  assert zoom != 1.0 or len(centres) > 10  # Picks spread along the contact.
+  # Without touching nuclei, on a nucleus (as near the corner as the image allows); without
+  # nuclei, the plain crop.
+  lone = np.where(label == 4, label, 0)
+  for pick in (0.0, 0.5, 0.99):
+    assert contract.crop(image, lone, S, 0.0, 0.0, pick=pick)[1][S - 1, S - 1] == 4
+  empty = np.zeros_like(label)
+  for a, b in zip(contract.crop(image, empty, S, 0.3, 0.6, pick=0.5),
+                  contract.crop(image, empty, S, 0.3, 0.6)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_zoom_is_drawn_with_the_other_augmentation_parameters():
   positions = np.arange(64)
   off = contract.augment_params(0, positions, augment=True, jitter=0.1)
@@ -252,6 +294,7 @@ def test_release_source_matches_tfds_and_resumes_exactly(tmp_path_factory, relea
     if split == 'grouped':  # Oversampling and size normalisation too: both sources must agree.
       config.data.repeats.update({'tissue': 2, 'brightfield': 3, 'fluorescence_crowded': 2})
       config.data.nucleus_diameter = 20.0
+      config.data.touching_crop_prob = 0.5
     return config
   tfds_input = data_sources.create_input(config_of('tfds'), start_step=2)
   config = config_of('release')

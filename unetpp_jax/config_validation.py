@@ -59,6 +59,7 @@ ADDED_FIELDS = {
     'data.stain_jitter': 0.0,
     'data.recolour_prob': 0.0,
     'data.nucleus_diameter': 0.0,
+    'data.touching_crop_prob': 0.0,
     **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
     'model.input_norm': 'standardize',
     'loss.contact_width': 0,
@@ -122,7 +123,8 @@ def validate(config: Any) -> None:
   check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')
   check(config.data.jitter >= 0, 'config.data.jitter must be >= 0.')
   check(config.data.stain_jitter >= 0, 'config.data.stain_jitter must be >= 0.')
-  for field in ('data.invert_prob', 'data.grey_prob', 'data.recolour_prob'):
+  for field in ('data.invert_prob', 'data.grey_prob', 'data.recolour_prob',
+                'data.touching_crop_prob'):
     check(0 <= _get(config, field) <= 1, f'config.{field}={_get(config, field)} must be in [0, 1].')
   repeats = config.data.get('repeats', {})
   check(set(repeats) <= set(splits.KINDS) and all(isinstance(r, int) and r >= 1
@@ -205,6 +207,11 @@ def validate(config: Any) -> None:
       not nucleus_diameter or config.data.train_preprocess == 'crop',
       f'config.data.nucleus_diameter={nucleus_diameter} zooms native-resolution crops: it needs '
       "config.data.train_preprocess='crop' (or nucleus_diameter=0).",
+  )
+  check(
+      not _get(config, 'data.touching_crop_prob') or config.data.train_preprocess == 'crop',
+      f'config.data.touching_crop_prob={_get(config, "data.touching_crop_prob")} places '
+      "native-resolution crops: it needs config.data.train_preprocess='crop' (or 0).",
   )
   check(
       1 <= config.predict.head <= levels,

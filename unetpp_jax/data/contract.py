@@ -145,7 +145,7 @@ def augment_params(
     seed: int, positions: np.ndarray, *, augment: bool, jitter: float,
     scale_range: tuple[float, float] = (1.0, 1.0), invert_prob: float = 0.0,
     grey_prob: float = 0.0, channel_shuffle: bool = False, stain_jitter: float = 0.0,
-    recolour_prob: float = 0.0,
+    recolour_prob: float = 0.0, touching_crop_prob: float = 0.0,
 ) -> dict[str, np.ndarray]:
   """Per-example augmentation parameters, each a pure function of (seed, global position).
 
@@ -166,6 +166,7 @@ def augment_params(
       and eosin densities each scaled by a factor log-uniform in [exp(-t), exp(t)] (0 = off).
     recolour_prob: probability of drawing a dark-background (fluorescence) image as an H&E
       section (`recolour`).
+    touching_crop_prob: probability of centring a crop where nuclei touch (`crop`'s `pick`).
 
   Returns:
     Arrays [N]: 'flip_lr', 'flip_ud' (bool), 'rot90' (int32 quarter turns, counter-clockwise),
@@ -175,13 +176,15 @@ def augment_params(
     row of CHANNEL_ORDERS; 0 = unchanged), 'grey', 'invert' (bool), 'haematoxylin', 'eosin'
     (float32 stain density factors, 1 = unchanged; see `colour`), 'recolour' (bool) and the
     densities of the H&E drawing, 'recolour_nucleus', 'recolour_background' (haematoxylin),
-    'recolour_eosin' (float32; see `recolour`).
+    'recolour_eosin' (float32; see `recolour`), 'touching_crop' (bool) and 'crop_pick' (float32
+    in [0, 1): which pixel a touching crop is centred on; see `crop`).
   """
   # A generator's first k numbers do not depend on how many follow: adding 'zoom' (the 9th), the
   # colour parameters (10th to 12th), the stain factors (13th, 14th) and the recolouring (15th to
-  # 18th) left the earlier parameters of every position unchanged.
-  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(18)
-                for p in positions], np.float64).reshape(-1, 18)
+  # 18th) and the touching crops (19th, 20th) left the earlier parameters of every position
+  # unchanged.
+  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(20)
+                for p in positions], np.float64).reshape(-1, 20)
   lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
   symmetric = jitter * (2 * u[:, 3:6] - 1)  # U(-s, s)
   return {
@@ -204,6 +207,8 @@ def augment_params(
       'recolour_nucleus': _lerp(RECOLOUR_NUCLEUS, u[:, 15]),
       'recolour_background': _lerp(RECOLOUR_BACKGROUND, u[:, 16]),
       'recolour_eosin': _lerp(RECOLOUR_EOSIN, u[:, 17]),
+      'touching_crop': u[:, 18] < touching_crop_prob,
+      'crop_pick': u[:, 19].astype(np.float32),
   }
 
 
@@ -286,8 +291,21 @@ def size_factor(diameter: float, nucleus_diameter: float) -> float:
   return float(np.clip(nucleus_diameter / diameter, 1 / MAX_SIZE_FACTOR, MAX_SIZE_FACTOR))
 
 
+def touching(label: np.ndarray) -> np.ndarray:
+  """bool [H, W]: the nucleus pixels of instance map `label` beside (4-connected) a pixel of
+  another nucleus, where touching nuclei must be told apart."""
+  out = np.zeros(label.shape, bool)
+  for axis in (0, 1):
+    a, b = np.moveaxis(label, axis, 0)[:-1], np.moveaxis(label, axis, 0)[1:]
+    edge = (a != b) & (a > 0) & (b > 0)
+    np.moveaxis(out, axis, 0)[:-1] |= edge
+    np.moveaxis(out, axis, 0)[1:] |= edge
+  return out
+
+
 def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
-         zoom: float = 1.0, nucleus_diameter: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+         zoom: float = 1.0, nucleus_diameter: float = 0.0, pick: float | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
   """A size x size training window of a native-resolution example, shared by every source.
 
   The window covers round(size / zoom) source pixels (zoom > 1 magnifies), at relative offsets
@@ -296,7 +314,9 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
   are labelled like the ones they mirror), so that the window never sees an artificial border.
   With `nucleus_diameter` the zoom is also multiplied by the example's `size_factor` (measured
   on its whole label), so that its median nucleus is that many pixels across before the random
-  zoom.
+  zoom. With `pick` the window is instead centred (as far as the image allows) on a pixel where
+  two nuclei touch (`touching`), or on any nucleus pixel if none touch: the pick-th of them in
+  row-major order, as a fraction of their number.
 
   Args:
     image: uint8 [H, W, 3].
@@ -305,6 +325,8 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
     fy, fx: relative offsets (`augment_params`' 'crop_y', 'crop_x'; 0.5, 0.5 is the centre).
     zoom: magnification (`augment_params`' 'zoom').
     nucleus_diameter: config.data.nucleus_diameter (0 = native scale).
+    pick: `augment_params`' 'crop_pick' for a touching crop; None, or an image without nuclei:
+      placed by fy, fx.
 
   Returns:
     uint8 [S, S, 3] and uint16 [S, S].
@@ -322,6 +344,14 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
   def offset(f, extent):
     return min(int(float(f) * (extent - window + 1)), extent - window)
   y, x = offset(fy, height), offset(fx, width)
+  if pick is not None:
+    targets = np.flatnonzero(touching(label))
+    if not targets.size:
+      targets = np.flatnonzero(label)
+    if targets.size:
+      cy, cx = divmod(int(targets[min(int(float(pick) * targets.size), targets.size - 1)]), width)
+      y = int(np.clip(cy - window // 2, 0, height - window))
+      x = int(np.clip(cx - window // 2, 0, width - window))
   image, label = image[y:y + window, x:x + window], label[y:y + window, x:x + window]
   if window != size:
     image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size),
@@ -349,6 +379,7 @@ class TrainSchedule:
   channel_shuffle: bool = False
   stain_jitter: float = 0.0
   recolour_prob: float = 0.0
+  touching_crop_prob: float = 0.0
 
   @classmethod
   def from_config(cls, config: Any, num_examples: int, layout: Layout,
@@ -357,7 +388,8 @@ class TrainSchedule:
     data = config.data
     return cls(num_examples, config.seed, config.batch_size, layout, data.augment, data.jitter,
                tuple(data.scale_range), repeats, data.invert_prob, data.grey_prob,
-               data.channel_shuffle, data.stain_jitter, data.recolour_prob)
+               data.channel_shuffle, data.stain_jitter, data.recolour_prob,
+               data.touching_crop_prob)
 
   def __post_init__(self):
     if self.num_examples <= 0:
@@ -387,7 +419,7 @@ class TrainSchedule:
         self.seed, positions, augment=self.augment, jitter=self.jitter,
         scale_range=self.scale_range, invert_prob=self.invert_prob, grey_prob=self.grey_prob,
         channel_shuffle=self.channel_shuffle, stain_jitter=self.stain_jitter,
-        recolour_prob=self.recolour_prob)
+        recolour_prob=self.recolour_prob, touching_crop_prob=self.touching_crop_prob)
 
   def iterate_from(self, start_step: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     return (self.step(s) for s in itertools.count(start_step))
