@@ -291,6 +291,7 @@ def test_nonfinite_halt_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
   config = _tiny(4, log_every_steps=2, checkpoint_every_steps=1, nonfinite_policy='skip')
+  config.optimizer.warmup_steps = 8  # A learning rate that grows with every update applied.
   final = train.train_and_evaluate(config, tmp_path, _nan_input_fn(bad_step=3))
   assert _steps(tmp_path) == [2, 3, 4]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves((final.params, final.batch_stats)))
@@ -301,6 +302,11 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
   assert not np.array_equal(final.params['X0_0']['Conv_0']['kernel'],
                             before.params['X0_0']['Conv_0']['kernel'])  # Step 4 trained again.
   assert summaries.scalars(tmp_path, 'train/skipped_updates') == {2: 0, 4: 1}
+  # Steps 1, 2 and 4 applied: step 4's update was the schedule's third, as the state says.
+  schedule = steps.learning_rate_schedule(config)
+  assert steps.updates_applied(final.opt_state) == 3
+  np.testing.assert_allclose(list(summaries.scalars(tmp_path, 'train/learning_rate').values()),
+                             [schedule(1), schedule(2)])
   assert all(np.isfinite(v) for v in summaries.scalars(tmp_path, 'train/loss').values())
 
 

@@ -67,6 +67,16 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.constant_schedule(opt.learning_rate)
 
 
+def updates_applied(opt_state: optax.OptState) -> int:
+  """How many updates the learning-rate schedule of `opt_state` (`create_optimizer`'s; replicated
+  or not) has counted: the step, less any skipped for non-finite gradients, which hold the whole
+  optimizer state."""
+  def is_schedule(s):
+    return isinstance(s, optax.ScaleByScheduleState)
+  state = next(s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s))
+  return int(np.ravel(jax.device_get(state.count))[0])
+
+
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   opt = config.optimizer
   lr = learning_rate_schedule(config)

@@ -44,7 +44,8 @@ from unetpp_jax.checkpointing import Interrupted  # Raised by train_and_evaluate
 from unetpp_jax.data.background import BackgroundInput
 from unetpp_jax.heads import Heads
 from unetpp_jax.steps import (AXIS, TrainState, accumulating_train_step, create_train_state,
-                              eval_step, evaluate_batches, learning_rate_schedule)
+                              eval_step, evaluate_batches, learning_rate_schedule,
+                              updates_applied)
 from unetpp_jax.workdir import Workdir
 
 
@@ -273,7 +274,8 @@ def _train_loop(run: _Run, start: _Start) -> TrainState:
 
     if is_log:
       scalars = heads.summarize(flax.jax_utils.unreplicate(train_metrics), prefix='train/')
-      scalars['train/learning_rate'] = float(schedule(step - 1))
+      # The rate of the last update applied: skipped steps do not advance the schedule.
+      scalars['train/learning_rate'] = float(schedule(updates_applied(state.opt_state) - 1))
       scalars['train/skipped_updates'] = skipped_updates
       writer.write_scalars(step, scalars)
       train_metrics = None
