@@ -73,8 +73,8 @@ def updates_applied(opt_state: optax.OptState) -> int:
   optimizer state."""
   def is_schedule(s):
     return isinstance(s, optax.ScaleByScheduleState)
-  state = next(s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s))
-  return int(np.ravel(jax.device_get(state.count))[0])
+  count = next(s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)).count
+  return int(jax.device_get(count[0] if count.ndim else count))  # The first device's replica.
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
