@@ -3,6 +3,7 @@ files, and the same nuclei as evaluation for the same image and options."""
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -318,3 +319,22 @@ def test_bad_workdir_and_inputs(setup, tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith(
       f'error: --input={tmp_path}/nothing: no such file or folder.')
   assert 'Traceback' not in result.stderr
+
+
+def test_bit_depth_check_finds_the_same_nuclei_in_16_bit_copies(setup, tmp_path):
+  """scripts/bit_depth_check.py: 8-bit images and their 16-bit copies segmented and scored."""
+  spec = importlib.util.spec_from_file_location('bit_depth_check',
+                                                REPO / 'scripts' / 'bit_depth_check.py')
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  fluorescence = [i for i in range(40, 80)
+                  if synthetic_nuclei.generate_example(i)['image'].mean() < 100][:4]
+  data = synthetic_release.write_zip(tmp_path / 'release.zip', fluorescence, prefix='')
+  result = script.main([f'--workdir={setup.workdir}', f'--data={data}', '--per_kind=3',
+                        f'--output={tmp_path / "out"}'])
+  assert 0 < sum(result['images'].values()) <= 6
+  png8, tif16 = result['official']['png8'], result['official']['tif16']
+  assert png8.keys() == tif16.keys() and png8
+  for kind, score in png8.items():
+    assert score > 0.2 and abs(tif16[kind] - score) < 0.05, (kind, score, tif16[kind])
+  assert len(list((tmp_path / 'out' / 'tif16').glob('*.tif'))) == sum(result['images'].values())
