@@ -2,7 +2,7 @@ r"""Trains U-Net++: python -m unetpp_jax.main --config=FILE [--workdir=DIR] [--c
 
 The workdir defaults to workdirs/<config file name>; running the same command again resumes from the
 newest checkpoint there. SIGTERM or SIGINT (Ctrl-C) saves a checkpoint at the end of the current
-step and exits with code 128 + signal number (143 or 130). Resuming refuses a config that changes
+step (the next log step, with several processes) and exits with code 128 + signal number (143 or 130). Resuming refuses a config that changes
 the model, data or optimisation unless --allow_config_change. A user error (config file, flag
 value, invalid config, missing data) is one line on stderr and exit code 1; --verbose shows the
 traceback.
@@ -43,12 +43,30 @@ flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config'])
 
 
+GOOGLE_PCI_VENDOR = '0x1ae0'  # Cloud TPU chips.
+
+
+def _tpu_vm(root: str = '/') -> bool:
+  """Whether this is a Cloud TPU VM: chips as /dev/accelN (v2 to v4), or as VFIO devices of
+  Google's PCI vendor (v5e and later; other VFIO devices and the /dev/accel/ folder of NPUs on
+  laptops are not TPUs)."""
+  if glob.glob(os.path.join(root, 'dev/accel[0-9]*')):
+    return True
+  if not glob.glob(os.path.join(root, 'dev/vfio/[0-9]*')):
+    return False
+  for vendor in glob.glob(os.path.join(root, 'sys/bus/pci/devices/*/vendor')):
+    with open(vendor) as f:
+      if f.read().strip() == GOOGLE_PCI_VENDOR:
+        return True
+  return False
+
+
 def _cluster_environment() -> bool:
   """Whether jax.distributed can configure itself: TPU VM, SLURM, Open MPI or JAX_* variables."""
   env = os.environ
   return bool(
       env.get('JAX_COORDINATOR_ADDRESS')
-      or glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')  # Cloud TPU VM chips
+      or _tpu_vm()
       or int(env.get('SLURM_NTASKS', '1')) > 1
       or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
   )
