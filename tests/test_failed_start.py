@@ -48,4 +48,6 @@ def test_signal_while_preparing_data_stops_without_debris(tmp_path):
   with pytest.raises(train.Interrupted) as stopped:
     train.train_and_evaluate(_config(), workdir, input_fn=input_fn)
   assert stopped.value.step == 0 and stopped.value.exit_code == 143
+  assert str(stopped.value) == ('SIGTERM received: stopped before the first step; nothing was '
+                                'saved. Run the same command again to start.')
   assert not workdir.exists()

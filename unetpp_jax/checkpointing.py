@@ -78,9 +78,12 @@ class Interrupted(Exception):
   def __init__(self, signum: int, step: int, directory: epath.PathLike):
     self.signum = signum
     self.step = step
+    name = signal.Signals(signum).name
     super().__init__(
-        f'{signal.Signals(signum).name} received: stopped at step {step} with its checkpoint in '
-        f'{directory}. Run the same command again to continue from there.'
+        f'{name} received: stopped at step {step} with its checkpoint in {directory}. Run the same '
+        'command again to continue from there.' if step else
+        f'{name} received: stopped before the first step; nothing was saved. Run the same command '
+        'again to start.'
     )
 
   @property
