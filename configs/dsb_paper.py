@@ -117,7 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.schedule = 'constant'  # 'constant' or 'cosine' (decays to 0 at the last step).
   config.optimizer.warmup_steps = 0  # Linear warmup from 0 to the peak rate.
   config.optimizer.momentum = 0.9  # SGD momentum.
-  config.optimizer.weight_decay = 0.0  # Decoupled weight decay (adamw, sgd).
+  # Weight decay: decoupled with adamw; with sgd added to the gradient (L2) before the momentum.
+  config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0  # Clip gradients to this global norm; 0 = off.
   # Validation and inference use a moving average of the weights and BatchNorm statistics with
   # this decay (0.998 spans about the last 500 steps); 0 = the weights themselves.

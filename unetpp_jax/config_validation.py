@@ -228,6 +228,9 @@ def validate(config: Any) -> None:
   check(opt.learning_rate > 0, f'config.optimizer.learning_rate={opt.learning_rate} must be > 0.')
   check(opt.warmup_steps >= 0, 'config.optimizer.warmup_steps must be >= 0.')
   check(opt.weight_decay >= 0, 'config.optimizer.weight_decay must be >= 0.')
+  check(not (opt.weight_decay and opt.name == 'adam'),
+        f"config.optimizer.weight_decay={opt.weight_decay} does nothing with optimizer.name='adam':"
+        " use 'adamw' (decoupled weight decay) or weight_decay=0.")
   check(opt.grad_clip_norm >= 0, 'config.optimizer.grad_clip_norm must be >= 0 (0 = off).')
   check(0 <= opt.ema_decay < 1,
         f'config.optimizer.ema_decay={opt.ema_decay} must be in [0, 1) (0 = off).')
