@@ -27,12 +27,13 @@ create() {
 
 install() {
   # Ship this checkout (without local venvs and workdirs) to every worker, then the pinned
-  # requirements plus the TPU runtime matching the pinned jax.
+  # requirements plus the TPU runtime matching the pinned jax, and the GCS client that
+  # tensorboardX needs to write summaries into a gs:// workdir.
   tar czf /tmp/unetpp_jax.tgz --exclude=.venv --exclude=workdirs --exclude=.git .
   gcloud compute tpus tpu-vm scp /tmp/unetpp_jax.tgz "$TPU_NAME":/tmp/ --zone="$ZONE" --worker=all
   on_all_workers "mkdir -p ~/unetpp_jax ~/dsb2018 && tar xzf /tmp/unetpp_jax.tgz -C ~/unetpp_jax \
     && cd ~/unetpp_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt \
-    'jax[tpu]==$(grep '^jax==' requirements.txt | cut -d= -f3)' \
+    'jax[tpu]==$(grep '^jax==' requirements.txt | cut -d= -f3)' google-cloud-storage==3.17.2 \
     && gsutil -q cp $BUCKET/dsb2018/stage1_train.zip ~/dsb2018/"
 }
 

@@ -9,10 +9,11 @@ fold_in(seed, step) and the input stream is a pure function of (config, step), s
 continues with exactly the batches and randomness an uninterrupted run would have used.
 
 Failures (see docs/operations.md, "Resuming and failures"):
-- SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and written, and
-  `Interrupted` is raised (main exits with 128 + the signal number). A second signal stops at once.
-- SIGKILL: Orbax writes each checkpoint to a temporary folder renamed when complete, so a restart
-  resumes from the last complete checkpoint.
+- SIGTERM / SIGINT: the current step finishes (with several processes: the next log step, where
+  they agree), its checkpoint is saved and written, and `Interrupted` is raised (main exits with
+  128 + the signal number). A second signal stops at once.
+- SIGKILL: Orbax marks each checkpoint complete only at the end of its save (a temporary folder
+  renamed, or on GCS a commit file), so a restart resumes from the last complete checkpoint.
 - Non-finite loss or gradients (checked on the devices, agreed by all of them):
   config.nonfinite_policy 'halt' raises FloatingPointError naming the first bad step, without saving
   the bad state; 'skip' keeps the previous parameters, optimizer state, BatchNorm statistics and

@@ -131,11 +131,13 @@ class Workdir:
     return ocp.CheckpointManager(self.checkpoints, options=options)
 
   def steps(self) -> list[int]:
-    """The steps of the complete checkpoints, in order (Orbax names a step's folder by its number
-    only once the save is finished)."""
+    """The steps of the complete checkpoints, in order. On a local disk Orbax names a step's
+    folder by its number once the save is finished; on GCS it writes into that folder and marks
+    it complete at the end (commit_success.txt), which `is_checkpoint_finalized` checks."""
     if not self.checkpoints.is_dir():
       return []
-    return sorted(int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit())
+    return sorted(int(p.name) for p in self.checkpoints.iterdir()
+                  if p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p))
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step."""
