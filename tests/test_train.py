@@ -273,7 +273,8 @@ def test_progress_line_reads_seconds_per_step_images_per_sec_and_eta():
         ('data.stain_jitter', -0.5, 'stain_jitter must be >= 0'),
         ('data.recolour_prob', -0.1, 'recolour_prob=-0.1 must be in \\[0, 1\\]'),
         ('optimizer.ema_decay', 1.0, 'ema_decay=1.0 must be in \\[0, 1\\)'),
-        ('optimizer.weight_decay', 1e-4, "weight_decay=0.0001 does nothing with optimizer.name='adam'"),
+        ('optimizer.weight_decay', 1e-4,
+         "weight_decay=0.0001 does nothing with optimizer.name='adam'"),
     ],
 )
 def test_invalid_config_is_rejected_before_compiling(field, value, message):
