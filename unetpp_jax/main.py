@@ -4,9 +4,8 @@ The workdir defaults to workdirs/<config file name>; running the same command ag
 newest checkpoint there. SIGTERM or SIGINT (Ctrl-C) saves a checkpoint at the end of the current
 step (the next log step, with several processes) and exits with code 128 + signal number (143 or
 130). Resuming refuses a config that changes the model, data or optimisation unless
---allow_config_change. A user error (config file, flag
-value, invalid config, missing data) is one line on stderr and exit code 1; --verbose shows the
-traceback.
+--allow_config_change. A user error (config file, flag value, invalid config, missing data) is one
+line on stderr and exit code 1; --verbose shows the traceback.
 """
 
 import gc
