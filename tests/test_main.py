@@ -191,24 +191,3 @@ def test_cli_sigterm_exit_is_quiet(tmp_path):
   assert 'SIGTERM received: stopped at step' in output
   for noise in _NOISE:
     assert noise not in output, noise
-
-
-def test_tpu_vms_are_told_from_laptop_npus_and_other_vfio_devices(tmp_path):
-  from unetpp_jax import main  # pylint: disable=g-import-not-at-top
-
-  def machine(name, files):
-    root = tmp_path / name
-    for path, text in files.items():
-      (root / path).parent.mkdir(parents=True, exist_ok=True)
-      (root / path).write_text(text)
-    return str(root)
-
-  assert main._tpu_vm(machine('v4', {'dev/accel0': ''}))  # pylint: disable=protected-access
-  v5e = machine('v5e', {'dev/vfio/0': '', 'sys/bus/pci/devices/0000:00:04.0/vendor': '0x1ae0\n'})
-  assert main._tpu_vm(v5e)  # pylint: disable=protected-access
-  for name, files in [
-      ('npu_laptop', {'dev/accel/accel0': '', 'sys/bus/pci/devices/0000:00:0b.0/vendor': '0x8086'}),
-      ('vfio_gpu', {'dev/vfio/12': '', 'sys/bus/pci/devices/0000:65:00.0/vendor': '0x10de\n'}),
-      ('plain', {'etc/hostname': 'x'}),
-  ]:
-    assert not main._tpu_vm(machine(name, files)), name  # pylint: disable=protected-access

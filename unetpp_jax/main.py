@@ -9,7 +9,6 @@ line on stderr and exit code 1; --verbose shows the traceback.
 """
 
 import gc
-import glob
 import os
 import sys
 
@@ -43,42 +42,13 @@ flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config'])
 
 
-GOOGLE_PCI_VENDOR = '0x1ae0'  # Cloud TPU chips.
-
-
-def _tpu_vm(root: str = '/') -> bool:
-  """Whether this is a Cloud TPU VM: chips as /dev/accelN (v2 to v4), or as VFIO devices of
-  Google's PCI vendor (v5e and later; other VFIO devices and the /dev/accel/ folder of NPUs on
-  laptops are not TPUs)."""
-  if glob.glob(os.path.join(root, 'dev/accel[0-9]*')):
-    return True
-  if not glob.glob(os.path.join(root, 'dev/vfio/[0-9]*')):
-    return False
-  for vendor in glob.glob(os.path.join(root, 'sys/bus/pci/devices/*/vendor')):
-    with open(vendor) as f:
-      if f.read().strip() == GOOGLE_PCI_VENDOR:
-        return True
-  return False
-
-
-def _cluster_environment() -> bool:
-  """Whether jax.distributed can configure itself: TPU VM, SLURM, Open MPI or JAX_* variables."""
-  env = os.environ
-  return bool(
-      env.get('JAX_COORDINATOR_ADDRESS')
-      or _tpu_vm()
-      or int(env.get('SLURM_NTASKS', '1')) > 1
-      or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-  )
-
-
 def initialize_distributed() -> None:
   """Joins a multi-process job when there is one; a single process needs nothing."""
   if FLAGS.coordinator_address:
     # Cross-process collectives on the CPU backend (ignored by GPU and TPU).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif _cluster_environment():
+  elif runtime.cluster_environment():
     jax.distributed.initialize()
 
 

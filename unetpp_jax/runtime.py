@@ -1,5 +1,6 @@
 """Process-level JAX setup that must happen before the first JAX computation."""
 
+import glob
 import os
 import pathlib
 from typing import Any
@@ -15,6 +16,34 @@ CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', None,
     'XLA devices on the CPU backend; default: one per core, as many as divide every batch size '
     'the command runs (training: batch_size and eval_batch_size). Ignored on GPU/TPU.')
+
+GOOGLE_PCI_VENDOR = '0x1ae0'  # Cloud TPU chips.
+
+
+def tpu_vm(root: str = '/') -> bool:
+  """Whether this is a Cloud TPU VM: chips as /dev/accelN (v2 to v4), or as VFIO devices of
+  Google's PCI vendor (v5e and later; other VFIO devices and the /dev/accel/ folder of NPUs on
+  laptops are not TPUs)."""
+  if glob.glob(os.path.join(root, 'dev/accel[0-9]*')):
+    return True
+  if not glob.glob(os.path.join(root, 'dev/vfio/[0-9]*')):
+    return False
+  for vendor in glob.glob(os.path.join(root, 'sys/bus/pci/devices/*/vendor')):
+    with open(vendor) as f:
+      if f.read().strip() == GOOGLE_PCI_VENDOR:
+        return True
+  return False
+
+
+def cluster_environment() -> bool:
+  """Whether jax.distributed can configure itself: TPU VM, SLURM, Open MPI or JAX_* variables."""
+  env = os.environ
+  return bool(
+      env.get('JAX_COORDINATOR_ADDRESS')
+      or tpu_vm()
+      or int(env.get('SLURM_NTASKS', '1')) > 1
+      or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+  )
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
