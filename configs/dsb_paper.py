@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'crop' only: the probability of centring a training crop where two nuclei touch (on any
   # nucleus where none touch) instead of placing it at random; 0 = every crop at random.
   config.data.touching_crop_prob = 0.0
+  # 'crop' only: the largest angle, in degrees, of a random rotation of each crop about its
+  # centre (on top of the flips and quarter turns of `augment`); 0 = off.
+  config.data.max_rotation = 0.0
   # Bad examples in the release (undecodable PNG, mask size != image size, masks without an image,
   # an id in two folders): 'error' stops with a message naming the file; 'skip' logs, counts and
   # leaves them out. Applies when TFDS prepares the data (prepared data is cached and reused).

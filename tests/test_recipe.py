@@ -103,6 +103,7 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
       ('loss.lovasz_weight', -1.0, 'lovasz_weight must be >= 0'),
       ('data.nucleus_diameter', -4.0, 'config.data.nucleus_diameter=-4.0 must be a size'),
       ('data.touching_crop_prob', 1.5, 'config.data.touching_crop_prob=1.5 must be in [0, 1]'),
+      ('data.max_rotation', 270.0, 'config.data.max_rotation=270.0 must be an angle'),
   ]:
     config = dsb_cpu.get_config()
     config.update_from_flattened_dict({field: value})
@@ -119,6 +120,9 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
     config_validation.validate(config)
   config.data.nucleus_diameter, config.data.touching_crop_prob = 0.0, 0.5
   with pytest.raises(ValueError, match="touching_crop_prob=0.5 places native-resolution crops"):
+    config_validation.validate(config)
+  config.data.touching_crop_prob, config.data.max_rotation = 0.0, 30.0
+  with pytest.raises(ValueError, match="max_rotation=30.0 rotates native-resolution crops"):
     config_validation.validate(config)
 
 
@@ -233,6 +237,47 @@ def test_touching_crops_are_centred_where_nuclei_touch(zoom):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize('zoom', [1.0, 0.8])
+def test_rotated_crops_turn_the_window_about_its_centre(zoom):
+  rng = np.random.default_rng(0)
+  image = rng.integers(1, 256, (150, 110, 3)).astype(np.uint8)  # No pixel is 0.
+  label = rng.integers(1, 40, (150, 110)).astype(np.uint16)
+  for fy, fx in ((0.3, 0.6), (0.0, 0.0), (1.0, 1.0)):  # Inside, and at two corners.
+    plain = contract.crop(image, label, S, fy, fx, zoom)
+    # A quarter turn is np.rot90 of the unrotated window: up to a 1e-3 degree, taken by the
+    # general path, labels exactly and the image within the bilinear weights' rounding (once
+    # more when the window is then resized).
+    turned = contract.crop(image, label, S, fy, fx, zoom, angle=90.001)
+    np.testing.assert_array_equal(turned[1], np.rot90(plain[1]))
+    rounding = 1 if zoom == 1 else 2
+    assert np.abs(turned[0].astype(int) - np.rot90(plain[0]).astype(int)).max() <= rounding
+    # At any angle the corners past the image see it mirrored, never a fill of 0; labels are
+    # ids of the source.
+    rotated_image, rotated_label = contract.crop(image, label, S, fy, fx, zoom, angle=-37.0)
+    assert rotated_image.min() > 0 and rotated_label.min() > 0
+    assert set(np.unique(rotated_label)) <= set(np.unique(label))
+  # A bar along x through the window's centre, turned by 45 degrees, lies on the diagonal.
+  bar = np.zeros((200, 200), np.uint16)
+  bar[97:103, 40:160] = 7
+  stripe = np.where(bar[..., None] > 0, 200, 50).astype(np.uint8).repeat(3, -1)
+  got_image, got_label = contract.crop(stripe, bar, S, 0.5, 0.5, angle=45.0)
+  c = S // 2
+  for d in (-20, -10, 10, 20):  # Counter-clockwise: the right end goes up.
+    assert got_label[c - d, c + d] == 7 and got_label[c + d, c + d] == 0
+    assert got_image[c - d, c + d, 0] > 150 and got_image[c + d, c + d, 0] < 80
+
+
+def test_rotation_is_drawn_with_the_other_augmentation_parameters():
+  positions = np.arange(400)
+  off = contract.augment_params(0, positions, augment=True, jitter=0.1, touching_crop_prob=0.5)
+  on = contract.augment_params(0, positions, augment=True, jitter=0.1, touching_crop_prob=0.5,
+                               max_rotation=30.0)
+  assert (off['angle'] == 0).all()
+  assert -30 <= on['angle'].min() < -28 and 28 < on['angle'].max() <= 30
+  for key in off.keys() - {'angle'}:
+    np.testing.assert_array_equal(on[key], off[key], err_msg=key)
+
+
 def test_zoom_is_drawn_with_the_other_augmentation_parameters():
   positions = np.arange(64)
   off = contract.augment_params(0, positions, augment=True, jitter=0.1)
@@ -295,6 +340,7 @@ def test_release_source_matches_tfds_and_resumes_exactly(tmp_path_factory, relea
       config.data.repeats.update({'tissue': 2, 'brightfield': 3, 'fluorescence_crowded': 2})
       config.data.nucleus_diameter = 20.0
       config.data.touching_crop_prob = 0.5
+      config.data.max_rotation = 30.0
     return config
   tfds_input = data_sources.create_input(config_of('tfds'), start_step=2)
   config = config_of('release')

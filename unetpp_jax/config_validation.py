@@ -60,6 +60,7 @@ ADDED_FIELDS = {
     'data.recolour_prob': 0.0,
     'data.nucleus_diameter': 0.0,
     'data.touching_crop_prob': 0.0,
+    'data.max_rotation': 0.0,
     **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
     'model.input_norm': 'standardize',
     'loss.contact_width': 0,
@@ -212,6 +213,14 @@ def validate(config: Any) -> None:
       not _get(config, 'data.touching_crop_prob') or config.data.train_preprocess == 'crop',
       f'config.data.touching_crop_prob={_get(config, "data.touching_crop_prob")} places '
       "native-resolution crops: it needs config.data.train_preprocess='crop' (or 0).",
+  )
+  max_rotation = _get(config, 'data.max_rotation')
+  check(0 <= max_rotation <= 180,
+        f'config.data.max_rotation={max_rotation} must be an angle in [0, 180] degrees.')
+  check(
+      not max_rotation or config.data.train_preprocess == 'crop',
+      f'config.data.max_rotation={max_rotation} rotates native-resolution crops: it needs '
+      "config.data.train_preprocess='crop' (or 0).",
   )
   check(
       1 <= config.predict.head <= levels,

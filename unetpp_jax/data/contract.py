@@ -145,7 +145,7 @@ def augment_params(
     seed: int, positions: np.ndarray, *, augment: bool, jitter: float,
     scale_range: tuple[float, float] = (1.0, 1.0), invert_prob: float = 0.0,
     grey_prob: float = 0.0, channel_shuffle: bool = False, stain_jitter: float = 0.0,
-    recolour_prob: float = 0.0, touching_crop_prob: float = 0.0,
+    recolour_prob: float = 0.0, touching_crop_prob: float = 0.0, max_rotation: float = 0.0,
 ) -> dict[str, np.ndarray]:
   """Per-example augmentation parameters, each a pure function of (seed, global position).
 
@@ -167,6 +167,8 @@ def augment_params(
     recolour_prob: probability of drawing a dark-background (fluorescence) image as an H&E
       section (`recolour`).
     touching_crop_prob: probability of centring a crop where nuclei touch (`crop`'s `pick`).
+    max_rotation: the largest angle, in degrees, of a crop's rotation about its centre (`crop`'s
+      `angle`; uniform in [-max_rotation, max_rotation], 0 = off).
 
   Returns:
     Arrays [N]: 'flip_lr', 'flip_ud' (bool), 'rot90' (int32 quarter turns, counter-clockwise),
@@ -177,14 +179,15 @@ def augment_params(
     (float32 stain density factors, 1 = unchanged; see `colour`), 'recolour' (bool) and the
     densities of the H&E drawing, 'recolour_nucleus', 'recolour_background' (haematoxylin),
     'recolour_eosin' (float32; see `recolour`), 'touching_crop' (bool) and 'crop_pick' (float32
-    in [0, 1): which pixel a touching crop is centred on; see `crop`).
+    in [0, 1): which pixel a touching crop is centred on; see `crop`), 'angle' (float32 degrees,
+    counter-clockwise; see `crop`).
   """
   # A generator's first k numbers do not depend on how many follow: adding 'zoom' (the 9th), the
   # colour parameters (10th to 12th), the stain factors (13th, 14th) and the recolouring (15th to
-  # 18th) and the touching crops (19th, 20th) left the earlier parameters of every position
-  # unchanged.
-  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(20)
-                for p in positions], np.float64).reshape(-1, 20)
+  # 18th), the touching crops (19th, 20th) and the rotation (21st) left the earlier parameters of
+  # every position unchanged.
+  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(21)
+                for p in positions], np.float64).reshape(-1, 21)
   lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
   symmetric = jitter * (2 * u[:, 3:6] - 1)  # U(-s, s)
   return {
@@ -209,6 +212,7 @@ def augment_params(
       'recolour_eosin': _lerp(RECOLOUR_EOSIN, u[:, 17]),
       'touching_crop': u[:, 18] < touching_crop_prob,
       'crop_pick': u[:, 19].astype(np.float32),
+      'angle': (max_rotation * (2 * u[:, 20] - 1)).astype(np.float32),
   }
 
 
@@ -304,8 +308,8 @@ def touching(label: np.ndarray) -> np.ndarray:
 
 
 def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
-         zoom: float = 1.0, nucleus_diameter: float = 0.0, pick: float | None = None
-         ) -> tuple[np.ndarray, np.ndarray]:
+         zoom: float = 1.0, nucleus_diameter: float = 0.0, pick: float | None = None,
+         angle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
   """A size x size training window of a native-resolution example, shared by every source.
 
   The window covers round(size / zoom) source pixels (zoom > 1 magnifies), at relative offsets
@@ -316,7 +320,9 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
   on its whole label), so that its median nucleus is that many pixels across before the random
   zoom. With `pick` the window is instead centred (as far as the image allows) on a pixel where
   two nuclei touch (`touching`), or on any nucleus pixel if none touch: the pick-th of them in
-  row-major order, as a fraction of their number.
+  row-major order, as a fraction of their number. With `angle` the window is rotated about its
+  centre (the image's content turns counter-clockwise by that many degrees) before it is resized;
+  where its corners reach past the image, they see the image mirrored.
 
   Args:
     image: uint8 [H, W, 3].
@@ -327,6 +333,7 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
     nucleus_diameter: config.data.nucleus_diameter (0 = native scale).
     pick: `augment_params`' 'crop_pick' for a touching crop; None, or an image without nuclei:
       placed by fy, fx.
+    angle: `augment_params`' 'angle' (degrees; 0 = unrotated).
 
   Returns:
     uint8 [S, S, 3] and uint16 [S, S].
@@ -352,13 +359,34 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
       cy, cx = divmod(int(targets[min(int(float(pick) * targets.size), targets.size - 1)]), width)
       y = int(np.clip(cy - window // 2, 0, height - window))
       x = int(np.clip(cx - window // 2, 0, width - window))
-  image, label = image[y:y + window, x:x + window], label[y:y + window, x:x + window]
+  if angle:
+    image, label = _rotated_window(image, label, y, x, window, float(angle))
+  else:
+    image, label = image[y:y + window, x:x + window], label[y:y + window, x:x + window]
   if window != size:
     image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size),
                                                                            Image.BILINEAR))
     label = np.asarray(Image.fromarray(label.astype(np.int32)).resize((size, size),
                                                                      Image.NEAREST))
   return np.ascontiguousarray(image, np.uint8), np.ascontiguousarray(label, np.uint16)
+
+
+def _rotated_window(image: np.ndarray, label: np.ndarray, y: int, x: int, window: int,
+                    angle: float) -> tuple[np.ndarray, np.ndarray]:
+  """The window [y, y + window) x [x, x + window) rotated by `angle` degrees about its centre
+  (image bilinear, label nearest), the image mirrored around it."""
+  # A rotated square's corners reach at most (sqrt(2) - 1) / 2 of its side past its edges.
+  margin = int(np.ceil(window * (np.sqrt(2) - 1) / 2)) + 1
+
+  def mirrored(start, extent):  # Indices [start - margin, start + window + margin), 'symmetric'.
+    i = np.abs(np.arange(start - margin, start + window + margin) + 0.5) - 0.5
+    return np.where(i >= extent, 2 * extent - 1 - i, i).astype(np.intp)
+  rows, cols = mirrored(y, image.shape[0]), mirrored(x, image.shape[1])
+  image, label = image[np.ix_(rows, cols)], label[np.ix_(rows, cols)]
+  image = Image.fromarray(np.ascontiguousarray(image)).rotate(angle, Image.BILINEAR)
+  label = Image.fromarray(label.astype(np.int32)).rotate(angle, Image.NEAREST)
+  inner = slice(margin, margin + window)
+  return np.asarray(image)[inner, inner], np.asarray(label)[inner, inner]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,6 +408,7 @@ class TrainSchedule:
   stain_jitter: float = 0.0
   recolour_prob: float = 0.0
   touching_crop_prob: float = 0.0
+  max_rotation: float = 0.0
 
   @classmethod
   def from_config(cls, config: Any, num_examples: int, layout: Layout,
@@ -389,7 +418,7 @@ class TrainSchedule:
     return cls(num_examples, config.seed, config.batch_size, layout, data.augment, data.jitter,
                tuple(data.scale_range), repeats, data.invert_prob, data.grey_prob,
                data.channel_shuffle, data.stain_jitter, data.recolour_prob,
-               data.touching_crop_prob)
+               data.touching_crop_prob, data.max_rotation)
 
   def __post_init__(self):
     if self.num_examples <= 0:
@@ -419,7 +448,8 @@ class TrainSchedule:
         self.seed, positions, augment=self.augment, jitter=self.jitter,
         scale_range=self.scale_range, invert_prob=self.invert_prob, grey_prob=self.grey_prob,
         channel_shuffle=self.channel_shuffle, stain_jitter=self.stain_jitter,
-        recolour_prob=self.recolour_prob, touching_crop_prob=self.touching_crop_prob)
+        recolour_prob=self.recolour_prob, touching_crop_prob=self.touching_crop_prob,
+        max_rotation=self.max_rotation)
 
   def iterate_from(self, start_step: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     return (self.step(s) for s in itertools.count(start_step))

@@ -69,14 +69,15 @@ def _resize(image: tf.Tensor, label: tf.Tensor, size: int) -> tuple[tf.Tensor, t
 
 
 def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: Any, fx: Any, zoom: Any = 1.0,
-          nucleus_diameter: float = 0.0, touching_crop: Any = False, pick: Any = 0.0
-          ) -> tuple[tf.Tensor, tf.Tensor]:
+          nucleus_diameter: float = 0.0, touching_crop: Any = False, pick: Any = 0.0,
+          angle: Any = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
   """`contract.crop` (the one crop every source shares), as a tf.data op; `pick` applies where
   `touching_crop`."""
   image, label = tf.numpy_function(
-      lambda i, l, y, x, z, t, p: contract.crop(i, l[..., 0], size, y, x, z, nucleus_diameter,
-                                                p if t else None),
-      [image, label, fy, fx, zoom, touching_crop, pick], [tf.uint8, tf.uint16], stateful=False)
+      lambda i, l, y, x, z, t, p, a: contract.crop(i, l[..., 0], size, y, x, z, nucleus_diameter,
+                                                   p if t else None, a),
+      [image, label, fy, fx, zoom, touching_crop, pick, angle], [tf.uint8, tf.uint16],
+      stateful=False)
   return tf.ensure_shape(image, [size, size, 3]), tf.ensure_shape(label, [size, size])[..., None]
 
 
@@ -216,7 +217,8 @@ def train_dataset(
     def decode_and_crop(index, params):
       image, label = _decode(tf.gather(images, index), tf.gather(labels, index))
       return (*_crop(image, label, size, params['crop_y'], params['crop_x'], params['zoom'],
-                     nucleus_diameter, params['touching_crop'], params['crop_pick']), params)
+                     nucleus_diameter, params['touching_crop'], params['crop_pick'],
+                     params['angle']), params)
     ds = ds.unbatch().map(decode_and_crop, tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
 
