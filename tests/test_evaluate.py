@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import types
@@ -456,6 +457,35 @@ def test_workdir_without_checkpoints_or_config(setup, tmp_path):
   _expect_failure(setup, tmp_path, FileNotFoundError, f'No checkpoint in {empty}/checkpoints',
                   workdir=empty, split='validation')
   assert not (empty / 'checkpoints').exists()  # Evaluation never creates anything in a workdir.
+
+
+def test_output_that_is_not_an_earlier_evaluation_is_refused(setup, tmp_path):
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'keep.txt').write_text('mine')
+  for output in (notes, setup.workdir):
+    with pytest.raises(FileExistsError, match=f'--output {output} holds files but no metrics'):
+      evaluate.evaluate(setup.workdir, setup.data, output, num_overlays=0)
+  assert (notes / 'keep.txt').read_text() == 'mine' and (setup.workdir / 'config.json').exists()
+  assert not _leftovers(tmp_path)
+
+
+def test_checkpoint_removed_during_evaluation_keeps_the_results(setup, tmp_path, monkeypatch):
+  """Training keeps only its newest checkpoints: the one being evaluated may go meanwhile."""
+  workdir = tmp_path / 'work'
+  shutil.copytree(setup.workdir, workdir)
+  to_instances = instances.to_instances
+
+  def remove_checkpoint_then_decode(*args, **kwargs):
+    shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
+    return to_instances(*args, **kwargs)
+  monkeypatch.setattr(instances, 'to_instances', remove_checkpoint_then_decode)
+  report = evaluate.evaluate(workdir, setup.data, tmp_path / 'out', split='validation',
+                             num_overlays=0, inference=evaluate.InferenceOptions(flips=False))
+  assert not (workdir / 'checkpoints').exists()
+  assert report['weights'] == 'trained' and report['num_images'] == len(setup.val_ids)
+  written = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+  assert (written['weights'], written['score']) == ('trained', report['score'])
 
 
 def test_cli_reports_bad_input_without_traceback(setup, tmp_path):

@@ -35,7 +35,11 @@ _STATE_ITEM = 'default'
 def saved_entries(checkpoints: epath.PathLike, step: int) -> set[str]:
   """The entries of the train state saved at `step` in `checkpoints` ('params', 'ema', ...)."""
   path = epath.Path(checkpoints) / str(step) / _STATE_ITEM
-  return set(ocp.PyTreeCheckpointer().metadata(path).item_metadata.keys())
+  metadata = ocp.PyTreeCheckpointer().metadata(path).item_metadata
+  if metadata is None:
+    raise FileNotFoundError(f'Checkpoint {step} of {checkpoints} is gone (removed by training, '
+                            'which keeps only the newest?).')
+  return set(metadata.keys())
 
 
 class Workdir:

@@ -31,7 +31,8 @@ prediction gets semantic metrics (IoU and Dice of its foreground above the insta
 threshold, which differs from training's 0.5 in `metrics`; pooled over all pixels and mean over
 images) and the official score, from its own instances.
 
-Outputs in `output` (written to a temporary folder beside it, renamed only once complete):
+Outputs in `output` (written to a temporary folder beside it, renamed only once complete; an
+existing `output` is replaced only if it is empty or an earlier evaluation, with a metrics.json):
   metrics.json    all metrics per prediction, plus the settings and checkpoint step.
   per_image.csv   per image (final prediction): id, size, object counts and matches at IoU 0.5,
                   IoU, Dice, official score.
@@ -268,10 +269,17 @@ def evaluate(
   if split not in SPLITS:
     raise ValueError(f'--split must be one of {SPLITS}, got {split!r}.')
   config = load_config(workdir, config_defaults)
+  output = pathlib.Path(output).absolute()
+  if output.is_dir() and any(output.iterdir()) and not (output / 'metrics.json').exists():
+    raise FileExistsError(f'--output {output} holds files but no metrics.json: evaluate replaces '
+                          'its output folder, and this is not an earlier evaluation. Name a new '
+                          'or empty folder.')
   if not pathlib.Path(data).exists():
     raise FileNotFoundError(f'--data {data} does not exist.')
   # The checkpoint first: a workdir without one is the error to report, not its data's.
   variables, step = load_variables(workdir, config, step, average)
+  # Named now: training may delete this checkpoint while the images are predicted.
+  weights = weights_name(workdir, step, average)
   truth = rle.read_csv(solution, require_shape=True) if solution else None
   wanted = None if split == 'all' else workdir_split_ids(workdir, config, split)
   ids = select_ids(data, wanted, truth, solution)
@@ -281,7 +289,6 @@ def evaluate(
   logging.info('Evaluating step %d of %s on %d images of %s (%s, strategy %s).', step, workdir,
                len(ids), data, predictor.mode, predictor.strategy)
 
-  output = pathlib.Path(output).absolute()
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.incomplete-', dir=output.parent))
   umask = os.umask(0)
@@ -336,7 +343,7 @@ def evaluate(
         'predictions': results,
         'num_images': len(ids),
         'workdir': str(workdir), 'checkpoint_step': step,
-        'weights': weights_name(workdir, step, average), 'data': str(data),
+        'weights': weights, 'data': str(data),
         'solution': str(solution) if solution else None, 'split': split,
         'inference': {**dataclasses.asdict(inference), 'strategy': predictor.strategy,
                       'mode': predictor.mode, 'prune_level': predictor.level,
