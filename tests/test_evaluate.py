@@ -235,6 +235,16 @@ def test_fast_mode_pruned_and_pad_strategy(setup, tmp_path):
   assert report['inference']['final_heads'] == [1]
 
 
+@pytest.mark.parametrize('options, match', [
+    (dict(prune_level=0), r'--prune_level=0 must be in 1..2'),  # Not the default level.
+    (dict(prune_level=3), r'--prune_level=3 must be in 1..2'),
+    (dict(strategy='tile', batch_size=0), '--batch_size=0 must be at least 1'),
+])
+def test_bad_inference_options_are_refused_up_front(setup, options, match):
+  with pytest.raises(ValueError, match=match):
+    evaluate.Predictor(setup.config, {}, evaluate.InferenceOptions(**options))
+
+
 def test_bright_background_images_are_decoded_with_their_options(setup, tmp_path):
   # Synthetic images have dark or bright backgrounds; one of each (masks in hand).
   background = {i: splits.bright_background(synthetic_nuclei.generate_example(i)['image'])

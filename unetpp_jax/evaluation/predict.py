@@ -262,7 +262,9 @@ class Predictor:
     levels = self.model.levels
     supervised = sorted(int(h) for h in Heads.from_config(config).supervised)
     default_level = config.predict.head if self.mode == 'fast' else max(supervised)
-    self.level = options.prune_level or default_level
+    self.level = default_level if options.prune_level is None else options.prune_level
+    if options.batch_size < 1:
+      raise ValueError(f'--batch_size={options.batch_size} must be at least 1.')
     if not 1 <= self.level <= levels:
       raise ValueError(f'--prune_level={self.level} must be in 1..{levels}.')
     if self.model.skips == 'plain' and self.level != levels:
