@@ -185,6 +185,18 @@ def test_multichannel_tiff_channel_choice(setup, tmp_path):
   assert (other['num_segmented'], other['num_nuclei']) == (1, 0)
 
 
+def test_label_images_beyond_65535_nuclei_are_uint32_tiffs(tmp_path):
+  labels = np.arange(70_000, dtype=np.int32).reshape(280, 250)
+  segment._write_labels(tmp_path / 'slide.tif', labels)  # pylint: disable=protected-access
+  written = tifffile.imread(tmp_path / 'slide.tif')
+  assert written.dtype == np.uint32 and (written == labels).all()
+  segment._write_labels(tmp_path / 'few.tif', labels[:2])  # pylint: disable=protected-access
+  assert tifffile.imread(tmp_path / 'few.tif').dtype == np.uint16
+  with pytest.raises(ValueError, match='69999 nuclei do not fit .* use --label_format=tiff'):
+    segment._write_labels(tmp_path / 'slide.png', labels)  # pylint: disable=protected-access
+  assert not (tmp_path / 'slide.png').exists()
+
+
 def test_read_image_conversions(tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   rgba = rng.integers(0, 256, size=(20, 30, 4), dtype=np.uint8)
@@ -207,8 +219,35 @@ def test_read_image_conversions(tmp_path, monkeypatch):
   np.testing.assert_allclose(image[..., 0], expected, atol=1)
   assert (image[..., 0] == image[..., 2]).all() and (intensity == grey16).all()
 
+  # Sparse nuclei (0.06% of the pixels) stay above the noise, whose hot pixel sets nothing.
+  rows, cols = np.mgrid[:512, :512]
+  nuclei = np.zeros((512, 512), bool)
+  for y, x in ((100, 100), (300, 400), (450, 60)):
+    nuclei |= (rows - y) ** 2 + (cols - x) ** 2 <= 4 ** 2
+  sparse = np.where(nuclei, 2000, rng.normal(100, 5, nuclei.shape)).astype(np.uint16)
+  sparse[10, 10] = 60000
+  image = segment.to_uint8(sparse)
+  noise = ~nuclei
+  noise[10, 10] = False
+  assert image[nuclei].min() >= 250 and image[noise].max() < 40
+  assert np.percentile(image[noise], 99.9) < 10  # The noise keeps a narrow range.
+
   tifffile.imwrite(tmp_path / 'rgb8.tif', rgba[..., :3])
   np.testing.assert_array_equal(segment.read_image(tmp_path / 'rgb8.tif')[0], rgba[..., :3])
+  # Compressed as microscopes and OpenCV write them (LZW, JPEG: imagecodecs decodes them).
+  Image.fromarray(rgba[..., :3]).save(tmp_path / 'lzw.tif', compression='tiff_lzw')
+  np.testing.assert_array_equal(segment.read_image(tmp_path / 'lzw.tif')[0], rgba[..., :3])
+  Image.fromarray(rgba[..., :3]).save(tmp_path / 'jpeg.tif', compression='jpeg', quality=95)
+  assert np.abs(segment.read_image(tmp_path / 'jpeg.tif')[0] - rgba[..., :3].astype(float)
+                ).mean() < 20
+  # Three fluorescence channels (a Fiji composite, CYX) are stains, not colours: pick one.
+  stains = rng.integers(0, 4000, size=(3, 20, 30), dtype=np.uint16)
+  tifffile.imwrite(tmp_path / 'composite.tif', stains, imagej=True, metadata={'axes': 'CYX'})
+  with pytest.raises(ValueError, match='has 3 channels that are not RGB colour: choose'):
+    segment.read_image(tmp_path / 'composite.tif')
+  assert (segment.read_image(tmp_path / 'composite.tif', channel=2)[1] == stains[2]).all()
+  tifffile.imwrite(tmp_path / 'planar_rgb.tif', stains, photometric='rgb', planarconfig='separate')
+  assert (segment.read_image(tmp_path / 'planar_rgb.tif')[1] == stains.mean(0)).all()
   # Alpha is dropped from TIFFs as from PNGs; other extra channels are not alpha.
   rgba16 = rng.integers(0, 4000, size=(20, 30, 4), dtype=np.uint16)
   tifffile.imwrite(tmp_path / 'rgba16.tif', rgba16, photometric='rgb', extrasamples=['unassalpha'])

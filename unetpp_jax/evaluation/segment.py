@@ -18,7 +18,8 @@ Intensities in the nuclei table are the image's own values, before the mapping t
 value, the selected channel's, or the mean of R, G and B.
 
 Outputs in `output`, each file written under a temporary name and renamed once complete:
-  labels/<name>.tif|png  uint16 label image: 0 background, 1..N the nuclei.
+  labels/<name>.tif|png  uint16 label image: 0 background, 1..N the nuclei (a TIFF's uint32
+                         beyond 65,535 nuclei).
   overlays/<name>.png    the network's input with the nuclei's contours in green.
   nuclei.csv             one row per nucleus (NUCLEUS_COLUMNS; pixel units, bounding box maxima
                          exclusive), optionally also nuclei.parquet (needs pyarrow).
@@ -30,7 +31,7 @@ Outputs in `output`, each file written under a temporary name and renamed once c
                          parts, so a rerun's tables still hold every image.
 <name> is the file name without its extension. Hidden files (names starting with '.') and the
 files under `output` are not inputs. An image that cannot be read or segmented (say, more nuclei
-than a uint16 label image holds) is logged and skipped, and listed under 'failed' in run.json; the
+than a PNG label image holds) is logged and skipped, and listed under 'failed' in run.json; the
 other images go on.
 """
 
@@ -59,9 +60,10 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 TIFF_SUFFIXES = ('.tif', '.tiff')
 _ALPHA_SAMPLES = (1, 2)  # TIFF ExtraSamples: associated and unassociated alpha.
 LABEL_FORMATS = {'tiff': '.tif', 'png': '.png'}
-PERCENTILES = (0.1, 99.9)  # Of an image's pixels, mapped to 0 and 255 (not 8-bit images).
-INTENSITY_MAPPING = ('8-bit images unchanged; others linearly per image, the 0.1th and 99.9th '
-                     'percentiles of their pixels to 0 and 255, clipped')
+PERCENTILES = (0.1, 99.9)  # Of an image's pixels, mapped to 0 and 255 (see `to_uint8`).
+INTENSITY_MAPPING = ('8-bit images unchanged; others linearly per image, the 0.1th percentile of '
+                     'their pixels to 0 and the larger of the 99.9th and the brightest 2x2 block '
+                     'to 255, clipped')
 
 # Columns of nuclei.csv and the `skimage.measure.regionprops_table` properties they come from.
 _PROPERTIES = {
@@ -138,7 +140,11 @@ def read_image(path: str | os.PathLike[str], channel: int | None = None
   path = pathlib.Path(path)
   if path.stat().st_size == 0:
     raise ValueError('empty file')
-  pixels = _decode_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else _decode_pil(path)
+  if path.suffix.lower() in TIFF_SUFFIXES:
+    pixels, colour = _decode_tiff(path)
+  else:
+    pixels = _decode_pil(path)
+    colour = pixels.ndim == 3  # Pillow's RGB.
   if pixels.size == 0:
     raise ValueError(f'no pixels (shape {pixels.shape})')
   if pixels.ndim == 3:
@@ -149,8 +155,9 @@ def read_image(path: str | os.PathLike[str], channel: int | None = None
       pixels = pixels[..., channel]
     elif count == 1:
       pixels = pixels[..., 0]
-    elif count != 3:
-      raise ValueError(f'has {count} channels: choose the nuclear stain with --channel '
+    elif count != 3 or not colour:
+      kind = '' if count != 3 else ' that are not RGB colour'
+      raise ValueError(f'has {count} channels{kind}: choose the nuclear stain with --channel '
                        f'(0..{count - 1})')
   intensity = pixels if pixels.ndim == 2 else pixels.mean(axis=-1)
   image = to_uint8(pixels)
@@ -186,13 +193,14 @@ def _decode_pil(path: pathlib.Path) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = limit
 
 
-def _decode_tiff(path: pathlib.Path) -> np.ndarray:
-  """[H, W] or [H, W, C] pixels of a TIFF's first image series (axes of size 1 and alpha samples
-  dropped)."""
+def _decode_tiff(path: pathlib.Path) -> tuple[np.ndarray, bool]:
+  """([H, W] or [H, W, C] pixels of a TIFF's first image series (axes of size 1 and alpha samples
+  dropped), whether its channels are RGB colour rather than separate stains or planes)."""
   with tifffile.TiffFile(path) as tif:
     series = tif.series[0]
     pixels, axes = series.asarray(), series.axes
     extra_samples = tif.pages[0].extrasamples
+    colour = tif.pages[0].photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
   alpha = sum(int(e) in _ALPHA_SAMPLES for e in extra_samples)
   if alpha and 'S' in axes and pixels.shape[axes.index('S')] > alpha:
     pixels = np.take(pixels, range(pixels.shape[axes.index('S')] - alpha), axis=axes.index('S'))
@@ -203,20 +211,32 @@ def _decode_tiff(path: pathlib.Path) -> np.ndarray:
   if len(extra) > 1 or (extra and extra not in 'SCQ') or 'Y' not in axes or 'X' not in axes:
     raise ValueError(f'is a stack of axes {axes} and shape {shape}: give one 2-D image per file '
                      '(axes YX, or with channels YXS or CYX)')
-  return np.moveaxis(pixels, axes.index(extra), -1) if extra else pixels
+  return (np.moveaxis(pixels, axes.index(extra), -1) if extra else pixels), colour
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
-  """8-bit pixels unchanged; others mapped linearly, per image, so that the PERCENTILES of all
-  its pixels become 0 and 255 (clipped; a constant image becomes 0)."""
+  """8-bit pixels unchanged; others mapped linearly, per image (all channels together): the
+  PERCENTILES[0] of its pixels becomes 0, 255 the larger of PERCENTILES[1] and the brightest
+  value that a 2 x 2 block of pixels holds throughout (clipped; a constant image becomes 0).
+
+  The block keeps sparse nuclei from being clipped with the background noise (nuclei covering
+  under 0.1% of the pixels put the 99.9th percentile in the noise) and a lone hot pixel from
+  setting the range.
+  """
   if pixels.dtype == np.uint8:
     return pixels
   if pixels.dtype == bool:
     return pixels.astype(np.uint8) * 255
   values = pixels.astype(np.float32)
-  if not np.isfinite(values).any():
+  finite = np.isfinite(values)
+  if not finite.any():
     raise ValueError('no finite pixel value')
-  low, high = np.nanpercentile(np.where(np.isfinite(values), values, np.nan), PERCENTILES)
+  low, high = np.nanpercentile(np.where(finite, values, np.nan), PERCENTILES)
+  if min(values.shape[:2]) > 1:
+    lowest = np.where(finite, values, -np.inf)
+    blocks = np.minimum(np.minimum(lowest[:-1, :-1], lowest[1:, :-1]),
+                        np.minimum(lowest[:-1, 1:], lowest[1:, 1:]))
+    high = max(high, float(blocks.max()))
   if not high > low:
     low, high = np.nanmin(values), np.nanmax(values)
   scale = 255 / (high - low) if high > low else 0.0
@@ -261,9 +281,12 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _write_labels(path: pathlib.Path, labels: np.ndarray) -> None:
-  if labels.max(initial=0) > np.iinfo(np.uint16).max:
-    raise ValueError(f'{labels.max()} nuclei do not fit in the uint16 label image {path}.')
-  labels = labels.astype(np.uint16)
+  """uint16 labels; a TIFF's uint32 where the nuclei outnumber uint16 (a slide scan)."""
+  wide = labels.max(initial=0) > np.iinfo(np.uint16).max
+  if wide and path.suffix == '.png':
+    raise ValueError(f'{labels.max()} nuclei do not fit in the 16-bit PNG label image {path}: '
+                     'use --label_format=tiff.')
+  labels = labels.astype(np.uint32 if wide else np.uint16)
   if path.suffix == '.png':
     atomic.write_via(path, lambda tmp: Image.fromarray(labels).save(tmp, format='PNG'))
   else:
