@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import struct
 import subprocess
 import sys
@@ -183,6 +184,22 @@ def test_multichannel_tiff_channel_choice(setup, tmp_path):
   other = segment.segment(setup.workdir, inputs[1:], out, channel=2, label_format='png',
                           instance_options=instances.InstanceOptions(min_size=1000))
   assert (other['num_segmented'], other['num_nuclei']) == (1, 0)
+
+
+def test_a_retrained_checkpoint_of_the_same_step_segments_again(setup, tmp_path):
+  workdir = tmp_path / 'work'
+  shutil.copytree(setup.workdir, workdir)
+  inputs, out = [str(setup.images / 'c.tif')], tmp_path / 'out'
+  assert segment.segment(workdir, inputs, out)['num_segmented'] == 1
+  assert segment.segment(workdir, inputs, out)['num_skipped'] == 1
+  # The run trained again from scratch to the same step: its checkpoint was saved later.
+  metadata = workdir / 'checkpoints' / '40' / '_CHECKPOINT_METADATA'
+  record = json.loads(metadata.read_text())
+  record['init_timestamp_nsecs'] += 10**9
+  metadata.write_text(json.dumps(record))
+  again = segment.segment(workdir, inputs, out)
+  assert (again['num_segmented'], again['num_skipped']) == (1, 0)
+  assert again['checkpoint_saved_ns'] == record['init_timestamp_nsecs']
 
 
 def test_label_images_beyond_65535_nuclei_are_uint32_tiffs(tmp_path):

@@ -163,6 +163,13 @@ class Workdir:
           f'No checkpoint of step {step} in {self.checkpoints} (found {available}).')
     return step
 
+  def saved_at(self, step: int) -> int | None:
+    """When checkpoint `step` was saved (ns since the epoch; Orbax's step metadata): tells a
+    retrained run's checkpoint from an earlier run's of the same step. None if not recorded."""
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(self.checkpoints, options=options) as manager:
+      return manager.metadata(step).init_timestamp_nsecs
+
   def restore_variables(self, like: Mapping[str, Any],
                         step: int | None = None) -> tuple[dict[str, Any], int]:
     """(entries of `like` read from checkpoint `step` (default: the newest), step), as numpy.

@@ -26,7 +26,8 @@ Outputs in `output`, each file written under a temporary name and renamed once c
   summary.csv            one row per image (SUMMARY_COLUMNS).
   run.json               the workdir, checkpoint step, every option, and the files that failed.
   parts/<name>.csv|json  each image's rows of those tables. An image whose parts record the same
-                         checkpoint, options and input file (size, modification time) is not
+                         checkpoint (step, time saved), options and input file (size,
+                         modification time) is not
                          segmented again unless `overwrite`; the tables are merged from the
                          parts, so a rerun's tables still hold every image.
 <name> is the file name without its extension. Hidden files (names starting with '.') and the
@@ -55,6 +56,7 @@ from skimage import measure
 from unetpp_jax import atomic
 from unetpp_jax.data import splits
 from unetpp_jax.evaluation import evaluate, instances, predict
+from unetpp_jax.workdir import Workdir
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 TIFF_SUFFIXES = ('.tif', '.tiff')
@@ -390,6 +392,7 @@ def segment(
     instance_options = instances.default_options(predictor.scheme)
   settings = json.loads(json.dumps({
       'workdir': str(pathlib.Path(workdir).absolute()), 'checkpoint_step': step,
+      'checkpoint_saved_ns': Workdir(workdir).saved_at(step),  # A retrained run's differs.
       'weights': predict.weights_name(workdir, step, average),
       'inference': {**dataclasses.asdict(inference), 'strategy': predictor.strategy,
                     'mode': predictor.mode, 'prune_level': predictor.level,
