@@ -114,6 +114,18 @@ def test_describe_is_cached(tmp_path, monkeypatch):
   assert len(calls) == 2
 
 
+def test_a_release_folder_with_edited_masks_is_described_anew(tmp_path):
+  from unetpp_jax.data import release_source  # pylint: disable=g-import-not-at-top
+  masks = tmp_path / 'stage1_train' / 'a' / 'masks'
+  masks.mkdir(parents=True)
+  fingerprint = release_source._fingerprint  # pylint: disable=protected-access
+  (masks / '1.png').write_bytes(b'x' * 100)
+  before = fingerprint(str(tmp_path / 'stage1_train'))
+  (masks / '1.png').write_bytes(b'x' * 120)  # A corrected label, saved in place.
+  after = fingerprint(str(tmp_path / 'stage1_train/'))
+  assert before != after and after.startswith('release:stage1_train:')
+
+
 def test_oversampling_repeats_examples_per_epoch_and_keeps_the_stream_a_pure_function():
   config = dsb.get_config()
   config.data.repeats.update({'tissue': 2, 'brightfield': 3})

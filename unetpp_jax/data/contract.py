@@ -238,7 +238,9 @@ def recolour(image: np.ndarray, label: np.ndarray, nucleus: float, background: f
   if np.median(grey) > splits.BRIGHT_MEDIAN:
     return image
   nuclei = label > 0
-  reference = np.sum(grey, where=nuclei) / np.sum(nuclei) if nuclei.any() else np.float32(1)
+  # In float32 throughout, as the tf.data twin computes it.
+  reference = (np.sum(grey, where=nuclei) / np.float32(np.sum(nuclei)) if nuclei.any()
+               else np.float32(1))
   signal = np.minimum(grey / np.maximum(reference, np.float32(1 / 255)), np.float32(1.5))
   densities = np.stack([background + (nucleus - background) * signal,
                         eosin * np.maximum(1 - signal, 0), np.zeros_like(grey)], -1)

@@ -12,6 +12,7 @@ for it, export an .npz once). Nothing here may import tensorflow.
 import concurrent.futures
 import hashlib
 import os
+import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -104,7 +105,11 @@ def create_input(
 
 
 def _fingerprint(path: str) -> str:
-  """What identifies the release's pixels and labels beside their ids (see `splits.describe`)."""
-  size = os.path.getsize(path) if os.path.isfile(path) else 'folder'
+  """What identifies the release's pixels and labels beside their ids (see `splits.describe`):
+  the zip's size, or the total size of the folder's files (masks edited in place change it)."""
+  if os.path.isfile(path):
+    size = os.path.getsize(path)
+  else:
+    size = sum(f.stat().st_size for f in pathlib.Path(path).rglob('*') if f.is_file())
   return f'release:{os.path.basename(os.path.normpath(path))}:{size}'
 

@@ -4,7 +4,7 @@ DSB2018's stage1_train mixes kinds of image, and many of its images are tiles of
 original (mosaics: an original cut into 2, 4 or more tiles that continue each other across their
 shared edges). A validation image whose sibling tiles were trained on promises more than images
 the model has never seen, so the 'grouped' split keeps each mosaic whole, on one side, and gives
-every kind of image at least its share of the validation split.
+every kind of image about its share of the validation split or more.
 
 Kinds (`image_kind`), from the image and its true labels:
   tissue                bright background (median grey > half of white), colour (stained tissue,
@@ -172,7 +172,7 @@ def describe(ids: Sequence[str], fingerprint: str,
   Args:
     ids: the ids `examples()` yields.
     fingerprint: what else identifies the pixels and labels behind those ids (the dataset's name
-      and version, or the release file's name and size).
+      and version, or the release's name and the size of its zip or its folder's files).
     examples: called only when the cache has no entry.
   """
   key = hashlib.sha256(json.dumps([_CACHE_VERSION, fingerprint, sorted(ids)]).encode()).hexdigest()
@@ -200,11 +200,12 @@ def _stable_key(text: str) -> int:
 
 def grouped_split(info: Mapping[str, ImageInfo], val_fraction: float
                   ) -> tuple[list[str], list[str]]:
-  """(train ids, validation ids): whole mosaic groups, each kind at least its share in validation.
+  """(train ids, validation ids): whole mosaic groups, each kind about its share in validation.
 
   A group's kind is its most common one (in a tie, that of its first image in id order). For
   each kind, groups are taken into validation in a fixed pseudo-random order (the md5 of their
-  id) until the kind's validation images reach ceil(val_fraction * its images); a group that
+  id) until they hold ceil(val_fraction * the kind's images) images; as a group's images may
+  include other kinds, a kind can end a little under its share (and another over); a group that
   would overshoot that target by more than half of itself is passed over for a smaller one. The
   result depends on the ids and pixels only (not on the seed, nor on the order of `info`), so
   runs with different seeds share their validation split.
