@@ -333,6 +333,22 @@ def test_failures_after_reading_hidden_files_and_outputs_among_inputs(setup, tmp
   assert [s['image'] for s in _table(out / 'summary.csv')] == ['a', 'c']
   monkeypatch.setattr(predict.Predictor, 'run', run)
 
+  # Preparing an image fails while the one before it waits in the network's queue: the failure
+  # is that image's, and the one before it is segmented.
+  split = predict.Pad.split
+
+  def failing_split(self, image):
+    if image.shape[:2] == (30, 30):
+      raise MemoryError('padding')
+    return split(self, image)
+  monkeypatch.setattr(predict.Pad, 'split', failing_split)
+  prepared = segment.segment(setup.workdir, [str(images / f'{n}.png') for n in 'abc'],
+                             tmp_path / 'prepared', inference=pad)
+  assert list(prepared['failed']) == [str(images / 'b.png')]
+  assert 'MemoryError: padding' in prepared['failed'][str(images / 'b.png')]
+  assert [s['image'] for s in _table(tmp_path / 'prepared' / 'summary.csv')] == ['a', 'c']
+  monkeypatch.setattr(predict.Pad, 'split', split)
+
   again = segment.segment(setup.workdir, inputs, out, inference=pad, label_format='png')
   assert (again['num_images'], again['num_segmented'], again['num_skipped']) == (3, 1, 2)
   assert not again['failed']

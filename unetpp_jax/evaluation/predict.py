@@ -94,6 +94,12 @@ def weights_name(workdir: str | os.PathLike[str], step: int, average: bool) -> s
 Assemble = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
+class PrepareError(Exception):
+  """An image that its strategy could not turn into network inputs (say, out of memory while
+  padding it); raised from the original error. Any other error of `Predictor.predict` is the
+  network's, on the first image yielded to it and not yet returned."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Resize:
   """The image resized to the training size (bilinear, antialiased, as the training pipeline);
@@ -357,7 +363,10 @@ class Predictor:
       queue.clear()
 
     for example in examples:
-      inputs, assemble = strategy.split(example['image'])
+      try:
+        inputs, assemble = strategy.split(example['image'])
+      except Exception as e:  # Raised with earlier images still queued: say whose it is.
+        raise PrepareError(f'{type(e).__name__}: {e}') from e
       entry = [example, assemble, [None] * len(inputs)]
       pending.append(entry)
       for index, x in enumerate(inputs):

@@ -443,14 +443,15 @@ def segment(
           continue
         progress.update()
       queue = []
-    except Exception as e:  # pylint: disable=broad-except  # The network failed on an image.
+    except Exception as e:  # pylint: disable=broad-except  # One image failed.
       if finished == len(read):
         raise
-      # Predictions come back in input order: the first image read and not returned failed;
-      # the network starts again after it.
-      culprit = read[finished]
-      fail(queue[culprit][0], e)
-      queue = queue[culprit + 1:]
+      # Predictions come back in input order: the network failed on the first image read and not
+      # returned, or preparing the last one read failed. The others start again.
+      prepare = isinstance(e, predict.PrepareError)
+      culprit = read[-1] if prepare else read[finished]
+      fail(queue[culprit][0], e.__cause__ if prepare else e)
+      queue = [queue[i] for i in read[finished:] if i != culprit] + queue[read[-1] + 1:]
   loop_seconds = time.time() - loop_start
 
   records = [(name, _record(output, name, path, settings)) for path, name in zip(paths, names)
