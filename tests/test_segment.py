@@ -202,6 +202,13 @@ def test_a_retrained_checkpoint_of_the_same_step_segments_again(setup, tmp_path)
   assert again['checkpoint_saved_ns'] == record['init_timestamp_nsecs']
 
 
+def test_input_values_split_on_commas_unless_they_name_a_file(tmp_path):
+  named = tmp_path / 'day 1, well B2.tif'
+  named.touch()
+  assert segment.split_inputs([str(named), 'a.png,b/*.tif,', 'c.png']) == [
+      str(named), 'a.png', 'b/*.tif', 'c.png']
+
+
 def test_label_images_beyond_65535_nuclei_are_uint32_tiffs(tmp_path):
   labels = np.arange(70_000, dtype=np.int32).reshape(280, 250)
   segment._write_labels(tmp_path / 'slide.tif', labels)  # pylint: disable=protected-access

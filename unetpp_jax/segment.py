@@ -5,8 +5,9 @@ r"""Segments your own microscopy images with a trained model: label images, over
 
 The command line of `unetpp_jax.evaluation.segment` (which documents the image types, the mapping
 of 16-bit images to 8 bits and the outputs; docs/segment.md). --input may be repeated or hold a
-comma-separated list. The inference and instance flags (--strategy, --noflips, --threshold, ...)
-are `unetpp_jax.inference_flags`, shared with `unetpp_jax.evaluate`, with the same defaults, so an
+comma-separated list (a value that names an existing file or folder is taken whole). The
+inference and instance flags (--strategy, --noflips, --threshold, ...) are
+`unetpp_jax.inference_flags`, shared with `unetpp_jax.evaluate`, with the same defaults, so an
 image gives the nuclei it gets in evaluation. Rerunning skips the images already segmented with the
 same checkpoint and options. Files that cannot be read or used (e.g. a multi-channel image without
 --channel) are skipped, the others segmented, and the command then lists them in a one-line
@@ -35,8 +36,8 @@ flags.DEFINE_string('output', None, 'Output folder (created; results already the
 flags.DEFINE_integer('channel', None, 'Channel (0-based) of multi-channel images to segment, as a '
                      'grey image; needed for images with 2 or more than 3 channels. Default: RGB '
                      'or grey.', lower_bound=0)
-flags.DEFINE_enum('label_format', 'tiff', tuple(segment.LABEL_FORMATS), 'uint16 label images as '
-                  'TIFF or PNG.')
+flags.DEFINE_enum('label_format', 'tiff', tuple(segment.LABEL_FORMATS), 'Label images as TIFF '
+                  '(uint16; uint32 beyond 65,535 nuclei) or PNG (uint16).')
 flags.DEFINE_bool('overwrite', False, 'Segment again images already segmented in --output with '
                   'the same checkpoint and options.')
 flags.DEFINE_bool('parquet', False, 'Also write nuclei.parquet (needs pyarrow).')
@@ -46,7 +47,7 @@ flags.mark_flags_as_required(['input', 'output'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  inputs = [item for value in FLAGS.input for item in value.split(',') if item]
+  inputs = segment.split_inputs(FLAGS.input)
   try:
     config = inference_flags.load_config()
     report = segment.segment(

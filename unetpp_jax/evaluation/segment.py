@@ -85,6 +85,14 @@ SUMMARY_COLUMNS = ('image', 'file', 'height', 'width', 'num_nuclei', 'median_are
 # Inputs.
 
 
+def split_inputs(values: Sequence[str]) -> list[str]:
+  """The inputs of --input values, each one input or a comma-separated list; a value that names
+  an existing file or folder is one input, commas in its name included."""
+  return [item for value in values
+          for item in ([value] if os.path.exists(os.path.expanduser(value)) else value.split(','))
+          if item]
+
+
 def find_images(inputs: Sequence[str], output: str | os.PathLike[str] | None = None
                 ) -> list[pathlib.Path]:
   """The files that `inputs` name, in order and without repeats.
