@@ -35,11 +35,11 @@ _STATE_ITEM = 'default'
 def saved_entries(checkpoints: epath.PathLike, step: int) -> set[str]:
   """The entries of the train state saved at `step` in `checkpoints` ('params', 'ema', ...)."""
   path = epath.Path(checkpoints) / str(step) / _STATE_ITEM
-  metadata = ocp.PyTreeCheckpointer().metadata(path).item_metadata
-  if metadata is None:
+  try:
+    return set(ocp.StandardCheckpointHandler().metadata(path).keys())
+  except FileNotFoundError as e:
     raise FileNotFoundError(f'Checkpoint {step} of {checkpoints} is gone (removed by training, '
-                            'which keeps only the newest?).')
-  return set(metadata.keys())
+                            'which keeps only the newest?).') from e
 
 
 class Workdir:
@@ -166,9 +166,7 @@ class Workdir:
   def saved_at(self, step: int) -> int | None:
     """When checkpoint `step` was saved (ns since the epoch; Orbax's step metadata): tells a
     retrained run's checkpoint from an earlier run's of the same step. None if not recorded."""
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(self.checkpoints, options=options) as manager:
-      return manager.metadata(step).init_timestamp_nsecs
+    return ocp.metadata.get_step_metadata(self.checkpoints / str(step)).init_timestamp_nsecs
 
   def restore_variables(self, like: Mapping[str, Any],
                         step: int | None = None) -> tuple[dict[str, Any], int]:
