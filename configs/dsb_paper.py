@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'crop' only: the largest angle, in degrees, of a random rotation of each crop about its
   # centre (on top of the flips and quarter turns of `augment`); 0 = off.
   config.data.max_rotation = 0.0
+  # 'crop' only: the standard deviation, in pixels of the crop, of a random elastic deformation
+  # of each crop (smooth displacements drawn on a coarse grid, contract.WARP_GRID); 0 = off.
+  config.data.elastic = 0.0
   # Bad examples in the release (undecodable PNG, mask size != image size, masks without an image,
   # an id in two folders): 'error' stops with a message naming the file; 'skip' logs, counts and
   # leaves them out. Applies when TFDS prepares the data (prepared data is cached and reused).

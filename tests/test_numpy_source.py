@@ -260,6 +260,12 @@ def test_schedule_from_config_draws_the_configured_colour_params():
   config.data.touching_crop_prob = 1.0
   _, params = contract.TrainSchedule.from_config(config, 10, layout).step(3)
   assert params['touching_crop'].all()
+  assert not params['angle'].any() and not params['warp'].any()
+  config.data.max_rotation, config.data.elastic = 30.0, 3.0
+  _, params = contract.TrainSchedule.from_config(config, 10, layout).step(3)
+  assert params['angle'].all() and params['warp'].shape == (4, contract.WARP_GRID,
+                                                             contract.WARP_GRID, 2)
+  assert params['warp'].all()
   assert schedule.jitter == config.data.jitter and schedule.seed == config.seed
 
 

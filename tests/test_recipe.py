@@ -104,6 +104,7 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
       ('data.nucleus_diameter', -4.0, 'config.data.nucleus_diameter=-4.0 must be a size'),
       ('data.touching_crop_prob', 1.5, 'config.data.touching_crop_prob=1.5 must be in [0, 1]'),
       ('data.max_rotation', 270.0, 'config.data.max_rotation=270.0 must be an angle'),
+      ('data.elastic', -2.0, 'config.data.elastic=-2.0 must be a length'),
   ]:
     config = dsb_cpu.get_config()
     config.update_from_flattened_dict({field: value})
@@ -123,6 +124,9 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
     config_validation.validate(config)
   config.data.touching_crop_prob, config.data.max_rotation = 0.0, 30.0
   with pytest.raises(ValueError, match="max_rotation=30.0 rotates native-resolution crops"):
+    config_validation.validate(config)
+  config.data.max_rotation, config.data.elastic = 0.0, 3.0
+  with pytest.raises(ValueError, match="elastic=3.0 deforms native-resolution crops"):
     config_validation.validate(config)
 
 
@@ -278,6 +282,60 @@ def test_rotation_is_drawn_with_the_other_augmentation_parameters():
     np.testing.assert_array_equal(on[key], off[key], err_msg=key)
 
 
+def _warp(dy, dx):
+  return np.broadcast_to(np.float32([dy, dx]), (contract.WARP_GRID, contract.WARP_GRID, 2))
+
+
+def test_elastic_crops_show_the_source_displaced_smoothly():
+  rows, cols = np.mgrid[:200, :180]
+  image = np.stack([rows, cols, np.full_like(rows, 9)], -1).astype(np.uint8)  # Where it comes from.
+  label = (1 + rows // 10 * 18 + cols // 10).astype(np.uint16)  # Squares of 10x10.
+  plain = contract.crop(image, label, S, 0.0, 0.0)
+  for a, b in zip(contract.crop(image, label, S, 0.0, 0.0, warp=_warp(0, 0)), plain):
+    np.testing.assert_array_equal(a, b)  # No displacement: the plain crop.
+  # An even displacement moves the window: 3 rows down, 2 columns right of the source (in pixels
+  # of the crop: twice as many source pixels in a crop zoomed out 2x).
+  for zoom, step in ((1.0, 1), (0.5, 2)):
+    moved = contract.crop(image, label, S, 0.0, 0.0, zoom, warp=_warp(3, 2))
+    want = contract.crop(image[3 * step:, 2 * step:], label[3 * step:, 2 * step:], S, 0.0, 0.0,
+                         zoom)
+    np.testing.assert_array_equal(moved[1], want[1])
+    np.testing.assert_array_equal(moved[0], want[0])
+  # Half a pixel: the image between two rows (bilinear), the label from one of them.
+  centred = contract.crop(image, label, S, 0.5, 0.5)[0][..., 0].astype(float)
+  half = contract.crop(image, label, S, 0.5, 0.5, warp=_warp(0.5, 0))[0][..., 0]
+  assert np.abs(half - (centred + 0.5)).max() <= 0.5
+  # Random displacements: at the control points on the window's corners each pixel shows the
+  # source that far away; in between they vary smoothly; past the image's edges, the image
+  # mirrored (no fill), with or without rotation.
+  warp = np.random.default_rng(0).normal(0, 3, (contract.WARP_GRID, contract.WARP_GRID, 2))
+  y, x = 54, 46  # `crop`'s offsets for fy, fx = 0.4, 0.4 in a 200 x 180 image.
+  got, _ = contract.crop(image, label, S, 0.4, 0.4, warp=warp)
+  for i, j in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+    source = np.array([y + (i % S), x + (j % S)]) + warp[i, j]
+    assert np.abs(got[i, j, :2] - source).max() <= 0.5 + 1e-6  # The linear ramps, rounded.
+  flow = got[..., :2] - (np.stack(np.mgrid[:S, :S], -1) + [y, x])
+  assert np.abs(flow).max() > 3 and np.abs(np.diff(flow, axis=0)).max() <= 2
+  for fy, fx, angle in ((0.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 1.0, 30.0)):
+    warped_image, warped_label = contract.crop(image, label, S, fy, fx, 0.8, angle=angle,
+                                               warp=4 * warp)
+    assert (warped_image[..., 2] == 9).all() and warped_label.min() > 0
+    assert set(np.unique(warped_label)) <= set(np.unique(label))
+
+
+def test_elastic_warp_is_drawn_with_the_other_augmentation_parameters():
+  positions = np.arange(400)
+  off = contract.augment_params(0, positions, augment=True, jitter=0.1, max_rotation=30.0)
+  on = contract.augment_params(0, positions, augment=True, jitter=0.1, max_rotation=30.0,
+                               elastic=3.0)
+  assert off['warp'].shape == (400, contract.WARP_GRID, contract.WARP_GRID, 2)
+  assert not off['warp'].any()
+  assert 2.9 < on['warp'].std() < 3.1 and abs(on['warp'].mean()) < 0.1
+  assert np.abs(on['warp'][:, 0] - on['warp'][:, 1]).mean() > 2  # Independent at each point.
+  for key in off.keys() - {'warp'}:
+    np.testing.assert_array_equal(on[key], off[key], err_msg=key)
+
+
 def test_zoom_is_drawn_with_the_other_augmentation_parameters():
   positions = np.arange(64)
   off = contract.augment_params(0, positions, augment=True, jitter=0.1)
@@ -341,6 +399,7 @@ def test_release_source_matches_tfds_and_resumes_exactly(tmp_path_factory, relea
       config.data.nucleus_diameter = 20.0
       config.data.touching_crop_prob = 0.5
       config.data.max_rotation = 30.0
+      config.data.elastic = 3.0
     return config
   tfds_input = data_sources.create_input(config_of('tfds'), start_step=2)
   config = config_of('release')

@@ -61,6 +61,7 @@ ADDED_FIELDS = {
     'data.nucleus_diameter': 0.0,
     'data.touching_crop_prob': 0.0,
     'data.max_rotation': 0.0,
+    'data.elastic': 0.0,
     **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
     'model.input_norm': 'standardize',
     'loss.contact_width': 0,
@@ -220,6 +221,13 @@ def validate(config: Any) -> None:
   check(
       not max_rotation or config.data.train_preprocess == 'crop',
       f'config.data.max_rotation={max_rotation} rotates native-resolution crops: it needs '
+      "config.data.train_preprocess='crop' (or 0).",
+  )
+  elastic = _get(config, 'data.elastic')
+  check(elastic >= 0, f'config.data.elastic={elastic} must be a length in pixels (0 = off).')
+  check(
+      not elastic or config.data.train_preprocess == 'crop',
+      f'config.data.elastic={elastic} deforms native-resolution crops: it needs '
       "config.data.train_preprocess='crop' (or 0).",
   )
   check(

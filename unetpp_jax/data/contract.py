@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 from skimage import color
 
 from unetpp_jax import atomic
@@ -32,6 +33,10 @@ from unetpp_jax.data import splits
 _PERMUTATION_STREAM = 1
 _AUGMENT_STREAM = 2
 
+# The elastic deformation (`crop`'s `warp`) is drawn at WARP_GRID x WARP_GRID control points spread
+# over the window (32 pixels apart in a 128-pixel crop) and interpolated by cubic splines between
+# them, as U-Net's authors deformed their tiles on a coarse grid.
+WARP_GRID = 5
 PREPROCESS_MODES = ('resize', 'crop')  # config.data.train_preprocess (see tfds_source).
 # The orders of the colour channels `augment_params` draws from ('channels'); row 0 keeps them.
 CHANNEL_ORDERS = np.array(list(itertools.permutations(range(3))), np.int32)
@@ -146,6 +151,7 @@ def augment_params(
     scale_range: tuple[float, float] = (1.0, 1.0), invert_prob: float = 0.0,
     grey_prob: float = 0.0, channel_shuffle: bool = False, stain_jitter: float = 0.0,
     recolour_prob: float = 0.0, touching_crop_prob: float = 0.0, max_rotation: float = 0.0,
+    elastic: float = 0.0,
 ) -> dict[str, np.ndarray]:
   """Per-example augmentation parameters, each a pure function of (seed, global position).
 
@@ -169,6 +175,8 @@ def augment_params(
     touching_crop_prob: probability of centring a crop where nuclei touch (`crop`'s `pick`).
     max_rotation: the largest angle, in degrees, of a crop's rotation about its centre (`crop`'s
       `angle`; uniform in [-max_rotation, max_rotation], 0 = off).
+    elastic: the standard deviation, in pixels of the crop, of the displacements of its elastic
+      deformation at the control points (`crop`'s `warp`; 0 = off).
 
   Returns:
     Arrays [N]: 'flip_lr', 'flip_ud' (bool), 'rot90' (int32 quarter turns, counter-clockwise),
@@ -180,14 +188,17 @@ def augment_params(
     densities of the H&E drawing, 'recolour_nucleus', 'recolour_background' (haematoxylin),
     'recolour_eosin' (float32; see `recolour`), 'touching_crop' (bool) and 'crop_pick' (float32
     in [0, 1): which pixel a touching crop is centred on; see `crop`), 'angle' (float32 degrees,
-    counter-clockwise; see `crop`).
+    counter-clockwise; see `crop`), 'warp' (float32 [N, WARP_GRID, WARP_GRID, 2]: the
+    elastic displacements (dy, dx) in pixels of the crop; see `crop`).
   """
   # A generator's first k numbers do not depend on how many follow: adding 'zoom' (the 9th), the
   # colour parameters (10th to 12th), the stain factors (13th, 14th) and the recolouring (15th to
   # 18th), the touching crops (19th, 20th) and the rotation (21st) left the earlier parameters of
-  # every position unchanged.
-  u = np.array([np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]).random(21)
-                for p in positions], np.float64).reshape(-1, 21)
+  # every position unchanged; the elastic displacements are drawn after them.
+  rngs = [np.random.default_rng([seed, _AUGMENT_STREAM, int(p)]) for p in positions]
+  u = np.array([rng.random(21) for rng in rngs], np.float64).reshape(-1, 21)
+  normals = np.array([rng.standard_normal((WARP_GRID, WARP_GRID, 2)) for rng in rngs],
+                     np.float64).reshape(-1, WARP_GRID, WARP_GRID, 2)
   lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
   symmetric = jitter * (2 * u[:, 3:6] - 1)  # U(-s, s)
   return {
@@ -213,6 +224,7 @@ def augment_params(
       'touching_crop': u[:, 18] < touching_crop_prob,
       'crop_pick': u[:, 19].astype(np.float32),
       'angle': (max_rotation * (2 * u[:, 20] - 1)).astype(np.float32),
+      'warp': (elastic * normals).astype(np.float32),
   }
 
 
@@ -311,7 +323,7 @@ def touching(label: np.ndarray) -> np.ndarray:
 
 def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
          zoom: float = 1.0, nucleus_diameter: float = 0.0, pick: float | None = None,
-         angle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+         angle: float = 0.0, warp: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """A size x size training window of a native-resolution example, shared by every source.
 
   The window covers round(size / zoom) source pixels (zoom > 1 magnifies), at relative offsets
@@ -324,7 +336,10 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
   two nuclei touch (`touching`), or on any nucleus pixel if none touch: the pick-th of them in
   row-major order, as a fraction of their number. With `angle` the window is rotated about its
   centre (the image's content turns counter-clockwise by that many degrees) before it is resized;
-  where its corners reach past the image, they see the image mirrored.
+  where its corners reach past the image, they see the image mirrored. With `warp` the window is
+  then deformed elastically: each of its pixels shows the source a smooth random displacement away
+  (the displacements at WARP_GRID x WARP_GRID control points, cubic splines between them), the
+  image mirrored where that reaches past it.
 
   Args:
     image: uint8 [H, W, 3].
@@ -336,6 +351,9 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
     pick: `augment_params`' 'crop_pick' for a touching crop; None, or an image without nuclei:
       placed by fy, fx.
     angle: `augment_params`' 'angle' (degrees; 0 = unrotated).
+    warp: `augment_params`' 'warp': [WARP_GRID, WARP_GRID, 2] displacements (dy, dx) in pixels of
+      the crop at the control points, the first and last on the window's edges; None or zeros:
+      undeformed.
 
   Returns:
     uint8 [S, S, 3] and uint16 [S, S].
@@ -361,10 +379,16 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
       cy, cx = divmod(int(targets[min(int(float(pick) * targets.size), targets.size - 1)]), width)
       y = int(np.clip(cy - window // 2, 0, height - window))
       x = int(np.clip(cx - window // 2, 0, width - window))
-  if angle:
-    image, label = _rotated_window(image, label, y, x, window, float(angle))
+  displacements, margin = None, 0
+  if warp is not None and np.any(warp):
+    displacements = _displacements(np.asarray(warp, np.float64) * (window / size), window)
+    margin = int(np.ceil(np.abs(displacements).max())) + 1
+  if angle or margin:
+    image, label = _rotated_window(image, label, y, x, window, float(angle), margin)
   else:
     image, label = image[y:y + window, x:x + window], label[y:y + window, x:x + window]
+  if margin:
+    image, label = _warped(image, label, displacements, margin)
   if window != size:
     image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size),
                                                                            Image.BILINEAR))
@@ -374,21 +398,49 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
 
 
 def _rotated_window(image: np.ndarray, label: np.ndarray, y: int, x: int, window: int,
-                    angle: float) -> tuple[np.ndarray, np.ndarray]:
-  """The window [y, y + window) x [x, x + window) rotated by `angle` degrees about its centre
-  (image bilinear, label nearest), the image mirrored around it."""
+                    angle: float, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The window [y, y + window) x [x, x + window), grown by `margin` pixels on every side and
+  rotated by `angle` degrees about its centre (image bilinear, label nearest), the image mirrored
+  around it."""
+  side = window + 2 * margin
   # A rotated square's corners reach at most (sqrt(2) - 1) / 2 of its side past its edges.
-  margin = int(np.ceil(window * (np.sqrt(2) - 1) / 2)) + 1
+  reach = margin + (int(np.ceil(side * (np.sqrt(2) - 1) / 2)) + 1 if angle else 0)
 
-  def mirrored(start, extent):  # Indices [start - margin, start + window + margin), 'symmetric'.
-    i = np.abs(np.arange(start - margin, start + window + margin) + 0.5) - 0.5
+  def mirrored(start, extent):  # Indices [start - reach, start + window + reach), 'symmetric'.
+    i = np.mod(np.arange(start - reach, start + window + reach), 2 * extent)
     return np.where(i >= extent, 2 * extent - 1 - i, i).astype(np.intp)
   rows, cols = mirrored(y, image.shape[0]), mirrored(x, image.shape[1])
   image, label = image[np.ix_(rows, cols)], label[np.ix_(rows, cols)]
-  image = Image.fromarray(np.ascontiguousarray(image)).rotate(angle, Image.BILINEAR)
-  label = Image.fromarray(label.astype(np.int32)).rotate(angle, Image.NEAREST)
-  inner = slice(margin, margin + window)
+  if angle:
+    image = Image.fromarray(np.ascontiguousarray(image)).rotate(angle, Image.BILINEAR)
+    label = Image.fromarray(label.astype(np.int32)).rotate(angle, Image.NEAREST)
+  inner = slice(reach - margin, reach - margin + side)
   return np.asarray(image)[inner, inner], np.asarray(label)[inner, inner]
+
+
+def _displacements(warp: np.ndarray, window: int) -> np.ndarray:
+  """float64 [window, window, 2]: the displacements `warp` [G, G, 2] at G x G control points
+  (the first and last on the window's edges) interpolated by cubic splines to every pixel."""
+  g = warp.shape[0]
+  # The spline is linear in the values and separable: row r of `weights` holds how much each
+  # control point's value counts at pixel r along one axis.
+  t = np.linspace(0, g - 1, window)
+  weights = np.stack([ndimage.map_coordinates(basis, [t], order=3, mode='nearest')
+                      for basis in np.eye(g)], -1)
+  return np.stack([weights @ warp[..., c] @ weights.T for c in range(2)], -1)
+
+
+def _warped(image: np.ndarray, label: np.ndarray, displacements: np.ndarray, margin: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """The inner window of `image`, `label` (grown by `margin` on every side): pixel (i, j) shows
+  the grown window at (i, j) + `displacements`[i, j] (image bilinear, label nearest)."""
+  window = displacements.shape[0]
+  grid = np.mgrid[:window, :window].astype(np.float64) + margin
+  points = grid + np.moveaxis(displacements, -1, 0)
+  channels = [ndimage.map_coordinates(image[..., c].astype(np.float32), points, order=1)
+              for c in range(image.shape[-1])]
+  image = np.clip(np.rint(np.stack(channels, -1)), 0, 255).astype(np.uint8)
+  return image, ndimage.map_coordinates(label, points, order=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,6 +463,7 @@ class TrainSchedule:
   recolour_prob: float = 0.0
   touching_crop_prob: float = 0.0
   max_rotation: float = 0.0
+  elastic: float = 0.0
 
   @classmethod
   def from_config(cls, config: Any, num_examples: int, layout: Layout,
@@ -420,7 +473,7 @@ class TrainSchedule:
     return cls(num_examples, config.seed, config.batch_size, layout, data.augment, data.jitter,
                tuple(data.scale_range), repeats, data.invert_prob, data.grey_prob,
                data.channel_shuffle, data.stain_jitter, data.recolour_prob,
-               data.touching_crop_prob, data.max_rotation)
+               data.touching_crop_prob, data.max_rotation, data.elastic)
 
   def __post_init__(self):
     if self.num_examples <= 0:
@@ -451,7 +504,7 @@ class TrainSchedule:
         scale_range=self.scale_range, invert_prob=self.invert_prob, grey_prob=self.grey_prob,
         channel_shuffle=self.channel_shuffle, stain_jitter=self.stain_jitter,
         recolour_prob=self.recolour_prob, touching_crop_prob=self.touching_crop_prob,
-        max_rotation=self.max_rotation)
+        max_rotation=self.max_rotation, elastic=self.elastic)
 
   def iterate_from(self, start_step: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     return (self.step(s) for s in itertools.count(start_step))

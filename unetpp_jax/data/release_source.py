@@ -44,7 +44,8 @@ def _train_batches(images: list[np.ndarray], labels: list[np.ndarray], schedule:
   def window(index, p):
     image, label = contract.crop(images[index], labels[index], size, p['crop_y'], p['crop_x'],
                                  p['zoom'], nucleus_diameter,
-                                 p['crop_pick'] if p['touching_crop'] else None, p['angle'])
+                                 p['crop_pick'] if p['touching_crop'] else None, p['angle'],
+                                 p['warp'])
     return numpy_source.augment(image / np.float32(255), label, p, schedule.jitter)
 
   # Numpy and Pillow release the GIL, so threads prepare a batch's windows in parallel (an

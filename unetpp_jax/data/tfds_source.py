@@ -70,13 +70,15 @@ def _resize(image: tf.Tensor, label: tf.Tensor, size: int) -> tuple[tf.Tensor, t
 
 def _crop(image: tf.Tensor, label: tf.Tensor, size: int, fy: Any, fx: Any, zoom: Any = 1.0,
           nucleus_diameter: float = 0.0, touching_crop: Any = False, pick: Any = 0.0,
-          angle: Any = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
+          angle: Any = 0.0, warp: Any = None) -> tuple[tf.Tensor, tf.Tensor]:
   """`contract.crop` (the one crop every source shares), as a tf.data op; `pick` applies where
   `touching_crop`."""
   image, label = tf.numpy_function(
-      lambda i, l, y, x, z, t, p, a: contract.crop(i, l[..., 0], size, y, x, z, nucleus_diameter,
-                                                   p if t else None, a),
-      [image, label, fy, fx, zoom, touching_crop, pick, angle], [tf.uint8, tf.uint16],
+      lambda i, l, y, x, z, t, p, a, w: contract.crop(i, l[..., 0], size, y, x, z,
+                                                      nucleus_diameter, p if t else None, a, w),
+      [image, label, fy, fx, zoom, touching_crop, pick, angle,
+       tf.zeros([contract.WARP_GRID] * 2 + [2]) if warp is None else warp],
+      [tf.uint8, tf.uint16],
       stateful=False)
   return tf.ensure_shape(image, [size, size, 3]), tf.ensure_shape(label, [size, size])[..., None]
 
@@ -206,7 +208,7 @@ def train_dataset(
   b, d = schedule.layout.per_process_batch, schedule.layout.local_devices
   _, params = schedule.step(0)  # Only for the dtypes.
   signature = (tf.TensorSpec([b], tf.int64),
-               {k: tf.TensorSpec([b], tf.as_dtype(v.dtype)) for k, v in params.items()})
+               {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in params.items()})
   ds = tf.data.Dataset.from_generator(lambda: schedule.iterate_from(start_step),
                                       output_signature=signature)
   images, labels = tf.constant(examples.images), tf.constant(examples.labels)
@@ -218,7 +220,7 @@ def train_dataset(
       image, label = _decode(tf.gather(images, index), tf.gather(labels, index))
       return (*_crop(image, label, size, params['crop_y'], params['crop_x'], params['zoom'],
                      nucleus_diameter, params['touching_crop'], params['crop_pick'],
-                     params['angle']), params)
+                     params['angle'], params['warp']), params)
     ds = ds.unbatch().map(decode_and_crop, tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
 
