@@ -105,6 +105,7 @@ def test_recipe_configs_validate_and_bad_fields_are_named():
       ('data.touching_crop_prob', 1.5, 'config.data.touching_crop_prob=1.5 must be in [0, 1]'),
       ('data.max_rotation', 270.0, 'config.data.max_rotation=270.0 must be an angle'),
       ('data.elastic', -2.0, 'config.data.elastic=-2.0 must be a length'),
+      ('seed', -1, 'config.seed=-1 must be an integer >= 0'),
   ]:
     config = dsb_cpu.get_config()
     config.update_from_flattened_dict({field: value})

@@ -367,6 +367,24 @@ def test_resuming_with_another_validation_split_is_refused(tmp_path):
   assert json.loads((tmp_path / 'work' / 'validation_ids.json').read_text()) == recorded
 
 
+def test_a_changed_run_length_logs_how_it_reshapes_a_cosine_decay(caplog):
+  config = test_train.tiny_config()
+  config.optimizer.schedule, config.optimizer.warmup_steps, config.num_train_steps = 'cosine', 0, 4
+  stored = json.loads(config.to_json_best_effort())
+  with caplog.at_level('WARNING'):
+    train._log_schedule_change(stored, config, 4)  # Unchanged: nothing to say.
+    config.num_train_steps = 8
+    train._log_schedule_change(stored, config, 4)  # Finished at 4, now halfway down the decay.
+  assert caplog.text.count('reshapes') == 1
+  assert ('num_train_steps 4 -> 8 reshapes the cosine learning-rate decay: at step 4 the learning '
+          f'rate is {config.optimizer.learning_rate / 2:.3g} instead of 0.') in caplog.text
+  caplog.clear()
+  config.optimizer.schedule = 'constant'
+  with caplog.at_level('WARNING'):
+    train._log_schedule_change(stored, config, 4)
+  assert 'reshapes' not in caplog.text
+
+
 def test_config_changes_lists_added_and_removed_fields():
   config = test_train.tiny_config()
   stored = json.loads(config.to_json_best_effort())  # As train_and_evaluate writes config.json.

@@ -120,6 +120,9 @@ def validate(config: Any) -> None:
     value = _get(config, field)
     check(value in choices, f'config.{field}={value!r} must be one of {choices}.')
 
+  # numpy's generators (data order, augmentation) take only non-negative seeds.
+  check(isinstance(config.seed, int) and config.seed >= 0,
+        f'config.seed={config.seed!r} must be an integer >= 0.')
   source_error = data.source_error(config.data.source)
   check(source_error is None, source_error)
   check(0 < config.data.val_fraction < 1, 'config.data.val_fraction must be in (0, 1).')

@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from unetpp_jax import checkpointing, config_validation, models, writers
 from unetpp_jax import data as data_sources
@@ -101,8 +102,14 @@ def train_and_evaluate(
   writer = None
   try:
     start_step = mngr.latest_step() or 0
+    # Each process lists the checkpoints itself: on storage that is not shared (or whose listing
+    # is stale) they would resume from different steps and diverge, or hang in a collective.
+    multihost_utils.assert_equal(
+        start_step, f'The processes found different latest checkpoints in {mngr.directory}: '
+        'the workdir must be on storage that every process shares.')
     if mngr.latest_step() is not None:
       workdir.check_resumable(config, allow_config_change)
+      _log_schedule_change(workdir.stored_config(), config, start_step)
     with checkpointing.StopRequest() as stop:
       data = input_fn(config, start_step)
       signum = stop.agreed()
@@ -114,13 +121,31 @@ def train_and_evaluate(
       writer = writers.create_default_writer(workdir.path, just_logging=not is_chief)
       # _train asks for the data of the step it restores, which is `start_step`.
       prepared = lambda c, step: data if step == start_step else input_fn(c, step)
-      return _train(_Run(config, workdir, mngr, writer, stop, is_chief), prepared)
+      state = _train(_Run(config, workdir, mngr, writer, stop, is_chief), prepared)
+      # While a signal still only asks to stop: the last checkpoint's save may be in flight.
+      mngr.wait_until_finished()
+      return state
   finally:
     # Also on errors: let an in-flight save finish, so the last checkpoint is a complete one.
     mngr.wait_until_finished()
     mngr.close()
     if writer is not None:
       writer.flush()
+
+
+def _log_schedule_change(stored: dict[str, Any] | None, config: ml_collections.ConfigDict,
+                         step: int) -> None:
+  """A changed num_train_steps resumes freely, but it reshapes a cosine decay: logs by how much
+  the learning rate of `step` changes."""
+  before = (stored or {}).get('num_train_steps')
+  if config.optimizer.schedule != 'cosine' or before in (None, config.num_train_steps):
+    return
+  previous = ml_collections.ConfigDict(config.to_dict())
+  previous.num_train_steps = before
+  logging.warning(
+      'num_train_steps %d -> %d reshapes the cosine learning-rate decay: at step %d the learning '
+      'rate is %.3g instead of %.3g.', before, config.num_train_steps, step,
+      learning_rate_schedule(config)(step), learning_rate_schedule(previous)(step))
 
 
 @dataclasses.dataclass(frozen=True)
