@@ -384,7 +384,7 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
     displacements = _displacements(np.asarray(warp, np.float64) * (window / size), window)
     margin = int(np.ceil(np.abs(displacements).max())) + 1
   if angle or margin:
-    image, label = _rotated_window(image, label, y, x, window, float(angle), margin)
+    image, label = _mirrored_window(image, label, y, x, window, float(angle), margin)
   else:
     image, label = image[y:y + window, x:x + window], label[y:y + window, x:x + window]
   if margin:
@@ -397,7 +397,7 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
   return np.ascontiguousarray(image, np.uint8), np.ascontiguousarray(label, np.uint16)
 
 
-def _rotated_window(image: np.ndarray, label: np.ndarray, y: int, x: int, window: int,
+def _mirrored_window(image: np.ndarray, label: np.ndarray, y: int, x: int, window: int,
                     angle: float, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """The window [y, y + window) x [x, x + window), grown by `margin` pixels on every side and
   rotated by `angle` degrees about its centre (image bilinear, label nearest), the image mirrored
