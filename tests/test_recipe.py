@@ -292,8 +292,9 @@ def test_elastic_crops_show_the_source_displaced_smoothly():
   image = np.stack([rows, cols, np.full_like(rows, 9)], -1).astype(np.uint8)  # Where it comes from.
   label = (1 + rows // 10 * 18 + cols // 10).astype(np.uint16)  # Squares of 10x10.
   plain = contract.crop(image, label, S, 0.0, 0.0)
-  for a, b in zip(contract.crop(image, label, S, 0.0, 0.0, warp=_warp(0, 0)), plain):
-    np.testing.assert_array_equal(a, b)  # No displacement: the plain crop.
+  for warp in (_warp(0, 0), _warp(1e-9, 0)):  # Skipped, or taken through a grown window.
+    for a, b in zip(contract.crop(image, label, S, 0.0, 0.0, warp=warp), plain):
+      np.testing.assert_array_equal(a, b)  # (Almost) no displacement: the plain crop.
   # An even displacement moves the window: 3 rows down, 2 columns right of the source (in pixels
   # of the crop: twice as many source pixels in a crop zoomed out 2x).
   for zoom, step in ((1.0, 1), (0.5, 2)):

@@ -344,6 +344,11 @@ def test_changed_config_is_refused_before_compiling(tmp_path, monkeypatch):
     train.train_and_evaluate(longer, tmp_path, test_train.array_input_fn)
   train.train_and_evaluate(longer, tmp_path, test_train.array_input_fn, allow_config_change=True)
   assert '"learning_rate": 0.1' in (tmp_path / 'config.json').read_text()
+  # An unreadable config.json is no reason to stop when changes are allowed.
+  (tmp_path / 'config.json').write_text('{not json')
+  longer.num_train_steps = 4
+  assert int(train.train_and_evaluate(longer, tmp_path, test_train.array_input_fn,
+                                      allow_config_change=True).step) == 4
 
 
 def test_resuming_with_another_validation_split_is_refused(tmp_path):

@@ -106,10 +106,13 @@ def train_and_evaluate(
     # is stale) they would resume from different steps and diverge, or hang in a collective.
     multihost_utils.assert_equal(
         start_step, f'The processes found different latest checkpoints in {mngr.directory}: '
-        'the workdir must be on storage that every process shares.')
+        'the workdir must be on storage that every process shares')
     if mngr.latest_step() is not None:
       workdir.check_resumable(config, allow_config_change)
-      _log_schedule_change(workdir.stored_config(), config, start_step)
+      try:
+        _log_schedule_change(workdir.stored_config(), config, start_step)
+      except ValueError:  # An unreadable config.json, which check_resumable has dealt with.
+        pass
     with checkpointing.StopRequest() as stop:
       data = input_fn(config, start_step)
       signum = stop.agreed()
