@@ -279,6 +279,15 @@ def test_flips_make_predictions_flip_equivariant(setup):
       [{'id': 'a', 'image': image}, {'id': 'b', 'image': flipped}])
   np.testing.assert_allclose(probs_flipped, probs[:, ::-1, ::-1], atol=1e-5)
   assert 0.05 < probs[-1].mean() < 0.95  # A real prediction, neither empty nor full.
+  # The final map alone (what segment keeps of large images) is the full prediction's last.
+  final = evaluate.Predictor(setup.config, variables, evaluate.InferenceOptions(
+      strategy='tile', tile_size=32, tile_overlap=16, flips=True), final_only=True)
+  tiled = dataclasses.replace(predictor.options, strategy='tile', tile_size=32, tile_overlap=16)
+  (_, alone), = final.predict([{'id': 'a', 'image': image}])
+  (_, every), = evaluate.Predictor(setup.config, variables, tiled).predict(
+      [{'id': 'a', 'image': image}])
+  assert alone.shape == (1, *every.shape[1:]) and every.shape[0] > 1
+  np.testing.assert_allclose(alone[0], every[-1], atol=1e-6)
 
 
 def test_transpose_with_flips_makes_predictions_equivariant_to_rotations(setup):

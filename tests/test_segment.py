@@ -153,7 +153,7 @@ def test_cli_png_and_16bit_tiff_unreadable_file_rerun_and_evaluate_equality(setu
   assert [s['image'] for s in _table(out / 'summary.csv')] == ['a', 'b', 'c']
   np.testing.assert_array_equal(tifffile.imread(out / 'labels' / 'b.tif'), label_a)
   assert len(_table(out / 'nuclei.csv')) == 2 * label_a.max() + label_c.max()
-  assert not [p for p in out.rglob('*') if '.partial-' in p.name]
+  assert not [p for p in out.rglob('*') if '.tmp-' in p.name]
 
 
 def test_multichannel_tiff_channel_choice(setup, tmp_path):
@@ -221,7 +221,7 @@ def test_label_images_beyond_65535_nuclei_are_uint32_tiffs(tmp_path):
   assert not (tmp_path / 'slide.png').exists()
 
 
-def test_read_image_conversions(tmp_path, monkeypatch):
+def test_read_image_conversions(tmp_path, monkeypatch, caplog):
   rng = np.random.default_rng(1)
   rgba = rng.integers(0, 256, size=(20, 30, 4), dtype=np.uint8)
   Image.fromarray(rgba).save(tmp_path / 'rgba.png')
@@ -290,6 +290,23 @@ def test_read_image_conversions(tmp_path, monkeypatch):
   (tmp_path / 'rgb16.png').write_bytes(_png16(rgba16[..., :3]))
   with pytest.raises(ValueError, match='16-bit colour PNG'):
     segment.read_image(tmp_path / 'rgb16.png')
+  (tmp_path / 'cut.png').write_bytes((tmp_path / 'rgb16.png').read_bytes()[:20])
+  with pytest.raises(ValueError, match=r'is a PNG cut short \(20 bytes\)'):
+    segment.read_image(tmp_path / 'cut.png')
+  # Pages without metadata (axes IYX) are channels; MINISWHITE is inverted, as viewers show it.
+  tifffile.imwrite(tmp_path / 'pages.tif', stains, photometric='minisblack', metadata=None)
+  assert tifffile.TiffFile(tmp_path / 'pages.tif').series[0].axes == 'IYX'
+  with pytest.raises(ValueError, match=r'has 3 channels that are not RGB colour: choose'):
+    segment.read_image(tmp_path / 'pages.tif')
+  assert (segment.read_image(tmp_path / 'pages.tif', channel=1)[1] == stains[1]).all()
+  tifffile.imwrite(tmp_path / 'white.tif', rgba[..., 0], photometric='miniswhite')
+  np.testing.assert_array_equal(segment.read_image(tmp_path / 'white.tif')[0][..., 0],
+                                255 - rgba[..., 0])
+  with tifffile.TiffWriter(tmp_path / 'two.tif') as tif:  # Two positions, say: the first is read.
+    tif.write(rgba[..., 0])
+    tif.write(np.zeros((5, 5), np.uint8))
+  np.testing.assert_array_equal(segment.read_image(tmp_path / 'two.tif')[1], rgba[..., 0])
+  assert 'holds 2 image series' in caplog.text
   tifffile.imwrite(tmp_path / 'stack.tif', np.zeros((3, 8, 8, 2), np.uint16),
                    metadata={'axes': 'ZYXC'})
   for name, match in (('stack.tif', 'stack of axes'), ('empty.png', 'empty file'),
@@ -377,6 +394,35 @@ def test_failures_after_reading_hidden_files_and_outputs_among_inputs(setup, tmp
   last = segment.segment(setup.workdir, inputs, out, inference=pad, label_format='png')
   assert (last['num_segmented'], last['num_skipped']) == (3, 0)  # b and c had other options.
   np.testing.assert_array_equal(np.asarray(Image.open(out / 'labels' / 'a.png')), labels_a)
+
+
+def test_failure_in_the_size_normalisation_pass_is_that_images(setup, tmp_path, monkeypatch):
+  """With size normalisation an image is prepared a second time after the next one was read: a
+  failure there is still its own, and the images after it are segmented."""
+  a = np.asarray(Image.open(setup.images / 'a.png'))
+  for name, image in (('a', a), ('b', a[:30, :30]), ('c', a[::-1])):
+    Image.fromarray(image).save(tmp_path / f'{name}.png')
+  load_config = evaluate.load_config
+
+  def normalised(*args, **kwargs):
+    config = load_config(*args, **kwargs)
+    config.data.nucleus_diameter = 20.0
+    return config
+  monkeypatch.setattr(evaluate, 'load_config', normalised)
+  monkeypatch.setattr(predict.Predictor, 'magnification', lambda self, image, final: 2.0)
+  split = predict.Pad.split
+
+  def failing_split(self, image):
+    if image.shape[:2] == (60, 60):  # b at twice its size: the second pass only.
+      raise MemoryError('magnifying')
+    return split(self, image)
+  monkeypatch.setattr(predict.Pad, 'split', failing_split)
+  report = segment.segment(setup.workdir, [str(tmp_path / f'{n}.png') for n in 'abc'],
+                           tmp_path / 'out',
+                           inference=predict.InferenceOptions(strategy='pad', pad_multiple=32))
+  assert list(report['failed']) == [str(tmp_path / 'b.png')]
+  assert 'MemoryError: magnifying' in report['failed'][str(tmp_path / 'b.png')]
+  assert [s['image'] for s in _table(tmp_path / 'out' / 'summary.csv')] == ['a', 'c']
 
 
 def test_bad_workdir_and_inputs(setup, tmp_path):

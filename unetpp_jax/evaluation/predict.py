@@ -96,8 +96,13 @@ Assemble = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 class PrepareError(Exception):
   """An image that its strategy could not turn into network inputs (say, out of memory while
-  padding it); raised from the original error. Any other error of `Predictor.predict` is the
+  padding it); raised from the original error, with the example it came from (with size
+  normalisation, not always the last one read). Any other error of `Predictor.predict` is the
   network's, on the first image yielded to it and not yet returned."""
+
+  def __init__(self, message: str, example: dict[str, Any]):
+    super().__init__(message)
+    self.example = example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +155,8 @@ class Tile:
       for (y, x0), out in zip(corners, outputs):
         total[:, y:y + size, x0:x0 + size] += out * weight
         norm[y:y + size, x0:x0 + size] += weight[0, :, :, 0]
-      return (total / norm[None, :, :, None])[:, :height, :width]
+      total /= norm[None, :, :, None]  # In place: the maps of a slide scan are large.
+      return total[:, :height, :width]
     return [padded[y:y + size, x0:x0 + size] for y, x0 in corners], assemble
 
 
@@ -255,10 +261,11 @@ def _tile_weight(size: int, overlap: int) -> np.ndarray:
 
 
 class Predictor:
-  """Runs the network on fixed-shape batches: probabilities of every head plus the final one."""
+  """Runs the network on fixed-shape batches: probabilities of every head plus the final one, or
+  (`final_only`, a fifth of the memory on large images) of the final one alone."""
 
   def __init__(self, config: ml_collections.ConfigDict, variables: Any,
-               options: InferenceOptions):
+               options: InferenceOptions, *, final_only: bool = False):
     self.model = models.create_model(config.model)
     self.variables = jax.device_put(variables)  # Once, not at every call of the network.
     self.options = options
@@ -279,7 +286,8 @@ class Predictor:
     self.heads = self.model.output_heads(self.level)
     self.final_heads = ([self.level] if self.mode == 'fast'
                         else [h for h in supervised if h <= self.level] or [self.level])
-    self.names = [f'head{j}' for j in self.heads] + [self.mode]
+    self.final_only = final_only
+    self.names = ([] if final_only else [f'head{j}' for j in self.heads]) + [self.mode]
     self.scheme = LabelScheme.from_config(config)
     self.nucleus_diameter = float(config.data.nucleus_diameter)
     self._config = config
@@ -289,8 +297,8 @@ class Predictor:
     self._forward = jax.jit(self._probabilities)
 
   def _probabilities(self, variables: Any, images: jax.Array) -> jax.Array:
-    """images [B, h, w, 3] -> [P, B, h, w, c]: the c `scheme.channels` of heads 1..k, then of the
-    final prediction, averaged over the test-time augmentations."""
+    """images [B, h, w, 3] -> [P, B, h, w, c]: the c `scheme.channels` of heads 1..k (unless
+    final_only), then of the final prediction, averaged over the test-time augmentations."""
     probs = self._flipped_probabilities(variables, images)
     if self.options.transpose:  # A transposed image's probabilities, transposed back.
       transposed = self._flipped_probabilities(variables, jnp.swapaxes(images, 1, 2))
@@ -307,7 +315,7 @@ class Predictor:
     # The final prediction is the model's own ensemble of the final heads, channel by channel.
     final = models.accurate_probability(logits, self.final_heads, self.heads,
                                         self.scheme.probabilities)
-    probs = jnp.stack(heads + [final])  # [k + 1, n * B, h, w, c]
+    probs = jnp.stack([final] if self.final_only else heads + [final])  # [P, n * B, h, w, c]
     if self.options.flips:  # The mean over flips commutes with the mean over heads.
       g = probs.reshape(probs.shape[0], 4, batch, *probs.shape[2:])
       probs = (g[:, 0] + g[:, 1, :, :, ::-1] + g[:, 2, :, ::-1] + g[:, 3, :, ::-1, ::-1]) / 4
@@ -366,7 +374,7 @@ class Predictor:
       try:
         inputs, assemble = strategy.split(example['image'])
       except Exception as e:  # Raised with earlier images still queued: say whose it is.
-        raise PrepareError(f'{type(e).__name__}: {e}') from e
+        raise PrepareError(f'{type(e).__name__}: {e}', example) from e
       entry = [example, assemble, [None] * len(inputs)]
       pending.append(entry)
       for index, x in enumerate(inputs):

@@ -181,11 +181,14 @@ def _decode_pil(path: pathlib.Path) -> np.ndarray:
   with open(path, 'rb') as f:
     header = f.read(26)
   # A PNG's IHDR: bit depth at byte 24, colour type at 25 (2 RGB, 4 grey + alpha, 6 RGBA).
-  if header[:8] == b'\x89PNG\r\n\x1a\n' and header[24] == 16 and header[25] in (2, 4, 6):
-    raise ValueError('is a 16-bit colour PNG, of which Pillow reads only the high bytes: save it '
-                     'as a TIFF')
+  if header[:8] == b'\x89PNG\r\n\x1a\n':
+    if len(header) < 26:
+      raise ValueError(f'is a PNG cut short ({len(header)} bytes)')
+    if header[24] == 16 and header[25] in (2, 4, 6):
+      raise ValueError('is a 16-bit colour PNG (RGB, RGBA or grey + alpha), of which Pillow reads '
+                       'only the high bytes: save it as a TIFF')
   # Pillow refuses images over MAX_IMAGE_PIXELS (179 megapixels) as decompression bombs; a
-  # slide scan the user names is not one (--strategy=tile bounds the memory of its prediction).
+  # slide scan the user names is not one (--strategy=tile bounds the network's memory).
   limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
   try:
     with Image.open(path) as image:
@@ -205,12 +208,21 @@ def _decode_pil(path: pathlib.Path) -> np.ndarray:
 
 def _decode_tiff(path: pathlib.Path) -> tuple[np.ndarray, bool]:
   """([H, W] or [H, W, C] pixels of a TIFF's first image series (axes of size 1 and alpha samples
-  dropped), whether its channels are RGB colour rather than separate stains or planes)."""
+  dropped; pages without metadata, axis I, as channels; MINISWHITE inverted, so that higher is
+  brighter as in every other image), whether its channels are RGB colour rather than separate
+  stains or planes)."""
   with tifffile.TiffFile(path) as tif:
+    if len(tif.series) > 1:
+      logging.warning('%s holds %d image series (positions or resolutions): reading the first.',
+                      path, len(tif.series))
     series = tif.series[0]
     pixels, axes = series.asarray(), series.axes
     extra_samples = tif.pages[0].extrasamples
-    colour = tif.pages[0].photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+    photometric = tif.pages[0].photometric
+  colour = photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+  if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+    pixels = (~pixels if pixels.dtype == bool else np.iinfo(pixels.dtype).max - pixels
+              if pixels.dtype.kind == 'u' else -pixels.astype(np.float32))
   alpha = sum(int(e) in _ALPHA_SAMPLES for e in extra_samples)
   if alpha and 'S' in axes and pixels.shape[axes.index('S')] > alpha:
     pixels = np.take(pixels, range(pixels.shape[axes.index('S')] - alpha), axis=axes.index('S'))
@@ -218,7 +230,7 @@ def _decode_tiff(path: pathlib.Path) -> tuple[np.ndarray, bool]:
   shape = tuple(pixels.shape[i] for i in keep)
   pixels, axes = pixels.reshape(shape), ''.join(axes[i] for i in keep)
   extra = axes.replace('Y', '').replace('X', '')
-  if len(extra) > 1 or (extra and extra not in 'SCQ') or 'Y' not in axes or 'X' not in axes:
+  if len(extra) > 1 or (extra and extra not in 'SCQI') or 'Y' not in axes or 'X' not in axes:
     raise ValueError(f'is a stack of axes {axes} and shape {shape}: give one 2-D image per file '
                      '(axes YX, or with channels YXS or CYX)')
   return (np.moveaxis(pixels, axes.index(extra), -1) if extra else pixels), colour
@@ -395,7 +407,7 @@ def segment(
   paths = find_images(inputs, output)
   names = output_names(paths)
   variables, step = predict.load_variables(workdir, config, step, average)
-  predictor = predict.Predictor(config, variables, inference)
+  predictor = predict.Predictor(config, variables, inference, final_only=True)
   if instance_options is None:
     instance_options = instances.default_options(predictor.scheme)
   settings = json.loads(json.dumps({
@@ -455,9 +467,10 @@ def segment(
       if finished == len(read):
         raise
       # Predictions come back in input order: the network failed on the first image read and not
-      # returned, or preparing the last one read failed. The others start again.
+      # returned, or preparing the image the error names failed. The others start again.
       prepare = isinstance(e, predict.PrepareError)
-      culprit = read[-1] if prepare else read[finished]
+      culprit = (next(i for i in read if queue[i][1] == e.example['id']) if prepare
+                 else read[finished])
       fail(queue[culprit][0], e.__cause__ if prepare else e)
       queue = [queue[i] for i in read[finished:] if i != culprit] + queue[read[-1] + 1:]
   loop_seconds = time.time() - loop_start
