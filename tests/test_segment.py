@@ -438,6 +438,9 @@ def test_bad_workdir_and_inputs(setup, tmp_path):
   with pytest.raises(ValueError, match='would both be written as a'):
     segment.segment(setup.workdir, [str(setup.images), str(tmp_path / 'x' / 'a.tif')],
                     tmp_path / 'out')
+  (tmp_path / 'x' / 'A.png').touch()
+  with pytest.raises(ValueError, match='would both be written as A'):
+    segment.output_names([tmp_path / 'x' / 'a.tif', tmp_path / 'x' / 'A.png'])
   result = _run(f'--workdir={setup.workdir}', f'--input={tmp_path}/nothing',
                 f'--output={tmp_path / "out"}')
   assert result.returncode == 1

@@ -131,10 +131,11 @@ def _is_image(path: pathlib.Path, output: str | os.PathLike[str] | None) -> bool
 
 
 def output_names(paths: Sequence[pathlib.Path]) -> list[str]:
-  """Each file's name in the outputs (its name without the suffix); refuses two alike."""
+  """Each file's name in the outputs (its name without the suffix); refuses two alike, in case
+  too (the same file on macOS and Windows)."""
   seen = {}
   for path in paths:
-    other = seen.setdefault(path.stem, path)
+    other = seen.setdefault(path.stem.casefold(), path)
     if other != path:
       raise ValueError(f'{other} and {path} would both be written as {path.stem}: rename one, or '
                        'segment them into different --output folders.')
