@@ -177,6 +177,11 @@ def test_multichannel_tiff_channel_choice(setup, tmp_path):
   pyarrow_parquet = pytest.importorskip('pyarrow.parquet')
   table = pyarrow_parquet.read_table(out / 'nuclei.parquet')
   assert table.column_names == list(segment.NUCLEUS_COLUMNS) and table.num_rows == len(nuclei)
+  none = segment.segment(setup.workdir, inputs, tmp_path / 'no_nuclei', channel=2, parquet=True,
+                         instance_options=instances.InstanceOptions(min_size=10**6))
+  assert none['num_segmented'] == 2 and not _table(tmp_path / 'no_nuclei' / 'nuclei.csv')
+  assert (pyarrow_parquet.read_table(tmp_path / 'no_nuclei' / 'nuclei.parquet').schema.types
+          == table.schema.types)  # Typed without values to infer them from.
 
   again = segment.segment(setup.workdir, inputs, out, channel=2, label_format='png')
   assert (again['num_segmented'], again['num_skipped']) == (0, 2)

@@ -525,8 +525,12 @@ def _write_tables(output: pathlib.Path, records: Sequence[tuple[str, Mapping[str
   _write_text(output / 'summary.csv', _csv_text(SUMMARY_COLUMNS, summaries))
   if parquet:
     pa, pa_csv, pq = _pyarrow()
-    table = pa_csv.read_csv(output / 'nuclei.csv', convert_options=pa_csv.ConvertOptions(
-        column_types={'image': pa.string()}))
+    # Typed explicitly: a table without nuclei gives no values to infer them from.
+    types = {c: pa.string() if c == 'image' else
+             pa.int64() if c == 'label' or c.startswith('bbox') else pa.float64()
+             for c in NUCLEUS_COLUMNS}
+    table = pa_csv.read_csv(output / 'nuclei.csv',
+                            convert_options=pa_csv.ConvertOptions(column_types=types))
     atomic.write_via(output / 'nuclei.parquet', lambda tmp: pq.write_table(table, tmp))
   return len(lines)
 
