@@ -440,12 +440,15 @@ def test_bad_workdir_and_inputs(setup, tmp_path):
     segment.segment(setup.workdir, [str(tmp_path / '*.png')], tmp_path / 'out')
   (tmp_path / 'x').mkdir()
   (tmp_path / 'x' / 'a.tif').touch()
-  with pytest.raises(ValueError, match='would both be written as a'):
-    segment.segment(setup.workdir, [str(setup.images), str(tmp_path / 'x' / 'a.tif')],
-                    tmp_path / 'out')
   (tmp_path / 'x' / 'A.png').touch()
-  with pytest.raises(ValueError, match='would both be written as A'):
-    segment.output_names([tmp_path / 'x' / 'a.tif', tmp_path / 'x' / 'A.png'])
+  with pytest.raises(ValueError, match='would both be written as [aA]: rename one'):
+    segment.segment(setup.workdir, [str(tmp_path / 'x')], tmp_path / 'out')
+  # Files of one name in different folders (a plate's wells) are named by their folders.
+  plates = [tmp_path / 'plates' / p / 'A01.tif' for p in ('p1', 'p2')]
+  assert segment.output_names([*plates, tmp_path / 'x' / 'a.tif']) == ['p1__A01', 'p2__A01', 'a']
+  assert segment.output_names([tmp_path / 'A01.tif', plates[1]]) == ['A01', 'plates__p2__A01']
+  with pytest.raises(ValueError, match='would both be written as p1__A01'):
+    segment.output_names([*plates, tmp_path / 'x' / 'p1__A01.png'])
   result = _run(f'--workdir={setup.workdir}', f'--input={tmp_path}/nothing',
                 f'--output={tmp_path / "out"}')
   assert result.returncode == 1

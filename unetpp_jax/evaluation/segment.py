@@ -30,10 +30,10 @@ Outputs in `output`, each file written under a temporary name and renamed once c
                          modification time) is not
                          segmented again unless `overwrite`; the tables are merged from the
                          parts, so a rerun's tables still hold every image.
-<name> is the file name without its extension. Hidden files (names starting with '.') and the
-files under `output` are not inputs. An image that cannot be read or segmented (say, more nuclei
-than a PNG label image holds) is logged and skipped, and listed under 'failed' in run.json; the
-other images go on.
+<name> is the file name without its extension (`output_names`: with its folders where files in
+different folders share it). Hidden files (names starting with '.') and the files under `output`
+are not inputs. An image that cannot be read or segmented (say, more nuclei than a PNG label image
+holds) is logged and skipped, and listed under 'failed' in run.json; the other images go on.
 """
 
 import csv
@@ -131,15 +131,26 @@ def _is_image(path: pathlib.Path, output: str | os.PathLike[str] | None) -> bool
 
 
 def output_names(paths: Sequence[pathlib.Path]) -> list[str]:
-  """Each file's name in the outputs (its name without the suffix); refuses two alike, in case
-  too (the same file on macOS and Windows)."""
+  """Each file's name in the outputs: its name without the suffix or, where files in different
+  folders share that, its path from their common folder with '__' for '/' (plate1/A01.tif and
+  plate2/A01.tif -> plate1__A01, plate2__A01). Refuses two alike, in case too (the same file on
+  macOS and Windows)."""
+  by_stem = {}
+  for path in paths:
+    by_stem.setdefault(path.stem.casefold(), []).append(path)
+  names = {}
+  for same in by_stem.values():
+    root = os.path.commonpath([p.absolute().parent for p in same])
+    for path in same:
+      folders = path.absolute().parent.relative_to(root).parts if len(same) > 1 else ()
+      names[path] = '__'.join((*folders, path.stem))
   seen = {}
   for path in paths:
-    other = seen.setdefault(path.stem.casefold(), path)
+    other = seen.setdefault(names[path].casefold(), path)
     if other != path:
-      raise ValueError(f'{other} and {path} would both be written as {path.stem}: rename one, or '
-                       'segment them into different --output folders.')
-  return [p.stem for p in paths]
+      raise ValueError(f'{other} and {path} would both be written as {names[path]}: rename one, '
+                       'or segment them into different --output folders.')
+  return [names[p] for p in paths]
 
 
 def read_image(path: str | os.PathLike[str], channel: int | None = None
