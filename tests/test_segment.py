@@ -186,6 +186,10 @@ def test_multichannel_tiff_channel_choice(setup, tmp_path):
   again = segment.segment(setup.workdir, inputs, out, channel=2, label_format='png')
   assert (again['num_segmented'], again['num_skipped']) == (0, 2)
   assert _table(out / 'nuclei.csv') == nuclei
+  (out / 'labels' / 'c.png').unlink()  # An output deleted since: that image is done again.
+  redone = segment.segment(setup.workdir, inputs, out, channel=2, label_format='png')
+  assert (redone['num_segmented'], redone['num_skipped']) == (1, 1)
+  assert (out / 'labels' / 'c.png').exists() and _table(out / 'nuclei.csv') == nuclei
   other = segment.segment(setup.workdir, inputs[1:], out, channel=2, label_format='png',
                           instance_options=instances.InstanceOptions(min_size=1000))
   assert (other['num_segmented'], other['num_nuclei']) == (1, 0)

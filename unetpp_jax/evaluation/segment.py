@@ -335,13 +335,17 @@ def _source(path: pathlib.Path) -> dict[str, int]:
 
 def _record(output: pathlib.Path, name: str, path: pathlib.Path,
             settings: Mapping[str, Any]) -> dict[str, Any] | None:
-  """The image's parts record if it holds this image segmented with these settings, else None."""
+  """The image's parts record if it holds this image segmented with these settings and its
+  outputs are all there, else None."""
   try:
     record = json.loads((output / 'parts' / f'{name}.json').read_text())
     current = record['file'] == str(path.resolve()) and record['source'] == _source(path)
   except (OSError, ValueError, KeyError):
     return None
-  return record if current and record['settings'] == settings else None
+  outputs = (output / 'labels' / f'{name}{LABEL_FORMATS[settings["label_format"]]}',
+             output / 'overlays' / f'{name}.png', output / 'parts' / f'{name}.csv')
+  return (record if current and record['settings'] == settings and all(map(os.path.exists, outputs))
+          else None)
 
 
 # ----------------------------------------------------------------------------------------------
