@@ -63,8 +63,8 @@ def main(argv):
       'num_nuclei', 'seconds', 'images_per_second')}, indent=2))
   if report['failed']:
     raise cli.UserError(f'{report["num_failed"]} of {report["num_images"]} images could not be '
-                        f'used and were skipped: {", ".join(report["failed"])} (reasons in the log '
-                        f'and {FLAGS.output}/run.json); the others are segmented.')
+                        f'used and are not in the tables: {", ".join(report["failed"])} (reasons '
+                        f'in the log and {FLAGS.output}/run.json); the others are segmented.')
 
 
 if __name__ == '__main__':
