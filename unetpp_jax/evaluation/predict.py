@@ -262,7 +262,8 @@ def _tile_weight(size: int, overlap: int) -> np.ndarray:
 
 class Predictor:
   """Runs the network on fixed-shape batches: probabilities of every head plus the final one, or
-  (`final_only`, a fifth of the memory on large images) of the final one alone."""
+  (`final_only`: one map to hold per image rather than one per head and the final) of the final
+  one alone."""
 
   def __init__(self, config: ml_collections.ConfigDict, variables: Any,
                options: InferenceOptions, *, final_only: bool = False):

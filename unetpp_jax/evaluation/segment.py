@@ -33,7 +33,8 @@ Outputs in `output`, each file written under a temporary name and renamed once c
 <name> is the file name without its extension (`output_names`: with its folders where files in
 different folders share it). Hidden files (names starting with '.') and the files under `output`
 are not inputs. An image that cannot be read or segmented (say, more nuclei than a PNG label image
-holds) is logged and skipped, and listed under 'failed' in run.json; the other images go on.
+holds) is logged, left out of the tables and listed under 'failed' in run.json; the other images
+go on.
 """
 
 import csv
@@ -244,7 +245,7 @@ def _decode_tiff(path: pathlib.Path) -> tuple[np.ndarray, bool]:
   extra = axes.replace('Y', '').replace('X', '')
   if len(extra) > 1 or (extra and extra not in 'SCQI') or 'Y' not in axes or 'X' not in axes:
     raise ValueError(f'is a stack of axes {axes} and shape {shape}: give one 2-D image per file '
-                     '(axes YX, or with channels YXS or CYX)')
+                     '(axes YX, or with channels YXS, CYX or pages IYX)')
   return (np.moveaxis(pixels, axes.index(extra), -1) if extra else pixels), colour
 
 
