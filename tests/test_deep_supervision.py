@@ -122,7 +122,10 @@ def test_seeds_are_repeated_and_summarised(study, tmp_path):
   head2 = next(e for e in results['summary'] if e['prediction'] == 'head2')
   assert head2['seeds'] == 2 and head2['iou_std'] > 0
   assert head2['iou'] == pytest.approx((seeds[0, 'head2']['iou'] + seeds[1, 'head2']['iou']) / 2)
-  assert '±' in (tmp_path / 'results.md').read_text()
+  # The table's cells carry the spread over the seeds, the head-2 row its IoU's.
+  row = next(line for line in (tmp_path / 'results.md').read_text().splitlines()
+             if line.startswith('| unetpp') and '| head2 ' in line)
+  assert f'{head2["iou"]:.3f} ± {head2["iou_std"]:.3f}' in row
 
 
 def test_study_runs_with_the_recipe(tmp_path):

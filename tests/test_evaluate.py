@@ -552,13 +552,14 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
   cache = tmp_path / 'predictions.npz'
   command = [sys.executable, '-m', 'unetpp_jax.sweep_instances', f'--workdir={setup.workdir}',
              f'--data={setup.data}', '--limit=3', '--noflips', f'--cache={cache}']
-  results = []
+  results, written = [], []
   for _ in range(2):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'os.fork()' not in result.stderr  # The scoring workers never run JAX.
     results.append(json.loads(result.stdout))
+    written.append(cache.stat().st_mtime_ns)
   first, second = results
   assert first['num_images'] == 3 and first['default'] == str(
       instances.default_options(LabelScheme()))
@@ -570,4 +571,4 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
   assert sum(isinstance(c, dict) and c.get('seeds') == 'product' for c in changes) == 9
   for variant in first['variants']:
     assert 0 <= variant['score'] <= 1 and set(variant['per_kind']) <= set(splits.KINDS)
-  assert cache.is_file() and second['variants'] == first['variants']  # From the cache.
+  assert second['variants'] == first['variants'] and written[1] == written[0]  # From the cache.

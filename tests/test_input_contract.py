@@ -287,12 +287,18 @@ def test_tf_recolour_matches_numpy_recolour():
   params['recolour'][5] = False
   got_images, _ = tfds_source.augment(tf.constant(images), tf.constant(labels[..., None]),
                                       params, 0.1, 1.0, 0.8)
+  kept = {k: v.copy() for k, v in params.items()}
+  kept['recolour'][:] = False
   for j in range(12):
     want_image, _ = numpy_source.augment(images[j], labels[j],
                                          {k: v[j] for k, v in params.items()}, 0.1)
     np.testing.assert_allclose(got_images[j].numpy(), want_image, atol=1e-5)
-    drawn = np.median(want_image.mean(-1)) > 0.5
-    assert drawn == (j < 9 and j != 5) or j >= 9
+    if j >= 9:  # Bright backgrounds: as without recolouring.
+      np.testing.assert_array_equal(
+          want_image, numpy_source.augment(images[j], labels[j],
+                                           {k: v[j] for k, v in kept.items()}, 0.1)[0])
+    else:  # Drawn as a section (a bright background) unless its draw said no.
+      assert (np.median(want_image.mean(-1)) > 0.5) == (j != 5), j
 
 
 @pytest.mark.parametrize('source', ['tfds', 'npz'])

@@ -91,9 +91,8 @@ def main(argv):
   variables, step = evaluate.load_variables(FLAGS.workdir, config, FLAGS.step, FLAGS.average)
   weights = predict.weights_name(FLAGS.workdir, step, FLAGS.average)
   predictor = predict.Predictor(config, variables, predict.InferenceOptions(
-      strategy=FLAGS.strategy, flips=FLAGS.flips, transpose=FLAGS.transpose))
+      strategy=FLAGS.strategy, flips=FLAGS.flips, transpose=FLAGS.transpose), final_only=True)
   scheme = predictor.scheme
-  final = len(predictor.names) - 1
   key = {'workdir': os.path.abspath(FLAGS.workdir), 'step': step, 'weights': weights,
          'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'strategy': predictor.strategy,
          'ids': list(ids)}
@@ -101,7 +100,7 @@ def main(argv):
   _STORED = _read_cache(FLAGS.cache, key) if FLAGS.cache else None
   if _STORED is None:
     _STORED = [  # (true label, final probabilities [H, W, c] as float16, kind of image)
-        (example['label'].astype(np.int32), probs[final].astype(np.float16),
+        (example['label'].astype(np.int32), probs[-1].astype(np.float16),
          splits.image_kind(example['image'], example['label']))
         for example, probs in predictor.predict(
             evaluate._examples(FLAGS.data, ids, None, None))]  # pylint: disable=protected-access
@@ -133,7 +132,7 @@ def main(argv):
   print(json.dumps({
       'checkpoint_step': step, 'weights': weights, 'num_images': len(_STORED),
       'strategy': predictor.strategy,
-      'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'prediction': predictor.names[final],
+      'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'prediction': predictor.names[-1],
       'predict_seconds': round(predict_seconds), 'default': str(default),
       'mean_probabilities': _mean_probabilities(scheme) if scheme.has_boundary else None,
       'variants': sorted(({'change': v or 'default', **r} for v, r in zip(variants, scores)),
