@@ -398,7 +398,7 @@ def crop(image: np.ndarray, label: np.ndarray, size: int, fy: float, fx: float,
 
 
 def _mirrored_window(image: np.ndarray, label: np.ndarray, y: int, x: int, window: int,
-                    angle: float, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     angle: float, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """The window [y, y + window) x [x, x + window), grown by `margin` pixels on every side and
   rotated by `angle` degrees about its centre (image bilinear, label nearest), the image mirrored
   around it."""
