@@ -259,10 +259,8 @@ def test_tf_stain_augment_matches_numpy_stain_augment():
   images[:8] = 0.45 + 0.55 * images[:8]  # Bright backgrounds: stained.
   images[8:] *= 0.4  # Dark: left alone.
   labels = rng.integers(0, 5, (12, 10, 10)).astype(np.int32)
-  images[6:8] = 0.52 + 0.1 * images[6:8]  # Barely bright: their draws would darken them.
   params = contract.augment_params(7, np.arange(12), augment=True, jitter=0.1, stain_jitter=1.0,
                                    channel_shuffle=True)
-  params['haematoxylin'][6:8] = 2.5
   got_images, _ = tfds_source.augment(tf.constant(images), tf.constant(labels[..., None]),
                                       params, 0.1, 1.0)
   plain = {k: v.copy() for k, v in params.items()}
@@ -273,7 +271,7 @@ def test_tf_stain_augment_matches_numpy_stain_augment():
     unstained, _ = numpy_source.augment(images[j], labels[j],
                                         {k: v[j] for k, v in plain.items()}, 0.1)
     np.testing.assert_allclose(got_images[j].numpy(), want_image, atol=1e-5)
-    assert np.array_equal(want_image, unstained) == (j >= 6), j
+    assert np.array_equal(want_image, unstained) == (j >= 8)
 
 
 def test_tf_recolour_matches_numpy_recolour():

@@ -265,22 +265,15 @@ def stain(image: np.ndarray, haematoxylin: float, eosin: float) -> np.ndarray:
 
   H&E sections differ from lab to lab in how much of each stain they take up: deep purple nuclei in
   lilac cytoplasm, or pale nuclei beside pink stroma and red muscle. Rescaling the two densities
-  shows the network both from the same labelled section. White stays white (density 0). A draw
-  that would darken the crop's median grey to BRIGHT_MEDIAN or below leaves it as it is: the
-  network's input norm would take it for a dark-background image (models.normalize_input), which
-  no whole section is. tfds_source.augment is its twin.
+  shows the network both from the same labelled section. White stays white (density 0).
+  tfds_source.augment is its twin.
   """
-  if (haematoxylin == 1 and eosin == 1) or not _median_grey(image) > splits.BRIGHT_MEDIAN:
+  grey = (image[..., 0] + image[..., 1] + image[..., 2]) / np.float32(3)
+  if (haematoxylin == 1 and eosin == 1) or not np.median(grey) > splits.BRIGHT_MEDIAN:
     return image
   densities = -np.log(np.maximum(image, np.float32(1 / 255))) @ HED_FROM_RGB
   densities = densities * np.array([haematoxylin, eosin, 1], np.float32)
-  stained = np.clip(np.exp(-(densities @ RGB_FROM_HED)), 0, 1).astype(np.float32)
-  return stained if _median_grey(stained) > splits.BRIGHT_MEDIAN else image
-
-
-def _median_grey(image: np.ndarray) -> np.float32:
-  """The median of float32 `image`'s [S, S, 3] grey level, as tfds_source computes it."""
-  return np.median((image[..., 0] + image[..., 1] + image[..., 2]) / np.float32(3))
+  return np.clip(np.exp(-(densities @ RGB_FROM_HED)), 0, 1).astype(np.float32)
 
 
 def colour(image: np.ndarray, channels: int, grey: bool, invert: bool,

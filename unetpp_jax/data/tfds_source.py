@@ -144,7 +144,7 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
                           contract.HED_FROM_RGB) * factors[:, None, None, :]
     stained = tf.clip_by_value(tf.exp(-tf.einsum('nhwd,dc->nhwc', densities,
                                                  contract.RGB_FROM_HED)), 0, 1)
-    changed = ((median > splits.BRIGHT_MEDIAN) & (_median_grey(stained) > splits.BRIGHT_MEDIAN)
+    changed = ((median > splits.BRIGHT_MEDIAN)
                & ((params['haematoxylin'] != 1) | (params['eosin'] != 1)))
     images = tf.where(tf.reshape(changed, [-1, 1, 1, 1]), stained, images)
   # The colour ops of `contract.colour`, per example.
