@@ -64,6 +64,7 @@ ADDED_FIELDS = {
     'data.elastic': 0.0,
     **{f'data.repeats.{kind}': 1 for kind in splits.KINDS},
     'model.input_norm': 'standardize',
+    'model.norm_groups': 8,
     'loss.contact_width': 0,
     'loss.class_weights': [],
     'loss.contact_weight': 1.0,
@@ -159,6 +160,7 @@ def validate(config: Any) -> None:
       'background/nucleus) or 3 (background/nucleus/boundary).',
   )
   check(0 <= config.model.dropout_rate < 1, 'config.model.dropout_rate must be in [0, 1).')
+  check(config.model.norm_groups >= 1, 'config.model.norm_groups must be >= 1.')
 
   heads = tuple(config.loss.deep_supervision_heads)
   check(

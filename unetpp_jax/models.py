@@ -146,8 +146,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
-# GroupNorm's groups (model.norm='group'): 8, or fewer where a width (e.g. a wide U-Net's) is not a
-# multiple of 8.
+# GroupNorm's groups (model.norm='group', config.model.norm_groups): 8, or fewer where a width
+# (e.g. a wide U-Net's) is not a multiple of them.
 NORM_GROUPS = 8
 
 
@@ -159,6 +159,7 @@ class ConvBlock(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  norm_groups: int = NORM_GROUPS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -166,7 +167,7 @@ class ConvBlock(nn.Module):
       # A bias before a norm is redundant: the norm's own offset absorbs it.
       x = nn.Conv(self.features, (3, 3), use_bias=self.norm == 'none', dtype=self.dtype)(x)
       if self.norm == 'group':
-        x = nn.GroupNorm(num_groups=math.gcd(self.features, NORM_GROUPS), dtype=self.dtype)(x)
+        x = nn.GroupNorm(num_groups=math.gcd(self.features, self.norm_groups), dtype=self.dtype)(x)
       elif self.norm == 'batch':
         x = nn.BatchNorm(
             use_running_average=not train,
@@ -218,6 +219,7 @@ class UNetPlusPlus(nn.Module):
     dtype: Compute dtype; parameters stay float32 and logits are returned as float32.
     bn_axis_name: pmap axis over which BatchNorm statistics are averaged during training.
     input_norm: How the input is normalised (one of INPUT_NORMS).
+    norm_groups: GroupNorm's groups per layer (norm='group').
   """
 
   filters: Sequence[int] = (32, 64, 128, 256, 512)
@@ -229,6 +231,7 @@ class UNetPlusPlus(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   input_norm: str = 'standardize'
+  norm_groups: int = NORM_GROUPS
 
   @property
   def levels(self) -> int:
@@ -267,7 +270,7 @@ class UNetPlusPlus(nn.Module):
     def block(i: int, j: int) -> ConvBlock:
       return ConvBlock(
           self.filters[i], self.norm, self.dropout_rate, self.dtype, self.bn_axis_name,
-          name=f'X{i}_{j}',
+          self.norm_groups, name=f'X{i}_{j}',
       )
 
     x = normalize_input(images.astype(jnp.float32), self.input_norm).astype(self.dtype)
@@ -354,6 +357,7 @@ def create_model(model_config: Any, bn_axis_name: str | None = None) -> UNetPlus
       dtype=jnp.dtype(model_config.dtype),
       bn_axis_name=bn_axis_name,
       input_norm=model_config.get('input_norm', 'standardize'),
+      norm_groups=model_config.get('norm_groups', NORM_GROUPS),
   )
 
 
