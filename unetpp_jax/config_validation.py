@@ -160,7 +160,8 @@ def validate(config: Any) -> None:
       'background/nucleus) or 3 (background/nucleus/boundary).',
   )
   check(0 <= config.model.dropout_rate < 1, 'config.model.dropout_rate must be in [0, 1).')
-  check(config.model.norm_groups >= 1, 'config.model.norm_groups must be >= 1.')
+  check(config.model.norm_groups >= 1,
+        f'config.model.norm_groups={config.model.norm_groups} must be >= 1.')
 
   heads = tuple(config.loss.deep_supervision_heads)
   check(
