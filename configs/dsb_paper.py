@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.name = 'unetpp'
   config.model.filters = (32, 64, 128, 256, 512)  # Per encoder level; L = len(filters) - 1 heads.
   config.model.norm = 'batch'  # 'batch' (synchronised across devices), 'group' (per image), 'none'.
-  config.model.norm_groups = 8  # 'group': channel groups per layer (1 = LayerNorm over channels).
+  config.model.norm_groups = 8  # 'group': channel groups per layer (1: LayerNorm over H, W, C).
   config.model.dropout_rate = 0.0  # Dropout after each conv; the original Keras code used 0.5.
   config.model.upsample = 'transpose'  # 'transpose' (2x2 stride-2 conv) or 'bilinear'.
   config.model.num_classes = 1  # 1 = binary (sigmoid); >1 = softmax over classes.

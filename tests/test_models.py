@@ -132,17 +132,28 @@ def test_group_norm_sees_each_image_alone_in_training_as_in_inference(filters):
 
 @pytest.mark.parametrize('norm_groups, channels_per_group', [(8, 2), (2, 8), (1, 16)])
 def test_group_norm_normalises_each_group_of_channels(norm_groups, channels_per_group):
-  """model.norm_groups: each group of a layer's channels has mean 0 and variance 1 per image."""
-  model = models.UNetPlusPlus(filters=(16, 32), norm='group', norm_groups=norm_groups)
+  """config.model.norm_groups: each group of a layer's channels has mean 0 and variance 1 per
+  image, and no finer split of them does."""
+  from configs import dsb_paper  # pylint: disable=g-import-not-at-top
+  config = dsb_paper.get_config().model
+  config.filters, config.norm, config.norm_groups = (16, 32), 'group', norm_groups
+  model = models.create_model(config)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
   variables = model.init(jax.random.key(1), x)
+  # The first convolution's 16 channels scaled 1x..16x, so that no two channels look alike.
+  conv = variables['params']['X0_0']['Conv_0']
+  conv['kernel'] = conv['kernel'] * jnp.arange(1.0, 17.0)
   _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
-  normed = np.asarray(state['intermediates']['X0_0']['GroupNorm_0']['__call__'][0])  # 16 channels
-  groups = normed.reshape(2, 16 * 16, 16 // channels_per_group, channels_per_group)
-  np.testing.assert_allclose(groups.mean(axis=(1, 3)), 0, atol=1e-4)
-  np.testing.assert_allclose(groups.var(axis=(1, 3)), 1, atol=1e-2)
-  # Single channels are not normalised on their own unless a group is one channel.
-  assert not np.allclose(normed.var(axis=(1, 2)), 1, atol=0.05)
+  normed = np.asarray(state['intermediates']['X0_0']['GroupNorm_0']['__call__'][0])
+
+  def group_stats(size):
+    groups = normed.reshape(2, 16 * 16, 16 // size, size)
+    return groups.mean(axis=(1, 3)), groups.var(axis=(1, 3))
+
+  mean, var = group_stats(channels_per_group)
+  np.testing.assert_allclose(mean, 0, atol=1e-4)
+  np.testing.assert_allclose(var, 1, atol=1e-2)
+  assert not np.allclose(group_stats(channels_per_group // 2)[1], 1, atol=0.05)
 
 
 def test_pruned_parameters_are_a_subset_of_full():

@@ -103,6 +103,7 @@ def test_old_config_gets_the_values_it_ran_with_for_fields_added_since(tmp_path,
   assert tuple(config.data.scale_range) == (1.0, 1.0) and config.loss.contact_width == 0
   assert config.data.stain_jitter == 0 and dsb.get_config().data.stain_jitter > 0
   assert config.loss.lovasz_weight == 0 and dsb.get_config().loss.lovasz_weight > 0
+  assert config.model.norm_groups == 8
 
 
 def test_resuming_an_old_run_sees_no_field_as_new(old):

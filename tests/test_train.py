@@ -267,7 +267,7 @@ def test_progress_line_reads_seconds_per_step_images_per_sec_and_eta():
         ('optimizer.learning_rate', -1e-3, 'learning_rate=-0.001 must be > 0'),
         ('batch_size', 3, 'multiple of the device count \\(2\\)'),
         ('model.norm', 'layer', "must be one of \\('batch', 'group', 'none'\\)"),
-        ('model.norm_groups', 0, 'norm_groups=0 must be >= 1'),
+        ('model.norm_groups', 0, 'norm_groups=0 must be an integer >= 1'),
         ('data.source', 'csv:x', "'tfds' or 'npz:PATH'"),
         ('checkpoint_every_minutes', -1.0, 'checkpoint_every_minutes must be >= 0'),
         ('data.invert_prob', 1.5, 'invert_prob=1.5 must be in \\[0, 1\\]'),

@@ -160,8 +160,9 @@ def validate(config: Any) -> None:
       'background/nucleus) or 3 (background/nucleus/boundary).',
   )
   check(0 <= config.model.dropout_rate < 1, 'config.model.dropout_rate must be in [0, 1).')
-  check(config.model.norm_groups >= 1,
-        f'config.model.norm_groups={config.model.norm_groups} must be >= 1.')
+  norm_groups = _get(config, 'model.norm_groups')
+  check(isinstance(norm_groups, int) and norm_groups >= 1,
+        f'config.model.norm_groups={norm_groups} must be an integer >= 1.')
 
   heads = tuple(config.loss.deep_supervision_heads)
   check(

@@ -146,8 +146,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
-# GroupNorm's groups (model.norm='group', config.model.norm_groups): 8, or fewer where a width
-# (e.g. a wide U-Net's) is not a multiple of them.
+# GroupNorm's groups (model.norm='group', config.model.norm_groups): 8 by default; a layer whose
+# width (e.g. a wide U-Net's) is not a multiple of them gets gcd(width, groups).
 NORM_GROUPS = 8
 
 
@@ -269,8 +269,8 @@ class UNetPlusPlus(nn.Module):
 
     def block(i: int, j: int) -> ConvBlock:
       return ConvBlock(
-          self.filters[i], self.norm, self.dropout_rate, self.dtype, self.bn_axis_name,
-          self.norm_groups, name=f'X{i}_{j}',
+          self.filters[i], norm=self.norm, dropout_rate=self.dropout_rate, dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name, norm_groups=self.norm_groups, name=f'X{i}_{j}',
       )
 
     x = normalize_input(images.astype(jnp.float32), self.input_norm).astype(self.dtype)
