@@ -8,8 +8,9 @@ Same data, preprocessing, loss and optimiser as configs/dsb_paper.py; filters 16
 of the FLOPs) and 300 steps of batch 16 (about 9 epochs) so that one arm trains in minutes on two
 CPU cores. On a GPU, run the study with configs/dsb_paper.py (or configs/dsb.py) instead.
 
-Measured: 2 CPU cores, 51 minutes for all six arms, evaluation included; validation official
-score 0.358 at best (U-Net++ L3 with deep supervision), 0.295 for U-Net (docs/results.md).
+Measured: 2 CPU cores, 51 minutes for all six arms, evaluation included; official score on the
+tail split's validation images (add --config.data.split=tail to repeat) 0.358 at best (U-Net++ L3
+with deep supervision), 0.295 for U-Net (docs/results.md).
 """
 
 from configs import dsb_paper as dsb

@@ -12,8 +12,8 @@ The stage1_train release is read from `data.manual_dir` (default: $DSB2018_DIR, 
 ../shared/data/dsb2018 beside the repository) and prepared once into the TFDS data_dir.
 
 Measured: one NVIDIA H200 GPU, about 6 minutes for the 20,000 steps (timed only); 2-core
-AMD EPYC CPU shared with other jobs, 480 steps in 88 minutes, validation official score 0.433
-(docs/results.md, with the commands).
+AMD EPYC CPU shared with other jobs, 480 steps in 88 minutes, official score 0.433 on the tail
+split's validation images (--config.data.split=tail; docs/results.md, with the commands).
 """
 
 import ml_collections
