@@ -22,9 +22,9 @@ test-time augmentation, and the instance post-processing chosen on the validatio
 Sized for one accelerator (20,000 steps of batch 16). configs/dsb_cpu.py is the same recipe on a
 CPU budget; docs/results.md has its measured scores and commands.
 
-Measured (with BatchNorm): 2-core Intel Xeon CPU (idle), 36.8 s per step and 12.3 GB peak memory,
-so about 8.5 days for the 20,000 steps; not run to the end, so no score. Not measured on a GPU or
-TPU.
+Measured: 2-core Intel Xeon CPU (idle), 49.9 s per step and 12.4 GB peak memory (python -m
+unetpp_jax.benchmark --config=configs/dsb.py --batch=16 --warmup=1 --steps=3), so about 11.5 days
+for the 20,000 steps; not run to the end, so no score. Not measured on a GPU or TPU.
 """
 
 from configs import dsb_paper
