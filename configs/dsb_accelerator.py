@@ -34,7 +34,8 @@ def get_config():
   # (Adam's usual rule): 1e-3 * sqrt(64 / 16) = 2e-3, after a linear warmup, then cosine decay.
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 100
-  # About 4 to 5 minutes on one H200, estimated (see above); configs/dsb.py's 320,000 crops would be 5,000 steps.
+  # About 4 to 5 minutes on one H200, estimated (see above); configs/dsb.py's 320,000 crops
+  # would be 5,000 steps.
   config.num_train_steps = 3_000
   config.log_every_steps = 50
   config.eval_every_steps = 1_000
