@@ -572,3 +572,25 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
   for variant in first['variants']:
     assert 0 <= variant['score'] <= 1 and set(variant['per_kind']) <= set(splits.KINDS)
   assert second['variants'] == first['variants'] and written[1] == written[0]  # From the cache.
+
+
+def test_sweep_of_a_three_class_model_tries_every_seed_and_the_bright_seeds_options():
+  # In a subprocess: sweep_instances defines absl flags that inference_flags defines too.
+  script = """
+import json
+from unetpp_jax import sweep_instances
+from unetpp_jax.evaluation import instances
+from unetpp_jax.label_scheme import LabelScheme
+scheme = LabelScheme(num_classes=3, contact_width=2)
+print(json.dumps(sweep_instances.variants(scheme, instances.default_options(scheme))))
+"""
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=True)
+  changes = json.loads(result.stdout.splitlines()[-1])
+  # Bright backgrounds take 'interior' seeds by default: each seed is scored on every image,
+  # and the options of the interior seeds (marker threshold, smoothing) are swept too.
+  for seeds in ('distance', 'boundary', 'interior'):
+    assert {'seeds': seeds} in changes
+  assert {'marker_threshold': 0.5} in changes and {'smooth': 2.0} in changes
+  assert {'smooth': 1.0} in changes and {'seed_h': 1.5} in changes
+  assert changes[0] == {} and changes[-1] == {'method': 'components'}

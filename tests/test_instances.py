@@ -94,6 +94,28 @@ def test_boundary_seeds_follow_the_predicted_boundary():
     instances.to_instances(foreground, None, instances.InstanceOptions(seeds='boundary'))
 
 
+def test_interior_seeds_cut_a_clump_without_a_neck_at_the_predicted_boundary():
+  # Two nuclei pressed into one rectangle: its outline has no neck, so the distance to the
+  # background has one ridge and 'distance' seeds see one nucleus; the boundary the network
+  # predicts between them gives the interior two distance maxima.
+  foreground = np.zeros((60, 100), np.float32)
+  foreground[20:40, 20:80] = 1
+  boundary = np.zeros_like(foreground)
+  boundary[20:40, 49:52] = 0.9
+  assert instances.to_instances(foreground, boundary).max() == 1
+  options = instances.InstanceOptions(seeds='interior')
+  label = instances.to_instances(foreground, boundary, options)
+  assert label.max() == 2 and label[30, 30] != label[30, 70]
+  assert np.array_equal(label > 0, foreground > 0.5)  # The boundary is flooded too.
+  # An uncertain boundary (p(nucleus) = 0.6 on it) cuts only for markers above 0.6.
+  faint = boundary * 0.4 / 0.9
+  assert instances.to_instances(foreground, faint, options).max() == 1
+  assert instances.to_instances(foreground, faint, dataclasses.replace(
+      options, marker_threshold=0.7)).max() == 2
+  with pytest.raises(ValueError, match='num_classes=3'):
+    instances.to_instances(foreground, None, options)
+
+
 def test_product_seeds_split_at_the_boundary_and_drop_small_seeds():
   # Two nuclei in one blob, a predicted boundary between them, and a faint rim of foreground
   # that reaches below the seed threshold but above the extent threshold.

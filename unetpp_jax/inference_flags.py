@@ -50,12 +50,16 @@ flags.DEFINE_enum('seeds', 'auto', ('auto',) + instances.SEEDS, 'Watershed seeds
 flags.DEFINE_float('threshold', None, 'Foreground probability threshold, for every image; '
                    "default: instances.default_options of the model's label scheme (0.5; for 3 "
                    'classes 0.7, and 0.6 on a bright background).')
-flags.DEFINE_float('seed_h', None, "Minimum dynamic (pixels) of a 'distance' seed, for every "
-                   "image; default: instances.default_options of the model's label scheme (0.5; "
-                   'for 3 classes 1.5 on a bright background).')
-flags.DEFINE_float('seed_h_per_radius', None, "'distance' seeds: the dynamic is at least this "
-                   "fraction of the image's median nucleus radius; default: "
+flags.DEFINE_float('seed_h', None, "Minimum dynamic (pixels) of a 'distance' or 'interior' "
+                   "seed, for every image; default: instances.default_options of the model's "
+                   'label scheme (0.5; for 3 classes 1.5 on a bright background).')
+flags.DEFINE_float('seed_h_per_radius', None, "'distance', 'interior' seeds: the dynamic is at "
+                   "least this fraction of the image's median nucleus radius; default: "
                    "instances.default_options of the model's label scheme (0; 0.1 for 3 classes).")
+flags.DEFINE_float('smooth', None, "'distance', 'interior' seeds: Gaussian sigma (pixels) of the "
+                   'distance map before its seeds are found; default: '
+                   "instances.default_options of the model's label scheme (1; for 3 classes 2 "
+                   'on a bright background).')
 flags.DEFINE_integer('min_size', None, 'Smallest nucleus kept, in pixels; default: '
                      "instances.default_options of the model's label scheme (15; 30 for 3 "
                      'classes).')
@@ -63,7 +67,8 @@ flags.DEFINE_float('min_confidence', None, 'Nuclei whose mean foreground probabi
                    "are dropped; default: instances.default_options of the model's label scheme "
                    '(0; 0.8 for 3 classes).')
 flags.DEFINE_float('marker_threshold', _INSTANCES.marker_threshold, "'boundary' seeds: threshold "
-                   'of p(nucleus) for the markers; default --threshold.')
+                   "of p(nucleus) for the markers, 'interior' seeds: for the interior; default "
+                   '--threshold.')
 flags.DEFINE_float('seed_threshold', _INSTANCES.seed_threshold, "'product' seeds: threshold of "
                    'p(foreground) * (1 - p(boundary)).')
 flags.DEFINE_integer('min_seed_size', _INSTANCES.min_seed_size, "'product' seeds: smallest seed "
@@ -99,7 +104,7 @@ def instance_options(config: ml_collections.ConfigDict) -> instances.InstanceOpt
   return instances.default_options(
       LabelScheme.from_config(config), threshold=FLAGS.threshold, method=FLAGS.instances,
       seeds=FLAGS.seeds, seed_h=FLAGS.seed_h, seed_h_per_radius=FLAGS.seed_h_per_radius,
-      min_size=FLAGS.min_size, min_confidence=FLAGS.min_confidence,
+      smooth=FLAGS.smooth, min_size=FLAGS.min_size, min_confidence=FLAGS.min_confidence,
       marker_threshold=FLAGS.marker_threshold,
       seed_threshold=FLAGS.seed_threshold, min_seed_size=FLAGS.min_seed_size,
       fill_holes=FLAGS.fill_holes)

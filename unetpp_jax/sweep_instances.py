@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 from unetpp_jax import cli
 
@@ -73,8 +74,9 @@ GRID = {
     'fill_holes': (True, False),
 }
 # The seeds that read each seed-specific option; the sweep skips the others' options.
-_SEEDS_OF = {'marker_threshold': 'boundary', 'seed_h': 'distance', 'seed_h_per_radius': 'distance',
-             'smooth': 'distance'}
+_DISTANCE = ('distance', 'interior')
+_SEEDS_OF = {'marker_threshold': ('boundary', 'interior'), 'seed_h': _DISTANCE,
+             'seed_h_per_radius': _DISTANCE, 'smooth': _DISTANCE}
 # 'product' seeds (the winners' decoding): seed and extent thresholds together.
 PRODUCT_GRID = [{'seeds': 'product', 'seed_threshold': seed, 'threshold': extent}
                 for seed in (0.5, 0.7, 0.8) for extent in (0.3, 0.4, 0.5)]
@@ -110,19 +112,9 @@ def main(argv):
 
   base = {'seeds': FLAGS.seeds, 'threshold': FLAGS.threshold}
   default = instances.default_options(scheme, **base)
-  seeds = default.seeds
-  variants = [{}]
-  for field, values in GRID.items():
-    if _SEEDS_OF.get(field, seeds) != seeds:
-      continue  # An option of the other seeds.
-    variants += [{field: v} for v in values
-                 if v != getattr(default, field) or field in default.bright]
-  if scheme.has_boundary:  # The other seeds on the same probabilities.
-    variants += [{'seeds': s} for s in ('distance', 'boundary') if s != seeds]
-  variants += [v for v in PRODUCT_GRID if scheme.has_boundary or seeds != 'product']
-  variants.append({'method': 'components'})
+  changes = variants(scheme, default)
   # As a flag of evaluate would: a change applies to every image, bright background or not.
-  options = [instances.default_options(scheme, **{**base, **v}) for v in variants]
+  options = [instances.default_options(scheme, **{**base, **v}) for v in changes]
   # Fork: the workers share the stored probabilities; one variant per task. They run numpy and
   # scipy only, never JAX, so Python's warning that a forked JAX process may deadlock is moot.
   with warnings.catch_warnings():
@@ -135,9 +127,28 @@ def main(argv):
       'flips': FLAGS.flips, 'transpose': FLAGS.transpose, 'prediction': predictor.names[-1],
       'predict_seconds': round(predict_seconds), 'default': str(default),
       'mean_probabilities': _mean_probabilities(scheme) if scheme.has_boundary else None,
-      'variants': sorted(({'change': v or 'default', **r} for v, r in zip(variants, scores)),
+      'variants': sorted(({'change': v or 'default', **r} for v, r in zip(changes, scores)),
                          key=lambda r: -r['score']),
       'seconds': round(time.time() - start)}, indent=1, default=str))
+
+
+def variants(scheme: LabelScheme, default: instances.InstanceOptions) -> list[dict[str, Any]]:
+  """The changes of `default` the sweep scores: none, each `GRID` value of an option that the
+  seeds of some image read (fluorescence or bright background), the other watershed seeds
+  (3-class models), the product seeds' grid and connected components."""
+  seeds = default.seeds
+  used = {seeds, default.for_background(bright=True).seeds}
+  changes = [{}]
+  for field, values in GRID.items():
+    if not used & set(_SEEDS_OF.get(field, used)):
+      continue  # An option of the other seeds.
+    changes += [{field: v} for v in values
+                if v != getattr(default, field) or field in default.bright]
+  if scheme.has_boundary:  # The other seeds on the same probabilities.
+    changes += [{'seeds': s} for s in ('distance', 'boundary', 'interior')
+                if s != seeds or 'seeds' in default.bright]
+  changes += [v for v in PRODUCT_GRID if scheme.has_boundary or seeds != 'product']
+  return changes + [{'method': 'components'}]
 
 
 _STORED = []

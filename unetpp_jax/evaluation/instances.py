@@ -11,6 +11,11 @@
      With `seed_h_per_radius` the dynamic is at least that fraction of the image's median
      nucleus radius, measured on a first pass: a neck that separates two 5-pixel nuclei is a
      dent in a 20-pixel one, which should stay whole.
+   * 'interior' seeds (3-class models): 'distance' seeds of the predicted nucleus interior
+     p(nucleus) > marker_threshold (default: threshold) instead of the foreground: the contact
+     bands the network draws between touching nuclei cut a crowded clump into its nuclei before
+     the distance is measured, where the clump's outline alone shows no neck. The flooding
+     follows that distance over the whole foreground.
    * 'boundary' seeds (3-class models: background / nucleus / boundary, see
      `losses.semantic_target`): the connected components of the nucleus-interior prediction
      p(nucleus) > marker_threshold (default: threshold); the flooding follows p(boundary), so the
@@ -49,7 +54,7 @@ from unetpp_jax.data import contract
 from unetpp_jax.label_scheme import LabelScheme
 
 METHODS = ('watershed', 'components')
-SEEDS = ('distance', 'boundary', 'product')
+SEEDS = ('distance', 'boundary', 'product', 'interior')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +63,14 @@ class InstanceOptions:
   threshold: float = 0.5
   method: str = 'watershed'
   seeds: str = 'distance'
-  seed_h: float = 0.5  # Minimum dynamic (in pixels of distance) of a 'distance' seed.
+  seed_h: float = 0.5  # Minimum dynamic (in pixels of distance) of a 'distance' or 'interior' seed.
   seed_h_per_radius: float = 0.0  # Or, if larger, this fraction of the median nucleus radius.
   smooth: float = 1.0  # Gaussian sigma applied to the distance map before finding seeds.
   min_size: int = 15  # Instances with fewer pixels are removed.
   min_confidence: float = 0.0  # Instances with a lower mean p(foreground) are removed.
   fill_holes: bool = True  # Fill holes of the foreground mask first.
-  marker_threshold: float | None = None  # 'boundary' seeds: p(nucleus) threshold; None = threshold.
+  # 'boundary', 'interior' seeds: threshold of p(nucleus) for the markers; None = threshold.
+  marker_threshold: float | None = None
   seed_threshold: float = 0.7  # 'product' seeds: threshold of p(foreground) * (1 - p(boundary)).
   min_seed_size: int = 5  # 'product' seeds: smaller seeds (pixels) are dropped.
   # Changes of the fields above for images with a bright background (stained tissue and
@@ -139,13 +145,15 @@ def to_instances(
     labels, _ = ndimage.label(mask)
     return _relabel(labels, foreground, options)
 
-  if options.seeds == 'boundary':
+  if options.seeds in ('boundary', 'interior'):
     if boundary is None:
-      raise ValueError("'boundary' seeds need a model with a boundary class (num_classes=3).")
+      raise ValueError(f"'{options.seeds}' seeds need a model with a boundary class "
+                       '(num_classes=3).')
     marker_threshold = (options.threshold if options.marker_threshold is None
                         else options.marker_threshold)
-    interior = (foreground - boundary) > marker_threshold  # p(nucleus) = p(fg) - p(boundary).
-    markers, _ = ndimage.label(interior & mask)
+    interior = mask & ((foreground - boundary) > marker_threshold)  # p(nucleus) = p(fg) - p(bd).
+  if options.seeds == 'boundary':
+    markers, _ = ndimage.label(interior)
     surface = boundary
   elif options.seeds == 'product':
     core = foreground * (1 - boundary) if boundary is not None else foreground
@@ -153,17 +161,18 @@ def to_instances(
                                             max_size=options.min_seed_size - 1)
     markers, _ = ndimage.label(seeds)
     surface = -foreground
-  else:
-    distance = ndimage.distance_transform_edt(mask)
+  else:  # 'distance' seeds of the foreground, or of the interior.
+    seeded = interior if options.seeds == 'interior' else mask
+    distance = ndimage.distance_transform_edt(seeded)
     if options.smooth > 0:
       distance = ndimage.gaussian_filter(distance, options.smooth)
-    markers, _ = ndimage.label(morphology.h_maxima(distance, options.seed_h) & mask)
+    markers, _ = ndimage.label(morphology.h_maxima(distance, options.seed_h) & seeded)
     surface = -distance
     if options.seed_h_per_radius > 0:  # Second pass, scaled to this image's nuclei.
       first = segmentation.watershed(surface, markers, mask=mask)
       seed_h = options.seed_h_per_radius * contract.median_diameter(first, options.min_size) / 2
       if seed_h > options.seed_h:
-        markers, _ = ndimage.label(morphology.h_maxima(distance, seed_h) & mask)
+        markers, _ = ndimage.label(morphology.h_maxima(distance, seed_h) & seeded)
   labels = segmentation.watershed(surface, markers, mask=mask)
 
   unreached, _ = ndimage.label(mask & (labels == 0))
