@@ -151,5 +151,4 @@ def test_study_runs_with_the_recipe(tmp_path):
       (tmp_path / 'study' / 'unetpp_ds2' / 'seed0' / 'official' / 'metrics.json').read_text())
   assert official['inference']['strategy'] == 'pad'
   assert official['instances']['seeds'] == 'distance' and official['instances']['threshold'] == 0.7
-  assert official['instances']['bright'] == {'threshold': 0.6, 'seed_h': 1.5, 'seeds': 'interior',
-                                                'smooth': 2.0}
+  assert official['instances']['bright'] == {'threshold': 0.6, 'seed_h': 1.5}

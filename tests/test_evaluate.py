@@ -574,23 +574,28 @@ def test_sweep_scores_every_variant_per_kind_and_reuses_its_cache(setup, tmp_pat
   assert second['variants'] == first['variants'] and written[1] == written[0]  # From the cache.
 
 
-def test_sweep_of_a_three_class_model_tries_every_seed_and_the_bright_seeds_options():
+def test_sweep_of_a_three_class_model_tries_every_seed_and_the_options_its_seeds_read():
   # In a subprocess: sweep_instances defines absl flags that inference_flags defines too.
   script = """
+import dataclasses
 import json
 from unetpp_jax import sweep_instances
 from unetpp_jax.evaluation import instances
 from unetpp_jax.label_scheme import LabelScheme
 scheme = LabelScheme(num_classes=3, contact_width=2)
-print(json.dumps(sweep_instances.variants(scheme, instances.default_options(scheme))))
+for bright in ({}, {'seeds': 'interior'}):
+  default = instances.default_options(scheme)
+  default = dataclasses.replace(default, bright={**default.bright, **bright})
+  print(json.dumps(sweep_instances.variants(scheme, default)))
 """
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
                           text=True, timeout=120, check=True)
-  changes = json.loads(result.stdout.splitlines()[-1])
-  # Bright backgrounds take 'interior' seeds by default: each seed is scored on every image,
-  # and the options of the interior seeds (marker threshold, smoothing) are swept too.
-  for seeds in ('distance', 'boundary', 'interior'):
-    assert {'seeds': seeds} in changes
-  assert {'marker_threshold': 0.5} in changes and {'smooth': 2.0} in changes
-  assert {'smooth': 1.0} in changes and {'seed_h': 1.5} in changes
-  assert changes[0] == {} and changes[-1] == {'method': 'components'}
+  distance, interior = (json.loads(line) for line in result.stdout.splitlines()[-2:])
+  # Distance seeds everywhere: the other seeds are scored, not the marker threshold.
+  assert {'seeds': 'boundary'} in distance and {'seeds': 'interior'} in distance
+  assert {'seeds': 'distance'} not in distance and {'smooth': 2.0} in distance
+  assert not any('marker_threshold' in c for c in distance)
+  # Interior seeds on bright backgrounds: their marker threshold is swept, and every seed.
+  assert {'marker_threshold': 0.5} in interior and {'seeds': 'distance'} in interior
+  for changes in (distance, interior):
+    assert changes[0] == {} and changes[-1] == {'method': 'components'}

@@ -63,7 +63,7 @@ def test_default_instance_options_and_unset_changes():
   three = instances.default_options(LabelScheme(3, contact_width=2))
   assert (three.seeds, three.threshold, three.min_size, three.seed_h_per_radius,
           three.min_confidence) == ('distance', 0.7, 30, 0.1, 0.8)
-  assert three.bright == {'threshold': 0.6, 'seed_h': 1.5, 'seeds': 'interior', 'smooth': 2.0}
+  assert three.bright == {'threshold': 0.6, 'seed_h': 1.5}
   # Unset flags (None, --seeds=auto) keep the scheme's defaults; set ones replace them.
   assert instances.default_options(LabelScheme(3), seeds='auto', threshold=None,
                                    min_size=None, marker_threshold=None, seed_h=None,
@@ -73,7 +73,7 @@ def test_default_instance_options_and_unset_changes():
   assert (changed.seeds, changed.threshold, changed.min_size, changed.fill_holes) == (
       'boundary', 0.5, 30, False)
   # A change is for every image: it replaces the bright-background default of its field.
-  assert changed.bright == {'seed_h': 1.5, 'smooth': 2.0}
+  assert changed.bright == {'seed_h': 1.5}
   assert changed.for_background(bright=True).threshold == 0.5
   with pytest.raises(TypeError):
     instances.default_options(LabelScheme(1), no_such_option=1)
@@ -88,11 +88,10 @@ def test_instance_flags_of_evaluate_and_segment_reach_the_options():
     with flagsaver.flagsaver(min_confidence=0.5, min_size=7, seeds='boundary'):
       assert inference_flags.instance_options(config) == instances.default_options(
           LabelScheme(3), min_confidence=0.5, min_size=7, seeds='boundary')
-    # The decoding of bright backgrounds before the interior seeds: distance seeds, smoothed 1 px.
-    with flagsaver.flagsaver(seeds='distance', smooth=1.0):
+    with flagsaver.flagsaver(seeds='interior', smooth=2.0):
       bright = inference_flags.instance_options(config).for_background(bright=True)
       assert (bright.seeds, bright.smooth, bright.threshold, bright.seed_h) == (
-          'distance', 1.0, 0.6, 1.5)
+          'interior', 2.0, 0.6, 1.5)
   finally:
     if not parsed:
       flags.FLAGS.unparse_flags()

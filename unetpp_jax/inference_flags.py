@@ -58,8 +58,7 @@ flags.DEFINE_float('seed_h_per_radius', None, "'distance', 'interior' seeds: the
                    "instances.default_options of the model's label scheme (0; 0.1 for 3 classes).")
 flags.DEFINE_float('smooth', None, "'distance', 'interior' seeds: Gaussian sigma (pixels) of the "
                    'distance map before its seeds are found; default: '
-                   "instances.default_options of the model's label scheme (1; for 3 classes 2 "
-                   'on a bright background).')
+                   "instances.default_options of the model's label scheme (1).")
 flags.DEFINE_integer('min_size', None, 'Smallest nucleus kept, in pixels; default: '
                      "instances.default_options of the model's label scheme (15; 30 for 3 "
                      'classes).')

@@ -84,13 +84,11 @@ class LabelScheme:
     brightfield. Fluorescence gained from threshold 0.7 over 0.6; bright-background images
     lost, and kept 0.6 with a seed dynamic of at least 1.5 pixels, which splits their large
     textured nuclei less. Each held for every model measured (python -m
-    unetpp_jax.sweep_instances). Later, with GroupNorm and the Lovasz loss, bright-background
-    images gained from seeds in the predicted interior, its distance smoothed by 2 pixels, on
-    each of the models measured: the crowded nuclei of stained sections part where the network
-    draws their contact bands.
+    unetpp_jax.sweep_instances). Seeds in the predicted interior ('interior') gained on bright
+    backgrounds for the five models they were chosen on, but not for two recipe seeds trained
+    afterwards: the distance seeds stay.
     """
     if self.has_boundary:
       return {'seeds': 'distance', 'threshold': 0.7, 'min_size': 30, 'seed_h_per_radius': 0.1,
-              'min_confidence': 0.8,
-              'bright': {'threshold': 0.6, 'seed_h': 1.5, 'seeds': 'interior', 'smooth': 2.0}}
+              'min_confidence': 0.8, 'bright': {'threshold': 0.6, 'seed_h': 1.5}}
     return {}
