@@ -37,7 +37,7 @@ def get_config():
   config.data.scale_range = (0.75, 1.33)  # Random zoom of each crop, log-uniform.
   config.model.num_classes = 3  # Background / nucleus interior / boundary.
   config.model.input_norm = 'rgb_haematoxylin'  # RGB plus the nuclear-stain density (model.md).
-  config.data.stain_jitter = 1.2  # H and E densities scaled by 0.3..3.3 on bright backgrounds.
+  config.data.stain_jitter = 1.2  # H and E densities of stained sections scaled by 0.3..3.3.
   config.model.norm = 'group'  # Per image; scored above BatchNorm (docs/results.md).
   config.loss.contact_width = 2  # Nucleus pixels within 2 px of another nucleus are boundary.
   config.loss.class_weights = (1.0, 1.0, 3.0)  # The thin boundary class weighs 3x in the CE.

@@ -53,9 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.invert_prob = 0.0
   config.data.grey_prob = 0.0
   config.data.channel_shuffle = False
-  # Stain augmentation of bright-background images (stained tissue, brightfield): their
-  # haematoxylin and eosin densities each scaled by a log-uniform factor in [exp(-t), exp(t)], as
-  # H&E sections differ between labs; t = 0 = off.
+  # Stain augmentation of stained sections (bright background, in colour; grey brightfield is left
+  # as it is): their haematoxylin and eosin densities each scaled by a log-uniform factor in
+  # [exp(-t), exp(t)], as H&E sections differ between labs; t = 0 = off.
   config.data.stain_jitter = 0.0
   # The probability of drawing a fluorescence training image as an H&E section (nuclei
   # haematoxylin-purple on white or pink; contract.recolour): more nuclei on bright backgrounds.

@@ -179,6 +179,11 @@ def test_stain_scales_each_stain_density_of_bright_images_only():
 
   fluorescence = (0.8 * rng.random((16, 16, 3)) ** 8).astype(np.float32)  # Dark background.
   assert contract.stain(fluorescence, 0.5, 2.0) is fluorescence
+  # Brightfield: bright but grey. Its stain densities scaled, it would turn green or purple.
+  brightfield = np.repeat(section.mean(-1, keepdims=True), 3, axis=-1)
+  assert np.abs(contract.stain(brightfield + [0.0, 0.02, 0.0], 0.5, 2.0)
+                - brightfield).max() > 0.05  # A tint of 5 levels is colour: stained.
+  assert contract.stain(brightfield, 0.5, 2.0) is brightfield
 
 
 def test_stain_leaves_the_networks_haematoxylin_channel_as_it_was():

@@ -261,15 +261,19 @@ def recolour(image: np.ndarray, label: np.ndarray, nucleus: float, background: f
 
 def stain(image: np.ndarray, haematoxylin: float, eosin: float) -> np.ndarray:
   """float32 [S, S, 3] `image` in [0, 1] with its haematoxylin and eosin densities scaled, if it has
-  a bright background; a dark-background (fluorescence) image is returned as it is.
+  a bright background and colour; a dark-background (fluorescence) or grey (brightfield) image is
+  returned as it is.
 
   H&E sections differ from lab to lab in how much of each stain they take up: deep purple nuclei in
   lilac cytoplasm, or pale nuclei beside pink stroma and red muscle. Rescaling the two densities
-  shows the network both from the same labelled section. White stays white (density 0).
-  tfds_source.augment is its twin.
+  shows the network both from the same labelled section. White stays white (density 0). A grey
+  image holds no stains to tell apart: scaled, it would turn green or purple, as no brightfield
+  image is. tfds_source.augment is its twin.
   """
   grey = (image[..., 0] + image[..., 1] + image[..., 2]) / np.float32(3)
   if (haematoxylin == 1 and eosin == 1) or not np.median(grey) > splits.BRIGHT_MEDIAN:
+    return image
+  if np.abs(image - grey[..., None]).mean() * 255 <= splits.GREY_DEVIATION:
     return image
   densities = -np.log(np.maximum(image, np.float32(1 / 255))) @ HED_FROM_RGB
   densities = densities * np.array([haematoxylin, eosin, 1], np.float32)
