@@ -10,10 +10,10 @@ Same data, split, targets, loss and evaluation as configs/dsb.py; half the filte
 the FLOPs), 128x128 crops, batch 8 and 1,800 steps (about 27 epochs of crops of the 532 training
 images of the grouped split), so that CI-class machines can show the recipe works.
 
-Measured: 2-core Intel Xeon CPU, 1,800 steps in 37.9 minutes alone, validations included (the
-time table of docs/results.md); official score 0.595 on the grouped validation split with the
-evaluate defaults, the mean of three seeds (fluorescence sparse 0.662, crowded 0.633, tissue 0.355,
-brightfield 0.243).
+Measured: 2-core Intel Xeon CPU, 1,800 steps in 38 to 44 minutes alone, validations included (the
+time table of docs/results.md); official score 0.597 on the grouped validation split with the
+evaluate defaults, the mean of two seeds (fluorescence sparse 0.664, crowded 0.633, tissue 0.356,
+brightfield 0.253).
 """
 
 from configs import dsb
