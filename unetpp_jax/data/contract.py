@@ -271,9 +271,8 @@ def stain(image: np.ndarray, haematoxylin: float, eosin: float) -> np.ndarray:
   image is. tfds_source.augment is its twin.
   """
   grey = (image[..., 0] + image[..., 1] + image[..., 2]) / np.float32(3)
-  if (haematoxylin == 1 and eosin == 1) or not np.median(grey) > splits.BRIGHT_MEDIAN:
-    return image
-  if np.abs(image - grey[..., None]).mean() * 255 <= splits.GREY_DEVIATION:
+  if ((haematoxylin == 1 and eosin == 1) or not np.median(grey) > splits.BRIGHT_MEDIAN
+      or splits.is_grey(image, white=1)):
     return image
   densities = -np.log(np.maximum(image, np.float32(1 / 255))) @ HED_FROM_RGB
   densities = densities * np.array([haematoxylin, eosin, 1], np.float32)

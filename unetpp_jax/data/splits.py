@@ -63,12 +63,18 @@ def bright_background(image: np.ndarray) -> bool:
   return float(np.median(image.mean(axis=-1))) > BRIGHT_MEDIAN * 255
 
 
+def is_grey(image: np.ndarray, white: float = 255) -> bool:
+  """Whether [..., 3] `image` is grey (brightfield, not a stained section): its channels within
+  GREY_DEVIATION levels of their mean on average; `white` is the value of white in its units."""
+  pixels = np.asarray(image, np.float32)
+  deviation = float(np.abs(pixels - pixels.mean(axis=-1, keepdims=True)).mean())
+  return deviation <= GREY_DEVIATION * white / 255
+
+
 def image_kind(image: np.ndarray, label: np.ndarray) -> str:
   """The kind (one of KINDS) of uint8 image [H, W, 3] with instance label map [H, W]."""
-  pixels = image.astype(np.float32)
   if bright_background(image):
-    deviation = float(np.abs(pixels - pixels.mean(axis=-1, keepdims=True)).mean())
-    return 'tissue' if deviation > GREY_DEVIATION else 'brightfield'
+    return 'brightfield' if is_grey(image) else 'tissue'
   num_nuclei = len(np.unique(label[label > 0]))
   return 'fluorescence_crowded' if num_nuclei >= CROWDED_NUCLEI else 'fluorescence_sparse'
 

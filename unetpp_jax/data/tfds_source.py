@@ -144,7 +144,7 @@ def augment(images: tf.Tensor, labels: tf.Tensor, params: dict[str, tf.Tensor], 
                           contract.HED_FROM_RGB) * factors[:, None, None, :]
     stained = tf.clip_by_value(tf.exp(-tf.einsum('nhwd,dc->nhwc', densities,
                                                  contract.RGB_FROM_HED)), 0, 1)
-    grey = (images[..., 0] + images[..., 1] + images[..., 2]) / 3
+    grey = (images[..., 0] + images[..., 1] + images[..., 2]) / 3  # `splits.is_grey`, per example.
     deviation = tf.reduce_mean(tf.abs(images - grey[..., None]), axis=[1, 2, 3]) * 255
     changed = ((median > splits.BRIGHT_MEDIAN) & (deviation > splits.GREY_DEVIATION)
                & ((params['haematoxylin'] != 1) | (params['eosin'] != 1)))
